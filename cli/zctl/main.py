@@ -1,0 +1,58 @@
+"""zctl: the operator's tool."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from pgformat.errors import FormatError
+
+from . import waldump
+
+
+def _cmd_wal_dump(args: argparse.Namespace) -> int:
+    n = waldump.dump(args.paths, sys.stdout, as_json=args.json)
+    if not args.json:
+        print(f"# {n} records", file=sys.stderr)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zctl", description="Operate the zenith storage layer for stock PostgreSQL.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug output")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    wal = sub.add_parser("wal", help="inspect WAL").add_subparsers(dest="wal_command", required=True)
+    d = wal.add_parser("dump", help="print the records of WAL segment files or pg_wal directories")
+    d.add_argument("paths", nargs="+", metavar="PATH", help="segment files or a pg_wal directory")
+    d.add_argument("--json", action="store_true", help="one JSON object per record")
+    d.set_defaults(func=_cmd_wal_dump)
+
+    demo = sub.add_parser("demo", help="run the embedded demo (what `make run` does)")
+    demo.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except (FormatError, waldump.WalFilesError) as e:
+        print(f"zctl: error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

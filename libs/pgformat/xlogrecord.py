@@ -1,0 +1,393 @@
+"""WAL records: the header, block references, images and main data.
+
+Formats from src/include/access/xlogrecord.h; the decoding walk follows
+DecodeXLogRecord in src/backend/access/transam/xlogreader.c and the image
+restore follows RestoreBlockImage there.
+
+A record is laid out as:
+
+    XLogRecord header (24 bytes)
+    block headers, each optionally followed by an image header, a compress
+      header (hole length), a RelFileNode (unless SAME_REL) and a block number
+    optional origin (id 253) / toplevel xid (id 252) / main data length (255/254)
+    for each block: image bytes, then block data bytes
+    main data
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Final
+
+import google_crc32c
+
+from .constants import BLCKSZ
+from .errors import FormatError, WalCrcError, WalRecordError
+
+SIZE_OF_XLOG_RECORD: Final = 24
+XLR_MAX_BLOCK_ID: Final = 32
+XLR_BLOCK_ID_DATA_SHORT: Final = 255
+XLR_BLOCK_ID_DATA_LONG: Final = 254
+XLR_BLOCK_ID_ORIGIN: Final = 253
+XLR_BLOCK_ID_TOPLEVEL_XID: Final = 252
+
+# fork_flags of XLogRecordBlockHeader
+BKPBLOCK_FORK_MASK: Final = 0x0F
+BKPBLOCK_HAS_IMAGE: Final = 0x10
+BKPBLOCK_HAS_DATA: Final = 0x20
+BKPBLOCK_WILL_INIT: Final = 0x40
+BKPBLOCK_SAME_REL: Final = 0x80
+
+# bimg_info of XLogRecordBlockImageHeader (PostgreSQL 15 values)
+BKPIMAGE_HAS_HOLE: Final = 0x01
+BKPIMAGE_APPLY: Final = 0x02
+BKPIMAGE_COMPRESS_PGLZ: Final = 0x04
+BKPIMAGE_COMPRESS_LZ4: Final = 0x08
+BKPIMAGE_COMPRESS_ZSTD: Final = 0x10
+BKPIMAGE_COMPRESSED: Final = BKPIMAGE_COMPRESS_PGLZ | BKPIMAGE_COMPRESS_LZ4 | BKPIMAGE_COMPRESS_ZSTD
+
+# Records are at most 1 GB (XLogRecordMaxSize is 1020 MB in later majors);
+# anything bigger is corruption, not a record.
+MAX_RECORD_LENGTH: Final = 1024 * 1024 * 1024
+
+_RECORD_HEADER = struct.Struct("<IIQBBxxI")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_BLOCK_HEADER = struct.Struct("<BBH")
+_IMAGE_HEADER = struct.Struct("<HHB")
+_RELFILENODE = struct.Struct("<III")
+
+
+@dataclass(frozen=True, slots=True)
+class RelFileNode:
+    """Identifies a relation's files: tablespace, database and relfilenode OIDs."""
+
+    spc: int
+    db: int
+    rel: int
+
+    def __str__(self) -> str:
+        return f"{self.spc}/{self.db}/{self.rel}"
+
+
+@dataclass(frozen=True, slots=True)
+class XLogRecordHeader:
+    """XLogRecord from xlogrecord.h."""
+
+    tot_len: int
+    xid: int
+    prev: int
+    info: int
+    rmid: int
+    crc: int
+
+
+@dataclass(slots=True)
+class BlockImage:
+    """A full-page image as stored in the record (maybe compressed, without its hole)."""
+
+    data: bytes
+    hole_offset: int
+    hole_length: int
+    bimg_info: int
+
+    @property
+    def apply(self) -> bool:
+        """True when redo must restore it; False for wal_consistency_checking-only images."""
+        return bool(self.bimg_info & BKPIMAGE_APPLY)
+
+    @property
+    def compression(self) -> str | None:
+        if self.bimg_info & BKPIMAGE_COMPRESS_PGLZ:
+            return "pglz"
+        if self.bimg_info & BKPIMAGE_COMPRESS_LZ4:
+            return "lz4"
+        if self.bimg_info & BKPIMAGE_COMPRESS_ZSTD:
+            return "zstd"
+        return None
+
+    def page(self) -> bytes:
+        """The 8192-byte page: decompressed, with its hole filled with zeroes."""
+        return restore_block_image(self)
+
+
+@dataclass(slots=True)
+class DecodedBlock:
+    """One block reference of a record (DecodedBkpBlock in xlogreader.h)."""
+
+    block_id: int
+    rnode: RelFileNode
+    forknum: int
+    blkno: int
+    flags: int
+    image: BlockImage | None
+    data: bytes
+
+    @property
+    def will_init(self) -> bool:
+        return bool(self.flags & BKPBLOCK_WILL_INIT)
+
+    @property
+    def has_image(self) -> bool:
+        return self.image is not None
+
+    @property
+    def apply_image(self) -> bool:
+        return self.image is not None and self.image.apply
+
+    @property
+    def has_data(self) -> bool:
+        return bool(self.flags & BKPBLOCK_HAS_DATA)
+
+
+@dataclass(slots=True)
+class DecodedRecord:
+    """A whole WAL record, decoded. `lsn` is where it starts, `end_lsn` where it ends."""
+
+    lsn: int
+    end_lsn: int
+    header: XLogRecordHeader
+    blocks: list[DecodedBlock]
+    main_data: bytes
+    origin: int | None = None
+    toplevel_xid: int | None = None
+    raw: bytes = field(default=b"", repr=False)
+
+    @property
+    def rmid(self) -> int:
+        return self.header.rmid
+
+    @property
+    def info(self) -> int:
+        return self.header.info
+
+    @property
+    def xid(self) -> int:
+        return self.header.xid
+
+    @property
+    def prev(self) -> int:
+        return self.header.prev
+
+    @property
+    def tot_len(self) -> int:
+        return self.header.tot_len
+
+    def block(self, block_id: int) -> DecodedBlock | None:
+        """The block reference with this id, or None (XLogRecHasBlockRef)."""
+        for b in self.blocks:
+            if b.block_id == block_id:
+                return b
+        return None
+
+    @property
+    def max_block_id(self) -> int:
+        return max((b.block_id for b in self.blocks), default=-1)
+
+
+def parse_record_header(buf: bytes | memoryview, lsn: int = 0) -> XLogRecordHeader:
+    """Read the 24-byte XLogRecord header; check only what needs no context."""
+    if len(buf) < SIZE_OF_XLOG_RECORD:
+        raise WalRecordError(lsn, f"record header truncated: {len(buf)} of {SIZE_OF_XLOG_RECORD} bytes")
+    tot_len, xid, prev, info, rmid, crc = _RECORD_HEADER.unpack_from(buf, 0)
+    if tot_len < SIZE_OF_XLOG_RECORD:
+        raise WalRecordError(lsn, f"invalid record length: wanted {SIZE_OF_XLOG_RECORD}, got {tot_len}")
+    if tot_len > MAX_RECORD_LENGTH:
+        raise WalRecordError(lsn, f"record length {tot_len} exceeds the maximum {MAX_RECORD_LENGTH}")
+    if 21 < rmid < 128:
+        raise WalRecordError(lsn, f"invalid resource manager ID {rmid}")
+    return XLogRecordHeader(tot_len, xid, prev, info, rmid, crc)
+
+
+def record_crc(raw: bytes | memoryview) -> int:
+    """CRC-32C over the record body after the header, then the header up to xl_crc."""
+    crc = google_crc32c.value(bytes(raw[SIZE_OF_XLOG_RECORD:]))
+    return int(google_crc32c.extend(crc, bytes(raw[:20])))
+
+
+def check_record_crc(raw: bytes | memoryview, lsn: int) -> None:
+    expected = _U32.unpack_from(raw, 20)[0]
+    actual = record_crc(raw)
+    if actual != expected:
+        raise WalCrcError(lsn, f"incorrect resource manager data checksum: {actual:08X}, expected {expected:08X}")
+
+
+def decode_record(raw: bytes, lsn: int = 0, end_lsn: int = 0, verify_crc: bool = True) -> DecodedRecord:
+    """Decode one complete record (`raw` is exactly xl_tot_len bytes).
+
+    Raises WalRecordError (WalCrcError for a checksum mismatch) naming `lsn`.
+    """
+    header = parse_record_header(raw, lsn)
+    if header.tot_len != len(raw):
+        raise WalRecordError(lsn, f"record is {len(raw)} bytes but its header says {header.tot_len}")
+    if verify_crc:
+        check_record_crc(raw, lsn)
+    try:
+        return _decode_body(raw, header, lsn, end_lsn)
+    except struct.error:
+        raise WalRecordError(lsn, "record body truncated") from None
+
+
+def _decode_body(raw: bytes, header: XLogRecordHeader, lsn: int, end_lsn: int) -> DecodedRecord:
+    pos = SIZE_OF_XLOG_RECORD
+    end = len(raw)
+    remaining = end - pos
+    datatotal = 0
+    main_data_len = 0
+    origin: int | None = None
+    toplevel_xid: int | None = None
+    # (block_id, fork_flags, data_len, image_header or None, rnode, blkno)
+    pending: list[tuple[int, int, int, tuple[int, int, int, int] | None, RelFileNode, int]] = []
+    last_rnode: RelFileNode | None = None
+    last_block_id = -1
+
+    while remaining > datatotal:
+        block_id = raw[pos]
+        pos += 1
+        remaining -= 1
+        if block_id == XLR_BLOCK_ID_DATA_SHORT:
+            main_data_len = raw[pos]
+            pos += 1
+            remaining -= 1
+            datatotal += main_data_len
+            break  # main data length is always last
+        if block_id == XLR_BLOCK_ID_DATA_LONG:
+            main_data_len = _U32.unpack_from(raw, pos)[0]
+            pos += 4
+            remaining -= 4
+            datatotal += main_data_len
+            break
+        if block_id == XLR_BLOCK_ID_ORIGIN:
+            origin = _U16.unpack_from(raw, pos)[0]
+            pos += 2
+            remaining -= 2
+            continue
+        if block_id == XLR_BLOCK_ID_TOPLEVEL_XID:
+            toplevel_xid = _U32.unpack_from(raw, pos)[0]
+            pos += 4
+            remaining -= 4
+            continue
+        if block_id > XLR_MAX_BLOCK_ID:
+            raise WalRecordError(lsn, f"invalid block_id {block_id}")
+        if block_id <= last_block_id:
+            raise WalRecordError(lsn, f"out-of-order block_id {block_id}")
+        last_block_id = block_id
+
+        fork_flags = raw[pos]
+        data_len = _U16.unpack_from(raw, pos + 1)[0]
+        pos += 3
+        remaining -= 3
+        has_data = bool(fork_flags & BKPBLOCK_HAS_DATA)
+        if has_data != (data_len > 0):
+            if has_data:
+                raise WalRecordError(lsn, "BKPBLOCK_HAS_DATA set, but no data included")
+            raise WalRecordError(lsn, f"BKPBLOCK_HAS_DATA not set, but data length is {data_len}")
+        datatotal += data_len
+
+        image: tuple[int, int, int, int] | None = None
+        if fork_flags & BKPBLOCK_HAS_IMAGE:
+            bimg_len, hole_offset, bimg_info = _IMAGE_HEADER.unpack_from(raw, pos)
+            pos += 5
+            remaining -= 5
+            compressed = bool(bimg_info & BKPIMAGE_COMPRESSED)
+            if bimg_info & BKPIMAGE_HAS_HOLE:
+                if compressed:
+                    hole_length = _U16.unpack_from(raw, pos)[0]
+                    pos += 2
+                    remaining -= 2
+                else:
+                    hole_length = BLCKSZ - bimg_len
+            else:
+                hole_length = 0
+            datatotal += bimg_len
+            _check_image_header(lsn, block_id, bimg_len, hole_offset, hole_length, bimg_info)
+            image = (bimg_len, hole_offset, hole_length, bimg_info)
+
+        if fork_flags & BKPBLOCK_SAME_REL:
+            if last_rnode is None:
+                raise WalRecordError(lsn, "BKPBLOCK_SAME_REL set but no previous rel")
+            rnode = last_rnode
+        else:
+            rnode = RelFileNode(*_RELFILENODE.unpack_from(raw, pos))
+            pos += 12
+            remaining -= 12
+            last_rnode = rnode
+        blkno = _U32.unpack_from(raw, pos)[0]
+        pos += 4
+        remaining -= 4
+        pending.append((block_id, fork_flags, data_len, image, rnode, blkno))
+
+    if remaining != datatotal:
+        raise WalRecordError(
+            lsn, f"record lengths disagree: {remaining} bytes after the headers, {datatotal} announced"
+        )
+
+    blocks: list[DecodedBlock] = []
+    for block_id, fork_flags, data_len, image_hdr, rnode, blkno in pending:
+        image = None
+        if image_hdr is not None:
+            bimg_len, hole_offset, hole_length, bimg_info = image_hdr
+            image = BlockImage(raw[pos : pos + bimg_len], hole_offset, hole_length, bimg_info)
+            pos += bimg_len
+        data = raw[pos : pos + data_len] if data_len else b""
+        pos += data_len
+        blocks.append(
+            DecodedBlock(block_id, rnode, fork_flags & BKPBLOCK_FORK_MASK, blkno, fork_flags, image, data)
+        )
+    main_data = raw[pos : pos + main_data_len] if main_data_len else b""
+    return DecodedRecord(lsn, end_lsn, header, blocks, main_data, origin, toplevel_xid, raw)
+
+
+def _check_image_header(
+    lsn: int, block_id: int, bimg_len: int, hole_offset: int, hole_length: int, bimg_info: int
+) -> None:
+    """The consistency checks DecodeXLogRecord applies to an image header."""
+    has_hole = bool(bimg_info & BKPIMAGE_HAS_HOLE)
+    compressed = bool(bimg_info & BKPIMAGE_COMPRESSED)
+    where = f"block image {block_id}"
+    if has_hole and (hole_offset == 0 or hole_length == 0 or bimg_len == BLCKSZ):
+        raise WalRecordError(lsn, f"{where}: BKPIMAGE_HAS_HOLE set, but hole offset {hole_offset} length {hole_length}")
+    if not has_hole and (hole_offset != 0 or hole_length != 0):
+        raise WalRecordError(lsn, f"{where}: BKPIMAGE_HAS_HOLE not set, but hole offset {hole_offset}")
+    if compressed and bimg_len == BLCKSZ:
+        raise WalRecordError(lsn, f"{where}: compressed image length {bimg_len}")
+    if not has_hole and not compressed and bimg_len != BLCKSZ:
+        raise WalRecordError(lsn, f"{where}: image length {bimg_len} without hole or compression")
+    if hole_offset + hole_length > BLCKSZ:
+        raise WalRecordError(lsn, f"{where}: hole {hole_offset}+{hole_length} beyond the page")
+    if bin(bimg_info & BKPIMAGE_COMPRESSED).count("1") > 1:
+        raise WalRecordError(lsn, f"{where}: more than one compression method in bimg_info {bimg_info:#x}")
+
+
+class ImageRestoreError(FormatError):
+    """A full-page image that does not decompress to exactly a page."""
+
+
+def restore_block_image(image: BlockImage) -> bytes:
+    """RestoreBlockImage: decompress if needed, then put the hole back as zeroes."""
+    want = BLCKSZ - image.hole_length
+    data = image.data
+    info = image.bimg_info
+    if info & BKPIMAGE_COMPRESSED:
+        try:
+            if info & BKPIMAGE_COMPRESS_PGLZ:
+                from .pglz import pglz_decompress
+
+                data = pglz_decompress(data, want, check_complete=True)
+            elif info & BKPIMAGE_COMPRESS_LZ4:
+                import lz4.block
+
+                data = lz4.block.decompress(data, uncompressed_size=want)
+            else:
+                import zstandard
+
+                data = zstandard.ZstdDecompressor().decompress(data, max_output_size=want)
+        except Exception as e:  # every decompressor has its own error types
+            raise ImageRestoreError(f"could not decompress {image.compression} image: {e}") from None
+    if len(data) != want:
+        raise ImageRestoreError(f"image is {len(data)} bytes after decompression, expected {want}")
+    if image.hole_length == 0:
+        return bytes(data)
+    off = image.hole_offset
+    return b"".join((data[:off], bytes(image.hole_length), data[off:]))

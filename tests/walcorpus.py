@@ -1,0 +1,151 @@
+"""WAL corpora written by a real Postgres 15 under known workloads, and pg_waldump's view of them.
+
+A corpus is a copy of pg_wal taken after a clean shutdown (wal_keep_size keeps
+every segment), plus the LSN range the workload covered.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from zctl.postgres import PostgresNode
+
+from pgformat.xlogreader import segment_file_name
+
+# Every access method, DDL, TOAST, 2PC, sequences, VACUUM, CREATE DATABASE (both strategies).
+SQL_WORKLOAD = [
+    "CREATE TABLE kv (k int PRIMARY KEY, v text, j jsonb, p point, r int4range, tsv tsvector)",
+    """INSERT INTO kv SELECT i, repeat(md5(i::text), 1 + i % 5),
+           jsonb_build_object('a', i, 'b', array[i, i + 1]), point(i % 100, i / 100),
+           int4range(i, i + 10), to_tsvector('simple', 'word' || (i % 50) || ' other' || (i % 7))
+       FROM generate_series(1, 4000) i""",
+    "CREATE INDEX kv_v ON kv (v)",
+    "CREATE INDEX kv_hash ON kv USING hash (k)",
+    "CREATE INDEX kv_gin ON kv USING gin (j)",
+    "CREATE INDEX kv_fts ON kv USING gin (tsv) WITH (fastupdate = on)",
+    "CREATE INDEX kv_gist ON kv USING gist (p)",
+    "CREATE INDEX kv_spgist ON kv USING spgist (p)",
+    "CREATE INDEX kv_brin ON kv USING brin (k) WITH (pages_per_range = 2)",
+    "UPDATE kv SET v = v || 'x' WHERE k % 3 = 0",
+    "UPDATE kv SET r = int4range(k, k + 20) WHERE k % 5 = 0",
+    "DELETE FROM kv WHERE k % 7 = 0",
+    "INSERT INTO kv SELECT i, 'new', '{}', point(0, 0), int4range(1, 2), '' FROM generate_series(4001, 6000) i",
+    "VACUUM kv",
+    "CREATE TABLE shrinking AS SELECT generate_series(1, 20000) AS i",
+    "DELETE FROM shrinking WHERE i > 100",
+    "VACUUM shrinking",
+    "CREATE TABLE gt (a int[])",
+    "CREATE INDEX gt_a ON gt USING gin (a) WITH (fastupdate = off)",
+    "INSERT INTO gt SELECT array[1, 2, i] FROM generate_series(1, 3000) i",
+    "CREATE TABLE toasted (id int, doc text)",
+    "ALTER TABLE toasted ALTER COLUMN doc SET STORAGE EXTERNAL",
+    "INSERT INTO toasted SELECT i, repeat(md5(i::text), 400) FROM generate_series(1, 50) i",
+    "UPDATE toasted SET doc = doc || 'tail' WHERE id % 2 = 0",
+    "CREATE SEQUENCE s1",
+    "SELECT nextval('s1') FROM generate_series(1, 100)",
+    "BEGIN; INSERT INTO toasted VALUES (1000, 'prepared'); PREPARE TRANSACTION 'p1'",
+    "COMMIT PREPARED 'p1'",
+    "BEGIN; INSERT INTO toasted VALUES (1001, 'rolled back'); PREPARE TRANSACTION 'p2'",
+    "ROLLBACK PREPARED 'p2'",
+    "CREATE DATABASE db_wal_log STRATEGY = wal_log",
+    "CREATE DATABASE db_file_copy STRATEGY = file_copy",
+    "VACUUM FREEZE kv",
+    "TRUNCATE toasted",
+    "DROP TABLE toasted",
+    "CHECKPOINT",
+]
+
+
+@dataclass
+class WalCorpus:
+    waldir: Path
+    start_lsn: int
+    end_lsn: int
+    gucs: dict[str, object] = field(default_factory=dict)
+
+    def segment_names(self) -> tuple[str, str]:
+        return segment_file_name(1, self.start_lsn), segment_file_name(1, self.end_lsn)
+
+
+def run_workload(node: PostgresNode, pgbench_transactions: int = 300) -> None:
+    node.pgbench("-i", "-s", "1", "-q")
+    node.pgbench("-c", "2", "-t", str(pgbench_transactions), "-n")
+    for stmt in SQL_WORKLOAD:
+        node.execute(stmt)
+
+
+def capture_corpus(node: PostgresNode, dest: Path, start_lsn: int) -> WalCorpus:
+    """Stop the node cleanly and keep a root-owned copy of its WAL."""
+    end_lsn = node.current_lsn()
+    node.stop()
+    shutil.copytree(node.waldir, dest, ignore=shutil.ignore_patterns("archive_status"))
+    return WalCorpus(dest, start_lsn, end_lsn)
+
+
+# -- pg_waldump as the oracle --------------------------------------------------
+
+_RECORD_LINE = re.compile(
+    r"^rmgr: (?P<rmgr>\S+)\s+len \(rec/tot\):\s+(?P<rec_len>\d+)/\s*(?P<tot_len>\d+), "
+    r"tx:\s+(?P<xid>\d+), lsn: (?P<lsn>[0-9A-F]+/[0-9A-F]+), prev (?P<prev>[0-9A-F]+/[0-9A-F]+), "
+    r"desc: (?P<desc>.*)$"
+)
+_BLOCK_LINE = re.compile(
+    r"^\tblkref #(?P<id>\d+): rel (?P<spc>\d+)/(?P<db>\d+)/(?P<rel>\d+) fork (?P<fork>\w+) blk (?P<blk>\d+)"
+    r"(?: \((?P<fpw>FPW(?: for WAL verification)?)\); hole: offset: (?P<hole_offset>\d+), length: (?P<hole_length>\d+)"
+    r"(?:, compression saved: (?P<saved>\d+), method: (?P<method>\w+))?)?$"
+)
+
+
+@dataclass
+class WaldumpRecord:
+    rmgr: str
+    rec_len: int
+    tot_len: int
+    xid: int
+    lsn: str
+    prev: str
+    type_name: str
+    blocks: list[dict[str, object]] = field(default_factory=list)
+
+
+def pg_waldump_records(pg_waldump: Path, corpus: WalCorpus) -> list[WaldumpRecord]:
+    first, last = corpus.segment_names()
+    out = subprocess.run(
+        [str(pg_waldump), "-b", "-p", str(corpus.waldir), first, last],
+        capture_output=True, text=True, check=False,
+    )
+    records: list[WaldumpRecord] = []
+    for line in out.stdout.splitlines():
+        m = _RECORD_LINE.match(line)
+        if m:
+            desc = m["desc"]
+            # rm_identify's name, or "UNKNOWN (x)"; rm_desc follows after a space.
+            type_name = desc[: desc.index(")") + 1] if desc.startswith("UNKNOWN (") else desc.split(" ", 1)[0]
+            records.append(
+                WaldumpRecord(m["rmgr"], int(m["rec_len"]), int(m["tot_len"]), int(m["xid"]),
+                              m["lsn"], m["prev"], type_name)
+            )
+            continue
+        b = _BLOCK_LINE.match(line)
+        if b:
+            records[-1].blocks.append(
+                {
+                    "id": int(b["id"]), "spc": int(b["spc"]), "db": int(b["db"]), "rel": int(b["rel"]),
+                    "fork": b["fork"], "blk": int(b["blk"]),
+                    "has_image": b["fpw"] is not None,
+                    "apply_image": b["fpw"] == "FPW",
+                    "hole_offset": int(b["hole_offset"]) if b["hole_offset"] else None,
+                    "hole_length": int(b["hole_length"]) if b["hole_length"] else None,
+                    "saved": int(b["saved"]) if b["saved"] else None,
+                    "method": b["method"],
+                }
+            )
+        elif line.startswith("\t"):
+            raise AssertionError(f"unparsed pg_waldump block line: {line!r}")
+    if not records:
+        raise AssertionError(f"pg_waldump printed no records: {out.stderr}")
+    return records
