@@ -1,0 +1,3 @@
+"""Imports every rmgr redo module so each registers its functions with the engine."""
+
+from __future__ import annotations
