@@ -28,6 +28,7 @@ from .lsn import format_lsn
 from .xlogrecord import (
     SIZE_OF_XLOG_RECORD,
     DecodedRecord,
+    XLogRecordHeader,
     check_record_crc,
     decode_record,
     parse_record_header,
@@ -47,6 +48,7 @@ RM_XLOG_ID: Final = 0
 XLOG_SWITCH: Final = 0x40
 
 _SHORT_PHD = struct.Struct("<HHIQI")
+_U32 = struct.Struct("<I")
 _LONG_PHD_TAIL = struct.Struct("<QII")
 
 
@@ -88,9 +90,10 @@ class RawRecord:
     lsn: int
     end_lsn: int
     data: bytes
+    header: XLogRecordHeader | None = None
 
     def decode(self) -> DecodedRecord:
-        return decode_record(self.data, self.lsn, self.end_lsn, verify_crc=False)
+        return decode_record(self.data, self.lsn, self.end_lsn, verify_crc=False, header=self.header)
 
 
 class WalStreamReader:
@@ -190,7 +193,7 @@ class WalStreamReader:
                 if avail < 4:
                     return
                 start = self._off
-                tot_len = struct.unpack_from("<I", buf, start)[0]
+                tot_len = _U32.unpack_from(buf, start)[0]
                 if tot_len == 0:
                     raise WalEndOfData(pos, "invalid record length: wanted 24, got 0")
                 if tot_len < SIZE_OF_XLOG_RECORD:
@@ -242,7 +245,7 @@ class WalStreamReader:
         pad = (-end) & 7
         if pad:
             self._skip(pad)
-        return RawRecord(lsn, end, raw)
+        return RawRecord(lsn, end, raw, header)
 
     def _skip(self, n: int) -> None:
         """Skip n bytes of the stream, including bytes not fed yet (dropped on arrival)."""

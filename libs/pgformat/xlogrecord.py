@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, NamedTuple
 
 import google_crc32c
 
@@ -59,9 +59,12 @@ _IMAGE_HEADER = struct.Struct("<HHB")
 _RELFILENODE = struct.Struct("<III")
 
 
-@dataclass(frozen=True, slots=True)
-class RelFileNode:
-    """Identifies a relation's files: tablespace, database and relfilenode OIDs."""
+class RelFileNode(NamedTuple):
+    """Identifies a relation's files: tablespace, database and relfilenode OIDs.
+
+    A NamedTuple rather than a dataclass: one is built per block reference,
+    and tuples are the cheapest hashable value Python has.
+    """
 
     spc: int
     db: int
@@ -71,8 +74,7 @@ class RelFileNode:
         return f"{self.spc}/{self.db}/{self.rel}"
 
 
-@dataclass(frozen=True, slots=True)
-class XLogRecordHeader:
+class XLogRecordHeader(NamedTuple):
     """XLogRecord from xlogrecord.h."""
 
     tot_len: int
@@ -190,14 +192,15 @@ def parse_record_header(buf: bytes | memoryview, lsn: int = 0) -> XLogRecordHead
     """Read the 24-byte XLogRecord header; check only what needs no context."""
     if len(buf) < SIZE_OF_XLOG_RECORD:
         raise WalRecordError(lsn, f"record header truncated: {len(buf)} of {SIZE_OF_XLOG_RECORD} bytes")
-    tot_len, xid, prev, info, rmid, crc = _RECORD_HEADER.unpack_from(buf, 0)
+    header = XLogRecordHeader._make(_RECORD_HEADER.unpack_from(buf, 0))
+    tot_len, rmid = header.tot_len, header.rmid
     if tot_len < SIZE_OF_XLOG_RECORD:
         raise WalRecordError(lsn, f"invalid record length: wanted {SIZE_OF_XLOG_RECORD}, got {tot_len}")
     if tot_len > MAX_RECORD_LENGTH:
         raise WalRecordError(lsn, f"record length {tot_len} exceeds the maximum {MAX_RECORD_LENGTH}")
     if 21 < rmid < 128:
         raise WalRecordError(lsn, f"invalid resource manager ID {rmid}")
-    return XLogRecordHeader(tot_len, xid, prev, info, rmid, crc)
+    return header
 
 
 def record_crc(raw: bytes | memoryview) -> int:
@@ -213,128 +216,127 @@ def check_record_crc(raw: bytes | memoryview, lsn: int) -> None:
         raise WalCrcError(lsn, f"incorrect resource manager data checksum: {actual:08X}, expected {expected:08X}")
 
 
-def decode_record(raw: bytes, lsn: int = 0, end_lsn: int = 0, verify_crc: bool = True) -> DecodedRecord:
+def decode_record(
+    raw: bytes,
+    lsn: int = 0,
+    end_lsn: int = 0,
+    verify_crc: bool = True,
+    header: XLogRecordHeader | None = None,
+) -> DecodedRecord:
     """Decode one complete record (`raw` is exactly xl_tot_len bytes).
 
+    `header` may be passed when the caller has already parsed and checked it.
     Raises WalRecordError (WalCrcError for a checksum mismatch) naming `lsn`.
     """
-    header = parse_record_header(raw, lsn)
+    if header is None:
+        header = parse_record_header(raw, lsn)
     if header.tot_len != len(raw):
         raise WalRecordError(lsn, f"record is {len(raw)} bytes but its header says {header.tot_len}")
     if verify_crc:
         check_record_crc(raw, lsn)
     try:
         return _decode_body(raw, header, lsn, end_lsn)
-    except struct.error:
-        raise WalRecordError(lsn, "record body truncated") from None
+    except (struct.error, IndexError):
+        raise WalRecordError(lsn, "record body truncated: a header runs past the end of the record") from None
+
+
+_unpack_u16 = _U16.unpack_from
+_unpack_u32 = _U32.unpack_from
+_unpack_block_header = struct.Struct("<BH").unpack_from  # fork_flags, data_length (after the id byte)
+_unpack_image_header = _IMAGE_HEADER.unpack_from
+_unpack_relfilenode = _RELFILENODE.unpack_from
 
 
 def _decode_body(raw: bytes, header: XLogRecordHeader, lsn: int, end_lsn: int) -> DecodedRecord:
+    """The DecodeXLogRecord walk. Hot: one call per record, so locals over attributes."""
     pos = SIZE_OF_XLOG_RECORD
     end = len(raw)
-    remaining = end - pos
     datatotal = 0
     main_data_len = 0
     origin: int | None = None
     toplevel_xid: int | None = None
-    # (block_id, fork_flags, data_len, image_header or None, rnode, blkno)
-    pending: list[tuple[int, int, int, tuple[int, int, int, int] | None, RelFileNode, int]] = []
+    blocks: list[DecodedBlock] = []
+    # Lengths of each block's image and data, in order; the bytes follow all headers.
+    lengths: list[tuple[int, int]] = []
     last_rnode: RelFileNode | None = None
     last_block_id = -1
 
-    while remaining > datatotal:
+    while end - pos > datatotal:
         block_id = raw[pos]
         pos += 1
-        remaining -= 1
-        if block_id == XLR_BLOCK_ID_DATA_SHORT:
-            main_data_len = raw[pos]
-            pos += 1
-            remaining -= 1
-            datatotal += main_data_len
-            break  # main data length is always last
-        if block_id == XLR_BLOCK_ID_DATA_LONG:
-            main_data_len = _U32.unpack_from(raw, pos)[0]
-            pos += 4
-            remaining -= 4
-            datatotal += main_data_len
-            break
-        if block_id == XLR_BLOCK_ID_ORIGIN:
-            origin = _U16.unpack_from(raw, pos)[0]
-            pos += 2
-            remaining -= 2
-            continue
-        if block_id == XLR_BLOCK_ID_TOPLEVEL_XID:
-            toplevel_xid = _U32.unpack_from(raw, pos)[0]
-            pos += 4
-            remaining -= 4
-            continue
         if block_id > XLR_MAX_BLOCK_ID:
+            if block_id == XLR_BLOCK_ID_DATA_SHORT:
+                main_data_len = raw[pos]
+                pos += 1
+                datatotal += main_data_len
+                break  # main data length is always last
+            if block_id == XLR_BLOCK_ID_DATA_LONG:
+                main_data_len = _unpack_u32(raw, pos)[0]
+                pos += 4
+                datatotal += main_data_len
+                break
+            if block_id == XLR_BLOCK_ID_ORIGIN:
+                origin = _unpack_u16(raw, pos)[0]
+                pos += 2
+                continue
+            if block_id == XLR_BLOCK_ID_TOPLEVEL_XID:
+                toplevel_xid = _unpack_u32(raw, pos)[0]
+                pos += 4
+                continue
             raise WalRecordError(lsn, f"invalid block_id {block_id}")
         if block_id <= last_block_id:
             raise WalRecordError(lsn, f"out-of-order block_id {block_id}")
         last_block_id = block_id
 
-        fork_flags = raw[pos]
-        data_len = _U16.unpack_from(raw, pos + 1)[0]
+        fork_flags, data_len = _unpack_block_header(raw, pos)
         pos += 3
-        remaining -= 3
-        has_data = bool(fork_flags & BKPBLOCK_HAS_DATA)
-        if has_data != (data_len > 0):
-            if has_data:
-                raise WalRecordError(lsn, "BKPBLOCK_HAS_DATA set, but no data included")
+        if (fork_flags & BKPBLOCK_HAS_DATA) and not data_len:
+            raise WalRecordError(lsn, "BKPBLOCK_HAS_DATA set, but no data included")
+        if data_len and not (fork_flags & BKPBLOCK_HAS_DATA):
             raise WalRecordError(lsn, f"BKPBLOCK_HAS_DATA not set, but data length is {data_len}")
         datatotal += data_len
 
-        image: tuple[int, int, int, int] | None = None
+        image: BlockImage | None = None
+        bimg_len = 0
         if fork_flags & BKPBLOCK_HAS_IMAGE:
-            bimg_len, hole_offset, bimg_info = _IMAGE_HEADER.unpack_from(raw, pos)
+            bimg_len, hole_offset, bimg_info = _unpack_image_header(raw, pos)
             pos += 5
-            remaining -= 5
-            compressed = bool(bimg_info & BKPIMAGE_COMPRESSED)
             if bimg_info & BKPIMAGE_HAS_HOLE:
-                if compressed:
-                    hole_length = _U16.unpack_from(raw, pos)[0]
+                if bimg_info & BKPIMAGE_COMPRESSED:
+                    hole_length = _unpack_u16(raw, pos)[0]
                     pos += 2
-                    remaining -= 2
                 else:
                     hole_length = BLCKSZ - bimg_len
             else:
                 hole_length = 0
             datatotal += bimg_len
             _check_image_header(lsn, block_id, bimg_len, hole_offset, hole_length, bimg_info)
-            image = (bimg_len, hole_offset, hole_length, bimg_info)
+            image = BlockImage(b"", hole_offset, hole_length, bimg_info)
 
         if fork_flags & BKPBLOCK_SAME_REL:
             if last_rnode is None:
                 raise WalRecordError(lsn, "BKPBLOCK_SAME_REL set but no previous rel")
             rnode = last_rnode
         else:
-            rnode = RelFileNode(*_RELFILENODE.unpack_from(raw, pos))
+            rnode = last_rnode = RelFileNode._make(_unpack_relfilenode(raw, pos))
             pos += 12
-            remaining -= 12
-            last_rnode = rnode
-        blkno = _U32.unpack_from(raw, pos)[0]
+        blkno = _unpack_u32(raw, pos)[0]
         pos += 4
-        remaining -= 4
-        pending.append((block_id, fork_flags, data_len, image, rnode, blkno))
+        blocks.append(DecodedBlock(block_id, rnode, fork_flags & BKPBLOCK_FORK_MASK, blkno, fork_flags, image, b""))
+        lengths.append((bimg_len, data_len))
 
-    if remaining != datatotal:
+    if end - pos != datatotal:
         raise WalRecordError(
-            lsn, f"record lengths disagree: {remaining} bytes after the headers, {datatotal} announced"
+            lsn, f"record lengths disagree: {end - pos} bytes after the headers, {datatotal} announced"
         )
 
-    blocks: list[DecodedBlock] = []
-    for block_id, fork_flags, data_len, image_hdr, rnode, blkno in pending:
-        image = None
-        if image_hdr is not None:
-            bimg_len, hole_offset, hole_length, bimg_info = image_hdr
-            image = BlockImage(raw[pos : pos + bimg_len], hole_offset, hole_length, bimg_info)
+    for block, (bimg_len, data_len) in zip(blocks, lengths):
+        if block.image is not None:
+            block.image.data = raw[pos : pos + bimg_len]
             pos += bimg_len
-        data = raw[pos : pos + data_len] if data_len else b""
-        pos += data_len
-        blocks.append(
-            DecodedBlock(block_id, rnode, fork_flags & BKPBLOCK_FORK_MASK, blkno, fork_flags, image, data)
-        )
+        if data_len:
+            block.data = raw[pos : pos + data_len]
+            pos += data_len
     main_data = raw[pos : pos + main_data_len] if main_data_len else b""
     return DecodedRecord(lsn, end_lsn, header, blocks, main_data, origin, toplevel_xid, raw)
 
@@ -343,21 +345,22 @@ def _check_image_header(
     lsn: int, block_id: int, bimg_len: int, hole_offset: int, hole_length: int, bimg_info: int
 ) -> None:
     """The consistency checks DecodeXLogRecord applies to an image header."""
-    has_hole = bool(bimg_info & BKPIMAGE_HAS_HOLE)
-    compressed = bool(bimg_info & BKPIMAGE_COMPRESSED)
-    where = f"block image {block_id}"
-    if has_hole and (hole_offset == 0 or hole_length == 0 or bimg_len == BLCKSZ):
-        raise WalRecordError(lsn, f"{where}: BKPIMAGE_HAS_HOLE set, but hole offset {hole_offset} length {hole_length}")
-    if not has_hole and (hole_offset != 0 or hole_length != 0):
-        raise WalRecordError(lsn, f"{where}: BKPIMAGE_HAS_HOLE not set, but hole offset {hole_offset}")
-    if compressed and bimg_len == BLCKSZ:
-        raise WalRecordError(lsn, f"{where}: compressed image length {bimg_len}")
-    if not has_hole and not compressed and bimg_len != BLCKSZ:
-        raise WalRecordError(lsn, f"{where}: image length {bimg_len} without hole or compression")
+    if bimg_info & BKPIMAGE_HAS_HOLE:
+        if hole_offset == 0 or hole_length == 0 or bimg_len == BLCKSZ:
+            raise WalRecordError(
+                lsn, f"block image {block_id}: BKPIMAGE_HAS_HOLE set, but hole offset {hole_offset} length {hole_length}"
+            )
+    elif hole_offset != 0 or hole_length != 0:
+        raise WalRecordError(lsn, f"block image {block_id}: BKPIMAGE_HAS_HOLE not set, but hole offset {hole_offset}")
+    if bimg_info & BKPIMAGE_COMPRESSED:
+        if bimg_len == BLCKSZ:
+            raise WalRecordError(lsn, f"block image {block_id}: compressed image length {bimg_len}")
+        if bin(bimg_info & BKPIMAGE_COMPRESSED).count("1") > 1:
+            raise WalRecordError(lsn, f"block image {block_id}: more than one compression method in {bimg_info:#x}")
+    elif not bimg_info & BKPIMAGE_HAS_HOLE and bimg_len != BLCKSZ:
+        raise WalRecordError(lsn, f"block image {block_id}: image length {bimg_len} without hole or compression")
     if hole_offset + hole_length > BLCKSZ:
-        raise WalRecordError(lsn, f"{where}: hole {hole_offset}+{hole_length} beyond the page")
-    if bin(bimg_info & BKPIMAGE_COMPRESSED).count("1") > 1:
-        raise WalRecordError(lsn, f"{where}: more than one compression method in bimg_info {bimg_info:#x}")
+        raise WalRecordError(lsn, f"block image {block_id}: hole {hole_offset}+{hole_length} beyond the page")
 
 
 class ImageRestoreError(FormatError):
