@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+import google_crc32c
+
 from .constants import DEFAULT_WAL_SEG_SIZE, XLOG_BLCKSZ, XLOG_PAGE_MAGIC
 from .errors import WalEndOfData, WalPageHeaderError, WalRecordError
 from .lsn import format_lsn
@@ -49,6 +51,10 @@ XLOG_SWITCH: Final = 0x40
 
 _SHORT_PHD = struct.Struct("<HHIQI")
 _U32 = struct.Struct("<I")
+_unpack_header = struct.Struct("<IIQBBxxI").unpack_from
+_make_header = XLogRecordHeader._make
+_crc_value = google_crc32c.value
+_crc_extend = google_crc32c.extend
 _LONG_PHD_TAIL = struct.Struct("<QII")
 
 
@@ -199,12 +205,37 @@ class WalStreamReader:
                 if tot_len < SIZE_OF_XLOG_RECORD:
                     raise WalRecordError(pos, f"invalid record length: wanted 24, got {tot_len}")
                 if tot_len <= page_left:
-                    # Fast path: the whole record lies on this page.
+                    # Fast path: the whole record lies on this page. Inlined
+                    # (no _finish/_consume calls): this runs once per record.
                     if avail < tot_len:
                         return
                     raw = bytes(buf[start : start + tot_len])
-                    self._consume(tot_len)
-                    yield self._finish(pos, raw)
+                    header = _make_header(_unpack_header(raw))
+                    rmid = header[4]
+                    if 21 < rmid < 128:
+                        raise WalRecordError(pos, f"invalid resource manager ID {rmid}")
+                    if self._prev_lsn is not None and header[2] != self._prev_lsn:
+                        raise WalRecordError(
+                            pos,
+                            f"record with incorrect prev-link {format_lsn(header[2])}, "
+                            f"expected {format_lsn(self._prev_lsn)}",
+                        )
+                    if self.verify_crc and _crc_extend(_crc_value(raw[24:]), raw[:20]) != header[5]:
+                        check_record_crc(raw, pos)  # raises with the full message
+                    self._prev_lsn = pos
+                    end = pos + tot_len
+                    if rmid == RM_XLOG_ID and (header[3] & 0xF0) == XLOG_SWITCH:
+                        self._after_switch = True
+                    # Padding to the next MAXALIGNed start never crosses a page.
+                    step = (tot_len + 7) & ~7
+                    if step <= avail:
+                        self._off = start + step
+                        self._pos = pos + step
+                    else:
+                        self._off = start + tot_len
+                        self._pos = end
+                        self._skip(step - tot_len)
+                    yield RawRecord(pos, end, raw, header)
                     continue
                 self._rec = bytearray()
                 self._rec_lsn = pos
