@@ -1,3 +1,5 @@
 """Imports every rmgr redo module so each registers its functions with the engine."""
 
 from __future__ import annotations
+
+from . import btree  # noqa: F401
