@@ -3,3 +3,4 @@
 from __future__ import annotations
 
 from . import btree  # noqa: F401
+from . import heap  # noqa: F401
