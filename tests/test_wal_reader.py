@@ -41,6 +41,10 @@ def wal(pg_factory_module: PgFactory) -> tuple[int, bytes]:
     node.sql("SELECT pg_switch_wal()")
     node.execute("INSERT INTO wide SELECT repeat(md5(i::text), 30) FROM generate_series(1, 3000) i")
     node.sql("CHECKPOINT")
+    node.execute("CREATE EXTENSION IF NOT EXISTS pageinspect")
+    global WIDE_PAGE0_LSN, WIDE_RELFILENODE
+    WIDE_PAGE0_LSN = parse_lsn(node.sql("SELECT lsn::text FROM page_header(get_raw_page('wide', 0))")[0][0])
+    WIDE_RELFILENODE = node.sql("SELECT pg_relation_filenode('wide')")[0][0]
     end = node.current_lsn()
     node.stop()
     seg = 16 * 1024 * 1024
@@ -80,6 +84,23 @@ def test_whole_stream_decodes(wal: tuple[int, bytes]) -> None:
         assert rec.tot_len == len(r.data)
 
 
+WIDE_PAGE0_LSN = 0
+WIDE_RELFILENODE = 0
+
+
+def test_end_lsn_is_the_page_lsn_postgres_sets(wal: tuple[int, bytes]) -> None:
+    """end_lsn is EndRecPtr (MAXALIGNed), exactly what Postgres stores as the page LSN."""
+    start, data = wal
+    last = None
+    for r in read_all(start, [data]):
+        rec = r.decode()
+        if any(b.rnode.rel == WIDE_RELFILENODE and b.blkno == 0 and b.forknum == 0 for b in rec.blocks):
+            last = r
+    assert last is not None
+    assert last.end_lsn == WIDE_PAGE0_LSN
+    assert last.end_lsn % 8 == 0
+
+
 def test_switch_skips_rest_of_segment(wal: tuple[int, bytes]) -> None:
     start, data = wal
     records = read_all(start, [data])
@@ -88,6 +109,7 @@ def test_switch_skips_rest_of_segment(wal: tuple[int, bytes]) -> None:
     s = switches[0]
     after = next(r for r in records if r.lsn > s.lsn)
     seg = 16 * 1024 * 1024
+    assert s.end_lsn == (s.lsn // seg + 1) * seg  # EndRecPtr of a switch is its segment's end
     # The next record starts right after the long page header of the next segment.
     assert after.lsn == (s.lsn // seg + 1) * seg + 40
 

@@ -91,7 +91,12 @@ def parse_page_header(buf: bytes | memoryview, offset: int = 0, lsn: int = 0) ->
 
 @dataclass(slots=True)
 class RawRecord:
-    """A complete, CRC-checked record: its bytes and where it starts and ends."""
+    """A complete, CRC-checked record: its bytes and where it starts and ends.
+
+    `end_lsn` is Postgres's EndRecPtr: the MAXALIGNed end of the record (what
+    becomes the LSN of the pages it changes), or for XLOG_SWITCH the end of
+    its segment.
+    """
 
     lsn: int
     end_lsn: int
@@ -223,18 +228,19 @@ class WalStreamReader:
                     if self.verify_crc and _crc_extend(_crc_value(raw[24:]), raw[:20]) != header[5]:
                         check_record_crc(raw, pos)  # raises with the full message
                     self._prev_lsn = pos
-                    end = pos + tot_len
-                    if rmid == RM_XLOG_ID and (header[3] & 0xF0) == XLOG_SWITCH:
-                        self._after_switch = True
                     # Padding to the next MAXALIGNed start never crosses a page.
                     step = (tot_len + 7) & ~7
+                    end = pos + step
                     if step <= avail:
                         self._off = start + step
-                        self._pos = pos + step
+                        self._pos = end
                     else:
                         self._off = start + tot_len
-                        self._pos = end
+                        self._pos = pos + tot_len
                         self._skip(step - tot_len)
+                    if rmid == RM_XLOG_ID and (header[3] & 0xF0) == XLOG_SWITCH:
+                        self._after_switch = True
+                        end = self._segment_end(pos)
                     yield RawRecord(pos, end, raw, header)
                     continue
                 self._rec = bytearray()
@@ -270,13 +276,18 @@ class WalStreamReader:
         if self.verify_crc:
             check_record_crc(raw, lsn)
         self._prev_lsn = lsn
-        if header.rmid == RM_XLOG_ID and (header.info & 0xF0) == XLOG_SWITCH:
-            self._after_switch = True
         # The next record starts MAXALIGNed; padding never crosses a page.
         pad = (-end) & 7
         if pad:
             self._skip(pad)
+        end += pad
+        if header.rmid == RM_XLOG_ID and (header.info & 0xF0) == XLOG_SWITCH:
+            self._after_switch = True
+            end = self._segment_end(lsn)
         return RawRecord(lsn, end, raw, header)
+
+    def _segment_end(self, lsn: int) -> int:
+        return (lsn // self.seg_size + 1) * self.seg_size
 
     def _skip(self, n: int) -> None:
         """Skip n bytes of the stream, including bytes not fed yet (dropped on arrival)."""

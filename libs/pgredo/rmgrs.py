@@ -4,3 +4,5 @@ from __future__ import annotations
 
 from . import btree  # noqa: F401
 from . import heap  # noqa: F401
+from . import slru  # noqa: F401
+from . import xlog_seq_generic  # noqa: F401
