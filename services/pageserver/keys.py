@@ -1,0 +1,81 @@
+"""Storage keys of the page server.
+
+A key names one versioned value of a timeline: a relation page, an SLRU page,
+a relmapper file, a two-phase state file, or a piece of cluster metadata.
+Keys are fixed-width big-endian bytes, so byte order = (kind, spc, db, rel,
+fork, block) order and all pages of a relation or a database form one
+contiguous key range (Neon's Key in pageserver/src/key.rs has the same idea).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+
+class KeyKind(enum.IntEnum):
+    REL_PAGE = 0x00
+    SLRU_PAGE = 0x01
+    RELMAP_FILE = 0x02
+    TWOPHASE_FILE = 0x03
+    CHECKPOINT = 0x04
+    CONTROL_FILE = 0x05
+
+
+_KEY = struct.Struct(">BIIIBI")  # kind, spc/slru kind, db/segno, rel, fork, block/page
+KEY_SIZE: Final = _KEY.size
+_REL = struct.Struct(">IIIB")
+
+
+@dataclass(frozen=True, slots=True)
+class RelTag:
+    """A relation fork: (tablespace, database, relfilenode, fork)."""
+
+    spc: int
+    db: int
+    rel: int
+    fork: int
+
+    def encode(self) -> bytes:
+        return _REL.pack(self.spc, self.db, self.rel, self.fork)
+
+    @classmethod
+    def decode(cls, b: bytes) -> RelTag:
+        return cls(*_REL.unpack(b))
+
+    def page_key(self, blkno: int) -> bytes:
+        return _KEY.pack(KeyKind.REL_PAGE, self.spc, self.db, self.rel, self.fork, blkno)
+
+    def __str__(self) -> str:
+        return f"{self.spc}/{self.db}/{self.rel} fork {self.fork}"
+
+
+def rel_page_key(spc: int, db: int, rel: int, fork: int, blkno: int) -> bytes:
+    return _KEY.pack(KeyKind.REL_PAGE, spc, db, rel, fork, blkno)
+
+
+def slru_page_key(kind: int, segno: int, pageno: int) -> bytes:
+    return _KEY.pack(KeyKind.SLRU_PAGE, kind, segno, 0, 0, pageno)
+
+
+def relmap_key(spc: int, db: int) -> bytes:
+    return _KEY.pack(KeyKind.RELMAP_FILE, spc, db, 0, 0, 0)
+
+
+def twophase_key(xid: int) -> bytes:
+    return _KEY.pack(KeyKind.TWOPHASE_FILE, 0, 0, 0, 0, xid)
+
+
+CHECKPOINT_KEY: Final = _KEY.pack(KeyKind.CHECKPOINT, 0, 0, 0, 0, 0)
+CONTROL_FILE_KEY: Final = _KEY.pack(KeyKind.CONTROL_FILE, 0, 0, 0, 0, 0)
+
+
+def decode_key(key: bytes) -> tuple[int, int, int, int, int, int]:
+    return _KEY.unpack(key)
+
+
+def rel_range(rel: RelTag) -> tuple[bytes, bytes]:
+    """[start, end) of the page keys of one relation fork."""
+    return rel.page_key(0), rel.page_key(0xFFFFFFFF) + b"\xff"

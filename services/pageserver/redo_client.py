@@ -1,0 +1,63 @@
+"""GetPage's redo through the redo pool service (the default in `zctl start`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+
+from pgformat.xlogrecord import DecodedRecord
+from pgredo.errors import RedoError
+from zproto import common_pb2, redo_pb2, redo_pb2_grpc
+
+from .keys import KeyKind, decode_key
+
+# pgredo's SlruKind is 0-based; the proto's is 1-based (0 = unspecified).
+_SLRU_TO_PROTO = {0: common_pb2.SLRU_KIND_CLOG, 1: common_pb2.SLRU_KIND_MULTIXACT_OFFSETS,
+                  2: common_pb2.SLRU_KIND_MULTIXACT_MEMBERS, 3: common_pb2.SLRU_KIND_COMMIT_TS}
+
+
+class RedoServiceError(RedoError):
+    """The redo service refused or failed a request; carries its status code."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        self.code = code
+        super().__init__(f"redo service: {code.name}: {message}")
+
+
+def page_key_proto(key: bytes) -> common_pb2.PageKey:
+    kind, a, b, c, fork, blk = decode_key(key)
+    if kind == KeyKind.REL_PAGE:
+        return common_pb2.PageKey(rel_block=common_pb2.RelBlock(
+            rel=common_pb2.RelTag(spc_oid=a, db_oid=b, rel_number=c, fork=fork), blkno=blk))
+    if kind == KeyKind.SLRU_PAGE:
+        return common_pb2.PageKey(slru_page=common_pb2.SlruPage(kind=_SLRU_TO_PROTO[a], segno=b, rpageno=blk))
+    raise ValueError(f"key kind {kind} has no redo")
+
+
+class RemoteRedo:
+    """PageRedo over gRPC to `services.redo`."""
+
+    def __init__(self, address: str, timeout: float = 60.0) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(address, options=[
+            ("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)])
+        self._stub = redo_pb2_grpc.RedoStub(self._channel)
+
+    def redo(self, key: bytes, base: bytes | None, records: Sequence[DecodedRecord]) -> bytes:
+        req = redo_pb2.ApplyRecordsRequest(
+            key=page_key_proto(key),
+            records=[redo_pb2.RedoRecord(lsn=r.lsn, end_lsn=r.end_lsn, raw=r.raw) for r in records],
+            pg_version=15,
+        )
+        if base is not None:
+            req.base_image = base
+        try:
+            resp = self._stub.ApplyRecords(req, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise RedoServiceError(e.code(), e.details() or "") from None
+        return bytes(resp.page)
+
+    def close(self) -> None:
+        self._channel.close()

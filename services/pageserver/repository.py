@@ -1,0 +1,663 @@
+"""The page server's repository: tenants, timelines and every page version, on disk.
+
+Storage engine: SQLite (stdlib), one database file per repository, in WAL
+journal mode with synchronous=FULL. DESIGN.md allows an embedded engine in
+place of Neon's layer files as long as the promises hold, and SQLite keeps
+them: a committed ingest batch survives kill -9 (we acknowledge a durable
+LSN only after COMMIT returns), reads are B-tree lookups (O(log n)), memory
+is SQLite's bounded page cache whatever the database size, and a branch is
+one row (ancestor, ancestor LSN), copying nothing.
+
+Tables:
+- timelines: id, tenant, name, ancestor, ancestor_lsn, start/last/prev LSNs;
+- wal_records: (timeline, end_lsn) -> raw record bytes, stored once;
+- page_versions: (timeline, key, lsn, kind) -> image or reference to a record
+  (`lsn` is the record's end LSN: the value is the state after that record);
+- rel_sizes: (timeline, rel, lsn) -> nblocks (-1: dropped).
+
+A GetPage@LSN walks page_versions newest-first from the request LSN until an
+image or a record that initializes the page, descending into the ancestor at
+the branch LSN, then hands base image and records to redo. Long chains are
+cut short by storing the result as an image (a materialized version).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, Protocol
+
+from pgformat.constants import BLCKSZ
+from pgformat.lsn import format_lsn
+from pgformat.xlogrecord import DecodedRecord, decode_record
+
+from .ingest import IngestPlan, plan_record
+from .keys import KeyKind, RelTag, decode_key, rel_range
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TENANT: Final = "00000000000000000000000000000000"
+MAX_LSN: Final = (1 << 63) - 1  # SQLite integers are signed 64-bit; no real LSN gets near
+ZERO_PAGE: Final = bytes(BLCKSZ)
+
+# page_versions.kind; images sort first among versions at the same LSN.
+KIND_IMAGE: Final = 0
+KIND_RECORD_INIT: Final = 1
+KIND_RECORD: Final = 2
+KIND_FILE: Final = 3  # whole-file value (relmapper, two-phase state, checkpoint)
+KIND_DELETED: Final = 4
+
+# Replaying more than this many records for one GetPage stores the result as an image.
+MATERIALIZE_AFTER: Final = 16
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tenants (
+    tenant TEXT PRIMARY KEY
+);
+CREATE TABLE IF NOT EXISTS timelines (
+    id INTEGER PRIMARY KEY,
+    tenant TEXT NOT NULL REFERENCES tenants(tenant),
+    timeline TEXT NOT NULL,
+    name TEXT,
+    ancestor_id INTEGER REFERENCES timelines(id),
+    ancestor_lsn INTEGER NOT NULL DEFAULT 0,
+    start_lsn INTEGER NOT NULL DEFAULT 0,
+    last_record_lsn INTEGER NOT NULL DEFAULT 0,
+    prev_record_lsn INTEGER NOT NULL DEFAULT 0,
+    system_id INTEGER NOT NULL DEFAULT 0,
+    pg_version INTEGER NOT NULL DEFAULT 15,
+    created_at REAL NOT NULL,
+    UNIQUE (tenant, timeline)
+);
+CREATE TABLE IF NOT EXISTS wal_records (
+    tl INTEGER NOT NULL,
+    end_lsn INTEGER NOT NULL,
+    start_lsn INTEGER NOT NULL,
+    raw BLOB NOT NULL,
+    PRIMARY KEY (tl, end_lsn)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS page_versions (
+    tl INTEGER NOT NULL,
+    key BLOB NOT NULL,
+    lsn INTEGER NOT NULL,
+    kind INTEGER NOT NULL,
+    data BLOB,
+    PRIMARY KEY (tl, key, lsn, kind)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rel_sizes (
+    tl INTEGER NOT NULL,
+    rel BLOB NOT NULL,
+    lsn INTEGER NOT NULL,
+    nblocks INTEGER NOT NULL,
+    PRIMARY KEY (tl, rel, lsn)
+) WITHOUT ROWID;
+"""
+
+
+class RepositoryError(Exception):
+    """Base of the page server's errors; each maps to one gRPC status code."""
+
+
+class NotFoundError(RepositoryError):
+    """Unknown tenant, timeline, relation or key (NOT_FOUND)."""
+
+
+class AlreadyExistsError(RepositoryError):
+    """Tenant or timeline already there (ALREADY_EXISTS)."""
+
+
+class InvalidRequestError(RepositoryError):
+    """A request that can never succeed as given (INVALID_ARGUMENT / OUT_OF_RANGE)."""
+
+
+class LsnTimeoutError(RepositoryError):
+    """The requested LSN was not ingested in time (DEADLINE_EXCEEDED)."""
+
+
+class PageRedo(Protocol):
+    """What GetPage needs from redo: base image (or None) + records -> page."""
+
+    def redo(self, key: bytes, base: bytes | None, records: Sequence[DecodedRecord]) -> bytes: ...
+
+
+class LocalRedo:
+    """Redo in this process through pgredo (the redo service does the same in workers)."""
+
+    def redo(self, key: bytes, base: bytes | None, records: Sequence[DecodedRecord]) -> bytes:
+        kind, a, b, c, fork, blk = decode_key(key)
+        if kind == KeyKind.REL_PAGE:
+            from pgformat.xlogrecord import RelFileNode
+            from pgredo.engine import BufferTag, redo_page
+
+            return bytes(redo_page(BufferTag(RelFileNode(a, b, c), fork, blk), base, records))
+        if kind == KeyKind.SLRU_PAGE:
+            from pgredo.slru import SlruKind, SlruPageTag, slru_redo_page
+
+            return bytes(slru_redo_page(SlruPageTag(SlruKind(a), b, blk), base, records))
+        raise InvalidRequestError(f"key kind {kind} has no redo")
+
+
+@dataclass
+class Timeline:
+    """In-memory state of one timeline; the rows in `timelines` are the durable copy."""
+
+    id: int
+    tenant: str
+    timeline: str
+    name: str | None
+    ancestor_id: int | None
+    ancestor_lsn: int
+    start_lsn: int
+    last_record_lsn: int
+    prev_record_lsn: int
+    system_id: int
+    pg_version: int
+    created_at: float
+    # Ingest-side cache of relation sizes at last_record_lsn (None: dropped / unknown).
+    rel_size_cache: dict[RelTag, int | None] = field(default_factory=dict, repr=False)
+    lsn_changed: threading.Condition = field(default_factory=threading.Condition, repr=False)
+
+    @property
+    def durable_lsn(self) -> int:
+        return self.last_record_lsn
+
+
+class Repository:
+    """All tenants and timelines under one directory."""
+
+    def __init__(self, path: Path, redo: PageRedo | None = None) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.db_path = self.path / "repository.sqlite"
+        self.redo: PageRedo = redo if redo is not None else LocalRedo()
+        self._local = threading.local()
+        self._write_lock = threading.RLock()
+        self._timelines: dict[int, Timeline] = {}
+        self._by_name: dict[tuple[str, str], int] = {}
+        with self._conn() as conn:
+            conn.executescript(_SCHEMA)
+        self._load_timelines()
+
+    # -- connections ---------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False, timeout=60)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA cache_size=-65536")  # 64 MB, whatever the database size
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; durable (fsync'd) when the block exits without error."""
+        with self._write_lock:
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # -- tenants and timelines ---------------------------------------------------
+
+    def _load_timelines(self) -> None:
+        rows = self._conn().execute(
+            "SELECT id, tenant, timeline, name, ancestor_id, ancestor_lsn, start_lsn, last_record_lsn,"
+            " prev_record_lsn, system_id, pg_version, created_at FROM timelines"
+        ).fetchall()
+        for row in rows:
+            tl = Timeline(*row)
+            self._timelines[tl.id] = tl
+            self._by_name[(tl.tenant, tl.timeline)] = tl.id
+
+    def create_tenant(self, tenant: str = DEFAULT_TENANT) -> str:
+        _check_hex_id(tenant, "tenant")
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM tenants WHERE tenant = ?", (tenant,)).fetchone():
+                raise AlreadyExistsError(f"tenant {tenant} already exists")
+            conn.execute("INSERT INTO tenants VALUES (?)", (tenant,))
+        return tenant
+
+    def ensure_tenant(self, tenant: str = DEFAULT_TENANT) -> str:
+        try:
+            return self.create_tenant(tenant)
+        except AlreadyExistsError:
+            return tenant
+
+    def list_tenants(self) -> list[str]:
+        return [r[0] for r in self._conn().execute("SELECT tenant FROM tenants ORDER BY tenant")]
+
+    def _check_tenant(self, tenant: str) -> None:
+        if not self._conn().execute("SELECT 1 FROM tenants WHERE tenant = ?", (tenant,)).fetchone():
+            raise NotFoundError(f"tenant {tenant} not found")
+
+    def create_timeline(
+        self,
+        tenant: str,
+        timeline: str | None = None,
+        *,
+        name: str | None = None,
+        ancestor: str | None = None,
+        ancestor_lsn: int | None = None,
+        start_lsn: int = 0,
+        prev_record_lsn: int = 0,
+        system_id: int = 0,
+        pg_version: int = 15,
+    ) -> Timeline:
+        """A new timeline: empty from `start_lsn`, or a branch of `ancestor` at `ancestor_lsn` (O(1))."""
+        timeline = timeline or uuid.uuid4().hex
+        _check_hex_id(timeline, "timeline")
+        self._check_tenant(tenant)
+        with self._write() as conn:
+            if (tenant, timeline) in self._by_name:
+                raise AlreadyExistsError(f"timeline {timeline} already exists in tenant {tenant}")
+            if name is not None and any(
+                t.tenant == tenant and t.name == name for t in self._timelines.values()
+            ):
+                raise AlreadyExistsError(f"a timeline named {name!r} already exists in tenant {tenant}")
+            ancestor_id = None
+            if ancestor is not None:
+                parent = self.timeline(tenant, ancestor)
+                lsn = parent.last_record_lsn if not ancestor_lsn else ancestor_lsn
+                if lsn > parent.last_record_lsn:
+                    raise InvalidRequestError(
+                        f"branch point {format_lsn(lsn)} is beyond the last record of the parent "
+                        f"({format_lsn(parent.last_record_lsn)})"
+                    )
+                if lsn < parent.start_lsn:
+                    raise InvalidRequestError(
+                        f"branch point {format_lsn(lsn)} is before the parent's start ({format_lsn(parent.start_lsn)})"
+                    )
+                ancestor_id, ancestor_lsn = parent.id, lsn
+                start_lsn = lsn
+                prev_record_lsn = self._prev_record_at(parent, lsn)
+                system_id, pg_version = parent.system_id, parent.pg_version
+            now = time.time()
+            cur = conn.execute(
+                "INSERT INTO timelines (tenant, timeline, name, ancestor_id, ancestor_lsn, start_lsn,"
+                " last_record_lsn, prev_record_lsn, system_id, pg_version, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (tenant, timeline, name, ancestor_id, ancestor_lsn or 0, start_lsn, start_lsn,
+                 prev_record_lsn, system_id, pg_version, now),
+            )
+            tl = Timeline(int(cur.lastrowid or 0), tenant, timeline, name, ancestor_id, ancestor_lsn or 0,
+                          start_lsn, start_lsn, prev_record_lsn, system_id, pg_version, now)
+        self._timelines[tl.id] = tl
+        self._by_name[(tenant, timeline)] = tl.id
+        return tl
+
+    def _prev_record_at(self, tl: Timeline, lsn: int) -> int:
+        """Start LSN of the record ending at `lsn` (xl_prev of the next record), 0 if unknown."""
+        for t, upto in self._lineage(tl, lsn):
+            row = self._conn().execute(
+                "SELECT start_lsn FROM wal_records WHERE tl = ? AND end_lsn <= ? ORDER BY end_lsn DESC LIMIT 1",
+                (t.id, upto),
+            ).fetchone()
+            if row:
+                return int(row[0])
+        return tl.prev_record_lsn if lsn == tl.start_lsn else 0
+
+    def timeline(self, tenant: str, timeline: str) -> Timeline:
+        tid = self._by_name.get((tenant, timeline))
+        if tid is None:
+            self._check_tenant(tenant)
+            raise NotFoundError(f"timeline {timeline} not found in tenant {tenant}")
+        return self._timelines[tid]
+
+    def timeline_by_name(self, tenant: str, name: str) -> Timeline:
+        for t in self._timelines.values():
+            if t.tenant == tenant and (t.name == name or t.timeline == name):
+                return t
+        self._check_tenant(tenant)
+        raise NotFoundError(f"no timeline named {name!r} in tenant {tenant}")
+
+    def list_timelines(self, tenant: str) -> list[Timeline]:
+        self._check_tenant(tenant)
+        return sorted((t for t in self._timelines.values() if t.tenant == tenant), key=lambda t: t.id)
+
+    def ancestor_of(self, tl: Timeline) -> Timeline | None:
+        return self._timelines.get(tl.ancestor_id) if tl.ancestor_id is not None else None
+
+    def _lineage(self, tl: Timeline, lsn: int) -> Iterator[tuple[Timeline, int]]:
+        """(timeline, highest LSN to read there): the timeline itself, then ancestors at branch points."""
+        t: Timeline | None = tl
+        upto = lsn
+        while t is not None:
+            yield t, upto
+            if t.ancestor_id is None:
+                return
+            upto = min(upto, t.ancestor_lsn)
+            t = self._timelines[t.ancestor_id]
+
+    # -- ingest -------------------------------------------------------------------
+
+    def ingest(self, tl: Timeline, records: Sequence[DecodedRecord]) -> int:
+        """Store a batch of consecutive records durably; return the new last record LSN.
+
+        Records ending at or before what is already stored are skipped, so a
+        walreceiver may resend after a reconnect. Each batch is one SQLite
+        transaction: all of it is durable when this returns, or none of it.
+        """
+        with self._write() as conn:
+            last = tl.last_record_lsn
+            prev = tl.prev_record_lsn
+            for rec in records:
+                if rec.end_lsn <= last:
+                    continue
+                if rec.lsn < last:
+                    raise InvalidRequestError(
+                        f"record at {format_lsn(rec.lsn)} overlaps the stored WAL ending at {format_lsn(last)}"
+                    )
+                self._apply(conn, tl, rec, plan_record(rec))
+                prev, last = rec.lsn, rec.end_lsn
+            if last != tl.last_record_lsn:
+                conn.execute(
+                    "UPDATE timelines SET last_record_lsn = ?, prev_record_lsn = ? WHERE id = ?",
+                    (last, prev, tl.id),
+                )
+        with tl.lsn_changed:
+            tl.last_record_lsn, tl.prev_record_lsn = last, prev
+            tl.lsn_changed.notify_all()
+        return last
+
+    def _apply(self, conn: sqlite3.Connection, tl: Timeline, rec: DecodedRecord, plan: IngestPlan) -> None:
+        lsn = rec.end_lsn
+        conn.execute("INSERT INTO wal_records VALUES (?, ?, ?, ?)", (tl.id, lsn, rec.lsn, rec.raw))
+        for rel in plan.creates:
+            if self._cached_size(conn, tl, rel, lsn) is None:
+                self._set_size(conn, tl, rel, lsn, 0)
+        for key, will_init in plan.pages:
+            conn.execute(
+                "INSERT OR REPLACE INTO page_versions VALUES (?, ?, ?, ?, NULL)",
+                (tl.id, key, lsn, KIND_RECORD_INIT if will_init else KIND_RECORD),
+            )
+        for rel, nblocks in plan.extends:
+            size = self._cached_size(conn, tl, rel, lsn)
+            if size is None or size < nblocks:
+                self._set_size(conn, tl, rel, lsn, nblocks)
+        for rel, nblocks in plan.truncates:
+            size = self._cached_size(conn, tl, rel, lsn)
+            if size is not None and size > nblocks:
+                self._set_size(conn, tl, rel, lsn, nblocks)
+        for spc, db, relnode in plan.drops:
+            for fork in range(4):
+                rel = RelTag(spc, db, relnode, fork)
+                if self._cached_size(conn, tl, rel, lsn) is not None:
+                    self._set_size(conn, tl, rel, lsn, -1)
+        for spc, db in plan.db_drops:
+            for rel in self.list_rels(tl, lsn - 1, spc, db):
+                self._set_size(conn, tl, rel, lsn, -1)
+        for src_spc, src_db, dst_spc, dst_db in plan.db_copies:
+            self._copy_database(conn, tl, rec, src_spc, src_db, dst_spc, dst_db)
+        for key, value in plan.files:
+            conn.execute(
+                "INSERT OR REPLACE INTO page_versions VALUES (?, ?, ?, ?, ?)",
+                (tl.id, key, lsn, KIND_FILE if value is not None else KIND_DELETED, value),
+            )
+
+    def _copy_database(
+        self, conn: sqlite3.Connection, tl: Timeline, rec: DecodedRecord, src_spc: int, src_db: int,
+        dst_spc: int, dst_db: int,
+    ) -> None:
+        """CREATE DATABASE ... STRATEGY FILE_COPY: every page of the template, as images at this LSN."""
+        lsn = rec.end_lsn
+        for rel in self.list_rels(tl, rec.lsn, src_spc, src_db):
+            nblocks = self.rel_size(tl, rel, rec.lsn) or 0
+            dst = RelTag(dst_spc, dst_db, rel.rel, rel.fork)
+            for blk in range(nblocks):
+                page, _ = self.get_page(tl, rel.page_key(blk), rec.lsn, wait=False)
+                conn.execute(
+                    "INSERT OR REPLACE INTO page_versions VALUES (?, ?, ?, ?, ?)",
+                    (tl.id, dst.page_key(blk), lsn, KIND_IMAGE, page),
+                )
+            self._set_size(conn, tl, dst, lsn, nblocks)
+
+    def _cached_size(self, conn: sqlite3.Connection, tl: Timeline, rel: RelTag, lsn: int) -> int | None:
+        if rel not in tl.rel_size_cache:
+            tl.rel_size_cache[rel] = self.rel_size(tl, rel, lsn)
+        return tl.rel_size_cache[rel]
+
+    def _set_size(self, conn: sqlite3.Connection, tl: Timeline, rel: RelTag, lsn: int, nblocks: int) -> None:
+        conn.execute("INSERT OR REPLACE INTO rel_sizes VALUES (?, ?, ?, ?)", (tl.id, rel.encode(), lsn, nblocks))
+        tl.rel_size_cache[rel] = nblocks if nblocks >= 0 else None
+
+    @contextmanager
+    def import_transaction(
+        self, tl: Timeline, lsn: int, prev_record_lsn: int, system_id: int, pg_version: int
+    ) -> Iterator[ImportWriter]:
+        """Load a base image at `lsn` into an empty root timeline: all of it, or (on error) none."""
+        if tl.ancestor_id is not None or tl.last_record_lsn != tl.start_lsn or self.list_rels(tl, MAX_LSN):
+            raise InvalidRequestError(f"timeline {tl.timeline} is not an empty root timeline")
+        with self._write() as conn:
+            writer = ImportWriter(self, conn, tl, lsn)
+            yield writer
+            conn.execute(
+                "UPDATE timelines SET start_lsn = ?, last_record_lsn = ?, prev_record_lsn = ?, system_id = ?,"
+                " pg_version = ? WHERE id = ?",
+                (lsn, lsn, prev_record_lsn, system_id, pg_version, tl.id),
+            )
+        with tl.lsn_changed:
+            tl.start_lsn = tl.last_record_lsn = lsn
+            tl.prev_record_lsn, tl.system_id, tl.pg_version = prev_record_lsn, system_id, pg_version
+            tl.lsn_changed.notify_all()
+
+    # -- reads -----------------------------------------------------------------------
+
+    def wait_for_lsn(self, tl: Timeline, lsn: int, timeout: float) -> None:
+        """Block until `lsn` is ingested; LsnTimeoutError after `timeout` seconds."""
+        if lsn <= tl.last_record_lsn:
+            return
+        deadline = time.monotonic() + timeout
+        with tl.lsn_changed:
+            while tl.last_record_lsn < lsn:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise LsnTimeoutError(
+                        f"timed out after {timeout:g}s waiting for WAL up to {format_lsn(lsn)}; "
+                        f"ingested up to {format_lsn(tl.last_record_lsn)}"
+                    )
+                tl.lsn_changed.wait(left)
+
+    def resolve_lsn(self, tl: Timeline, lsn: int | None, timeout: float = 30.0) -> int:
+        """`None` means latest; otherwise wait until ingested; below the start is an error."""
+        if lsn is None:
+            return tl.last_record_lsn
+        if lsn < tl.start_lsn and tl.ancestor_id is None:
+            raise InvalidRequestError(
+                f"LSN {format_lsn(lsn)} is before the start of timeline {tl.timeline} ({format_lsn(tl.start_lsn)})"
+            )
+        self.wait_for_lsn(tl, lsn, timeout)
+        return lsn
+
+    def rel_size(self, tl: Timeline, rel: RelTag, lsn: int) -> int | None:
+        """Blocks in the relation fork as of `lsn`, or None if it does not exist then."""
+        conn = self._conn()
+        for t, upto in self._lineage(tl, lsn):
+            row = conn.execute(
+                "SELECT nblocks FROM rel_sizes WHERE tl = ? AND rel = ? AND lsn <= ? ORDER BY lsn DESC LIMIT 1",
+                (t.id, rel.encode(), upto),
+            ).fetchone()
+            if row is not None:
+                return int(row[0]) if row[0] >= 0 else None
+        return None
+
+    def list_rels(self, tl: Timeline, lsn: int, spc: int | None = None, db: int | None = None) -> list[RelTag]:
+        """Every relation fork that exists as of `lsn` (optionally in one database)."""
+        conn = self._conn()
+        seen: dict[RelTag, int] = {}
+        for t, upto in self._lineage(tl, lsn):
+            rows = conn.execute(
+                "SELECT rel, nblocks FROM rel_sizes r WHERE tl = ? AND lsn = "
+                "(SELECT max(lsn) FROM rel_sizes WHERE tl = r.tl AND rel = r.rel AND lsn <= ?)",
+                (t.id, upto),
+            ).fetchall()
+            for relb, nblocks in rows:
+                rel = RelTag.decode(relb)
+                if rel not in seen:
+                    seen[rel] = nblocks
+        return sorted(
+            (r for r, n in seen.items() if n >= 0 and (spc is None or r.spc == spc) and (db is None or r.db == db)),
+            key=lambda r: (r.spc, r.db, r.rel, r.fork),
+        )
+
+    def db_size(self, tl: Timeline, spc: int, db: int, lsn: int) -> int:
+        return sum((self.rel_size(tl, r, lsn) or 0) for r in self.list_rels(tl, lsn, spc, db)) * BLCKSZ
+
+    def get_file(self, tl: Timeline, key: bytes, lsn: int) -> bytes | None:
+        """A whole-file value (relmapper, two-phase state, checkpoint) as of `lsn`, or None."""
+        conn = self._conn()
+        for t, upto in self._lineage(tl, lsn):
+            row = conn.execute(
+                "SELECT kind, data FROM page_versions WHERE tl = ? AND key = ? AND lsn <= ?"
+                " ORDER BY lsn DESC, kind ASC LIMIT 1",
+                (t.id, key, upto),
+            ).fetchone()
+            if row is not None:
+                return None if row[0] == KIND_DELETED else bytes(row[1])
+        return None
+
+    def list_files(self, tl: Timeline, kind: KeyKind, lsn: int) -> dict[bytes, bytes]:
+        """Every live whole-file value of one key kind as of `lsn` (e.g. all two-phase files)."""
+        lo = bytes([kind]) + bytes(17)
+        hi = bytes([kind + 1]) + bytes(17)
+        found: dict[bytes, bytes | None] = {}
+        for t, upto in self._lineage(tl, lsn):
+            rows = self._conn().execute(
+                "SELECT key, kind, data FROM page_versions p WHERE tl = ? AND key >= ? AND key < ? AND lsn = "
+                "(SELECT max(lsn) FROM page_versions WHERE tl = p.tl AND key = p.key AND lsn <= ?)",
+                (t.id, lo, hi, upto),
+            ).fetchall()
+            for key, k, data in rows:
+                found.setdefault(bytes(key), None if k == KIND_DELETED else bytes(data))
+        return {k: v for k, v in found.items() if v is not None}
+
+    def get_page(self, tl: Timeline, key: bytes, lsn: int, wait: bool = True, timeout: float = 30.0) -> tuple[bytes, int]:
+        """The page `key` as of `lsn`: (8192 bytes, LSN of its last change)."""
+        if wait:
+            self.wait_for_lsn(tl, lsn, timeout)
+        conn = self._conn()
+        chain: list[tuple[int, int, int, bytes | None]] = []  # (tl id, lsn, kind, data), newest first
+        base: bytes | None = None
+        done = False
+        for t, upto in self._lineage(tl, lsn):
+            for vlsn, kind, data in conn.execute(
+                "SELECT lsn, kind, data FROM page_versions WHERE tl = ? AND key = ? AND lsn <= ?"
+                " ORDER BY lsn DESC, kind ASC",
+                (t.id, key, upto),
+            ):
+                if kind == KIND_IMAGE:
+                    base = bytes(data)
+                    done = True
+                    break
+                chain.append((t.id, vlsn, kind, None))
+                if kind == KIND_RECORD_INIT:
+                    done = True
+                    break
+            if done:
+                break
+        if not chain:
+            if base is not None:
+                return base, _page_lsn(base)
+            return self._missing_page(tl, key, lsn), 0
+        records = [self._load_record(conn, tid, vlsn) for tid, vlsn, _, _ in reversed(chain)]
+        page = self.redo.redo(key, base, records)
+        if len(records) > MATERIALIZE_AFTER:
+            self._materialize(chain[0][0], key, chain[0][1], page)
+        return page, records[-1].end_lsn
+
+    def _load_record(self, conn: sqlite3.Connection, tid: int, end_lsn: int) -> DecodedRecord:
+        row = conn.execute("SELECT start_lsn, raw FROM wal_records WHERE tl = ? AND end_lsn = ?", (tid, end_lsn)).fetchone()
+        if row is None:
+            raise RepositoryError(f"record ending at {format_lsn(end_lsn)} missing from timeline {tid}")
+        return decode_record(bytes(row[1]), int(row[0]), end_lsn, verify_crc=False)
+
+    def _materialize(self, tid: int, key: bytes, lsn: int, page: bytes) -> None:
+        conn = self._conn()
+        if conn.in_transaction:  # called from inside ingest (database copy): same transaction
+            conn.execute("INSERT OR REPLACE INTO page_versions VALUES (?, ?, ?, ?, ?)", (tid, key, lsn, KIND_IMAGE, page))
+            return
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO page_versions VALUES (?, ?, ?, ?, ?)", (tid, key, lsn, KIND_IMAGE, page))
+
+    def _missing_page(self, tl: Timeline, key: bytes, lsn: int) -> bytes:
+        """A page with no versions: zeroes inside the relation (extended, never written), else NOT_FOUND."""
+        kind, a, b, c, fork, blk = decode_key(key)
+        if kind == KeyKind.REL_PAGE:
+            rel = RelTag(a, b, c, fork)
+            size = self.rel_size(tl, rel, lsn)
+            if size is None:
+                raise NotFoundError(f"relation {rel} does not exist at {format_lsn(lsn)}")
+            if blk >= size:
+                raise NotFoundError(f"block {blk} is beyond the end of {rel} ({size} blocks) at {format_lsn(lsn)}")
+            return ZERO_PAGE
+        raise NotFoundError(f"no page for key {key.hex()} at {format_lsn(lsn)}")
+
+    def rel_pages(self, tl: Timeline, rel: RelTag, lsn: int) -> Iterator[bytes]:
+        """Every page of a relation fork as of `lsn`, in block order (for base backups)."""
+        for blk in range(self.rel_size(tl, rel, lsn) or 0):
+            yield self.get_page(tl, rel.page_key(blk), lsn, wait=False)[0]
+
+    def key_range_has_versions(self, tl: Timeline, rel: RelTag) -> bool:
+        lo, hi = rel_range(rel)
+        return self._conn().execute(
+            "SELECT 1 FROM page_versions WHERE tl = ? AND key >= ? AND key < ? LIMIT 1", (tl.id, lo, hi)
+        ).fetchone() is not None
+
+
+class ImportWriter:
+    """Adds a base image's pages, sizes and files inside one import transaction."""
+
+    def __init__(self, repo: Repository, conn: sqlite3.Connection, tl: Timeline, lsn: int) -> None:
+        self._repo, self._conn, self._tl, self._lsn = repo, conn, tl, lsn
+        self.pages = 0
+
+    def add_pages(self, pages: Iterable[tuple[RelTag, int, bytes]]) -> None:
+        for rel, blk, page in pages:
+            if len(page) != BLCKSZ:
+                raise InvalidRequestError(f"page {rel} block {blk} is {len(page)} bytes, expected {BLCKSZ}")
+            self._conn.execute(
+                "INSERT OR REPLACE INTO page_versions VALUES (?, ?, ?, ?, ?)",
+                (self._tl.id, rel.page_key(blk), self._lsn, KIND_IMAGE, page),
+            )
+            self.pages += 1
+
+    def add_sizes(self, sizes: dict[RelTag, int]) -> None:
+        for rel, nblocks in sizes.items():
+            self._repo._set_size(self._conn, self._tl, rel, self._lsn, nblocks)
+
+    def add_files(self, files: dict[bytes, bytes]) -> None:
+        for key, value in files.items():
+            kind = KIND_IMAGE if key[0] == KeyKind.SLRU_PAGE else KIND_FILE
+            self._conn.execute(
+                "INSERT OR REPLACE INTO page_versions VALUES (?, ?, ?, ?, ?)",
+                (self._tl.id, key, self._lsn, kind, value),
+            )
+
+
+def _page_lsn(page: bytes) -> int:
+    hi = int.from_bytes(page[0:4], "little")
+    lo = int.from_bytes(page[4:8], "little")
+    return (hi << 32) | lo
+
+
+def _check_hex_id(value: str, what: str) -> None:
+    if len(value) != 32 or any(ch not in "0123456789abcdef" for ch in value):
+        raise InvalidRequestError(f"{what} id must be 32 lowercase hex digits, got {value!r}")

@@ -1,0 +1,174 @@
+"""The page server against a real primary: import a base backup, ingest its WAL, serve pages.
+
+Oracle: the primary's own pages (pageinspect's get_raw_page), masked with the
+rmgr's mask as wal_consistency_checking does, at the latest LSN and at an
+earlier LSN captured while the primary was quiet.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import PgFactory
+from pageserver_util import (
+    RunningPageServer,
+    current_lsn,
+    get_page,
+    import_backup,
+    push_wal,
+    rel_key,
+    take_base_backup,
+    user_relations,
+)
+
+from pgformat.bufmask import mask_for_rmgr
+from pgformat.constants import BLCKSZ
+from services.pageserver.repository import DEFAULT_TENANT
+from zproto import common_pb2, pageserver_pb2
+
+TIMELINE = "11111111111111111111111111111111"
+
+WORKLOAD = [
+    "CREATE TABLE items (id serial PRIMARY KEY, name text, qty int, note text)",
+    "CREATE INDEX items_name ON items (name)",
+    "INSERT INTO items (name, qty, note) SELECT 'item' || i, i % 97, repeat('n', i % 300) FROM generate_series(1, 5000) i",
+    "UPDATE items SET qty = qty + 1 WHERE id % 4 = 0",
+    "UPDATE items SET name = name || '-renamed' WHERE id % 9 = 0",
+    "DELETE FROM items WHERE id % 11 = 0",
+    "CREATE TABLE docs (id int, body text)",
+    "INSERT INTO docs SELECT i, repeat(md5(i::text), 200) FROM generate_series(1, 40) i",
+]
+
+
+def _raw_page(node, relname: str, blk: int) -> bytes:  # type: ignore[no-untyped-def]
+    return bytes(node.sql("SELECT get_raw_page(%s, 'main', %s)", (relname, blk))[0][0])
+
+
+def _masked(page: bytes, rmid: int, blk: int) -> bytes:
+    buf = bytearray(page)
+    mask_for_rmgr(rmid)(buf, blk)
+    return bytes(buf)
+
+
+@pytest.fixture
+def primary(pg_factory: PgFactory):  # type: ignore[no-untyped-def]
+    node = pg_factory(autovacuum="off", max_prepared_transactions=5)
+    node.execute("CREATE EXTENSION pageinspect")
+    node.pgbench("-i", "-s", "1", "-q")
+    return node
+
+
+def test_pages_equal_the_primarys_at_latest_and_at_an_old_lsn(primary, tmp_path: Path, pg_base_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    backup = take_base_backup(primary, pg_base_dir / f"backup-{tmp_path.name}")
+    primary.pgbench("-c", "2", "-t", "200", "-n")
+    for stmt in WORKLOAD[:5]:
+        primary.execute(stmt)
+    primary.sql("VACUUM items")
+
+    # A quiet moment: capture pages and the LSN they are current at.
+    old_lsn = current_lsn(primary)
+    old_pages = {blk: _raw_page(primary, "items", blk) for blk in range(4)}
+
+    for stmt in WORKLOAD[5:]:
+        primary.execute(stmt)
+    primary.pgbench("-c", "2", "-t", "200", "-n")
+    primary.execute("BEGIN; INSERT INTO docs VALUES (-1, 'prepared'); PREPARE TRANSACTION 'p1'")
+    primary.sql("COMMIT PREPARED 'p1'")
+    primary.sql("SELECT pg_switch_wal()")
+    end_lsn = current_lsn(primary)
+
+    ps = RunningPageServer(tmp_path / "repo")
+    try:
+        summary = import_backup(ps.stub, backup, TIMELINE)
+        assert summary.pages > 100
+        durable = push_wal(ps.stub, primary.waldir, TIMELINE, summary.start_lsn, end_lsn)
+        assert durable >= end_lsn - 16 * 1024 * 1024  # up to the switch record's segment end
+        info = ps.stub.GetTimeline(pageserver_pb2.GetTimelineRequest(
+            tenant=common_pb2.TenantId(id=DEFAULT_TENANT), timeline=common_pb2.TimelineId(id=TIMELINE)))
+        assert info.last_record_lsn == durable
+
+        compared = 0
+        for relname, rmid in user_relations(primary):
+            rel = rel_key(primary, relname)
+            nblocks = primary.sql("SELECT pg_relation_size(%s) / 8192", (relname,))[0][0]
+            size = ps.stub.RelSize(pageserver_pb2.RelSizeRequest(
+                tenant=common_pb2.TenantId(id=DEFAULT_TENANT), timeline=common_pb2.TimelineId(id=TIMELINE),
+                rel=rel, lsn=common_pb2.RequestLsn(latest=True))).nblocks
+            assert size == nblocks, relname
+            for blk in range(nblocks):
+                ours = get_page(ps.stub, TIMELINE, rel, blk)
+                theirs = _raw_page(primary, relname, blk)
+                assert _masked(ours, rmid, blk) == _masked(theirs, rmid, blk), f"{relname} block {blk}"
+                compared += 1
+        assert compared > 50
+
+        items = rel_key(primary, "items")
+        for blk, page in old_pages.items():
+            ours = get_page(ps.stub, TIMELINE, items, blk, lsn=old_lsn)
+            assert _masked(ours, 10, blk) == _masked(page, 10, blk), f"items block {blk} at the old LSN"
+    finally:
+        ps.close()
+
+
+def test_errors_map_to_status_codes(primary, tmp_path: Path, pg_base_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    backup = take_base_backup(primary, pg_base_dir / f"backup-{tmp_path.name}")
+    ps = RunningPageServer(tmp_path / "repo")
+    try:
+        summary = import_backup(ps.stub, backup, TIMELINE)
+        rel = rel_key(primary, "pgbench_accounts")
+        tenant = common_pb2.TenantId(id=DEFAULT_TENANT)
+        tl = common_pb2.TimelineId(id=TIMELINE)
+
+        def code(call, req):  # type: ignore[no-untyped-def]
+            with pytest.raises(grpc.RpcError) as ei:
+                call(req, timeout=30)
+            return ei.value.code()
+
+        key = common_pb2.PageKey(rel_block=common_pb2.RelBlock(rel=rel, blkno=0))
+        # Beyond what was ingested: waits (5 s in this server), then DEADLINE_EXCEEDED.
+        assert code(ps.stub.GetPage, pageserver_pb2.GetPageRequest(
+            tenant=tenant, timeline=tl, key=key, lsn=common_pb2.RequestLsn(lsn=summary.start_lsn + 10**9))) \
+            == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert code(ps.stub.GetPage, pageserver_pb2.GetPageRequest(
+            tenant=tenant, timeline=common_pb2.TimelineId(id="2" * 32), key=key,
+            lsn=common_pb2.RequestLsn(latest=True))) == grpc.StatusCode.NOT_FOUND
+        missing = common_pb2.RelTag(spc_oid=1663, db_oid=5, rel_number=999999, fork=0)
+        assert code(ps.stub.RelSize, pageserver_pb2.RelSizeRequest(
+            tenant=tenant, timeline=tl, rel=missing, lsn=common_pb2.RequestLsn(latest=True))) == grpc.StatusCode.NOT_FOUND
+        assert code(ps.stub.GetPage, pageserver_pb2.GetPageRequest(
+            tenant=tenant, timeline=tl, key=common_pb2.PageKey(), lsn=common_pb2.RequestLsn(latest=True))) \
+            == grpc.StatusCode.INVALID_ARGUMENT
+        bad_fork = common_pb2.RelTag(spc_oid=1663, db_oid=5, rel_number=rel.rel_number, fork=9)
+        assert code(ps.stub.RelExists, pageserver_pb2.RelExistsRequest(
+            tenant=tenant, timeline=tl, rel=bad_fork, lsn=common_pb2.RequestLsn(latest=True))) \
+            == grpc.StatusCode.INVALID_ARGUMENT
+        assert code(ps.stub.GetPage, pageserver_pb2.GetPageRequest(
+            tenant=tenant, timeline=tl, key=common_pb2.PageKey(rel_block=common_pb2.RelBlock(rel=rel, blkno=10**6)),
+            lsn=common_pb2.RequestLsn(latest=True))) == grpc.StatusCode.NOT_FOUND
+        # A CRC-bad record is rejected before anything is stored.
+        from pageserver_util import record_proto
+
+        from zctl.waldump import iter_file_records
+
+        raw = next(r for r in iter_file_records([primary.waldir]) if r.lsn >= summary.start_lsn)
+        proto = record_proto(raw)
+        proto.raw = proto.raw[:-1] + bytes([proto.raw[-1] ^ 1])
+        with pytest.raises(grpc.RpcError) as ei:
+            list(ps.stub.Ingest(iter([pageserver_pb2.IngestRequest(tenant=tenant, timeline=tl, batch_seq=1,
+                                                                    records=[proto])])))
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "checksum" in (ei.value.details() or "")
+        info = ps.stub.GetTimeline(pageserver_pb2.GetTimelineRequest(tenant=tenant, timeline=tl))
+        assert info.last_record_lsn == summary.start_lsn
+        # The whole batch or nothing: a good record followed by a bad one stores neither.
+        good = record_proto(raw)
+        with pytest.raises(grpc.RpcError):
+            list(ps.stub.Ingest(iter([pageserver_pb2.IngestRequest(tenant=tenant, timeline=tl, batch_seq=1,
+                                                                    records=[good, proto])])))
+        info = ps.stub.GetTimeline(pageserver_pb2.GetTimelineRequest(tenant=tenant, timeline=tl))
+        assert info.last_record_lsn == summary.start_lsn
+        assert len(get_page(ps.stub, TIMELINE, rel, 0)) == BLCKSZ
+    finally:
+        ps.close()
