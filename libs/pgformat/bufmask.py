@@ -28,6 +28,7 @@ from pgformat.page import (
     PageError,
 )
 from pgformat.rmgr import RM_BTREE_ID, RM_GENERIC_ID, RM_HEAP2_ID, RM_HEAP_ID, RM_SEQ_ID
+from pgformat.rmgr import RM_GIST_ID, RM_SPGIST_ID
 
 __all__ = [
     "MASK_MARKER",
@@ -42,6 +43,9 @@ __all__ = [
     "btree_mask",
     "seq_mask",
     "generic_mask",
+    "gist_mask",
+    "spg_mask",
+    "gin_mask",
     "mask_for_rmgr",
 ]
 
@@ -258,9 +262,55 @@ def generic_mask(page: bytearray, blkno: int) -> None:
     mask_unused_space(page)
 
 
+def gist_mask(page: bytearray, blkno: int) -> None:
+    """gist_mask (gistxlog.c).
+
+    Header hints and free space; the NSN in GISTPageOpaqueData (an LSN);
+    F_FOLLOW_RIGHT set (cleared on the child only after the WAL record is
+    written); line pointer flags on leaf pages (gistkillitems sets LP_DEAD
+    without WAL); F_HAS_GARBAGE cleared (redo never sets it).
+    """
+    mask_page_lsn_and_checksum(page)
+    mask_page_hint_bits(page)
+    mask_unused_space(page)
+
+    special = _U16.unpack_from(page, 16)[0]
+    if special + _SIZEOF_GIST_OPAQUE > BLCKSZ:
+        raise PageError(f"gist page has no room for its special space (pd_special {special})")
+    page[special : special + 8] = bytes(8)  # GistPageSetNSN(page, MASK_MARKER)
+    flags = _U16.unpack_from(page, special + _GIST_FLAGS)[0] | _GIST_F_FOLLOW_RIGHT
+    _U16.pack_into(page, special + _GIST_FLAGS, flags)
+    if flags & _GIST_F_LEAF:
+        mask_lp_flags(page)
+    _U16.pack_into(page, special + _GIST_FLAGS, flags & ~_GIST_F_HAS_GARBAGE)
+
+
+def spg_mask(page: bytearray, blkno: int) -> None:
+    """spg_mask (spgxlog.c): LSN, checksum, header hints, and free space when
+    pd_lower looks set."""
+    mask_page_lsn_and_checksum(page)
+    mask_page_hint_bits(page)
+    if _U16.unpack_from(page, _OFF_LOWER)[0] >= SIZE_OF_PAGE_HEADER_DATA:
+        mask_unused_space(page)
+
+
+# gist.h: GISTPageOpaqueData {nsn, rightlink, flags, gist_page_id}, 16 bytes at pd_special.
+_SIZEOF_GIST_OPAQUE: Final = 16
+_GIST_FLAGS: Final = 12
+_GIST_F_LEAF: Final = 1 << 0
+_GIST_F_FOLLOW_RIGHT: Final = 1 << 3
+_GIST_F_HAS_GARBAGE: Final = 1 << 4
+
+
+_SIZEOF_GIN_OPAQUE: Final = 8
+_GIN_DELETED: Final = 1 << 2
+
+
 # rmid -> rm_mask, as in rmgrlist.h. Hash (12), Gin (13), Gist (14),
 # SPGist (16) and BRIN (17) also have masks in Postgres; add them here.
 _RMGR_MASKS: dict[int, MaskFunc] = {
+    RM_GIST_ID: gist_mask,
+    RM_SPGIST_ID: spg_mask,
     RM_HEAP2_ID: heap_mask,
     RM_HEAP_ID: heap_mask,
     RM_BTREE_ID: btree_mask,

@@ -45,12 +45,21 @@ ImpliedRedo = Callable[[DecodedRecord, BufferTag, bytearray], bool]
 # files the record under those keys too).
 ImpliedTags = Callable[[DecodedRecord], "list[BufferTag]"]
 
+# Runs after a BKPIMAGE_APPLY image is restored, for the few records whose
+# redo still changes the restored page (GiST clears F_FOLLOW_RIGHT on it).
+ImageFixup = Callable[[DecodedRecord, DecodedBlock, bytearray], bool]
+
 _BLOCK_REDO: dict[int, BlockRedo] = {}
+_IMAGE_FIXUP: dict[int, ImageFixup] = {}
 _IMPLIED_REDO: dict[int, tuple[ImpliedTags, ImpliedRedo]] = {}
 
 
 def register_block_redo(rmid: int, fn: BlockRedo) -> None:
     _BLOCK_REDO[rmid] = fn
+
+
+def register_image_fixup(rmid: int, fn: ImageFixup) -> None:
+    _IMAGE_FIXUP[rmid] = fn
 
 
 def register_implied_redo(rmid: int, tags: ImpliedTags, fn: ImpliedRedo) -> None:
@@ -100,6 +109,9 @@ def apply_block(block: DecodedBlock, page: bytearray | None, rec: DecodedRecord)
     """XLogReadBufferForRedoExtended plus the rmgr's redo for one block reference."""
     if block.image is not None and block.image.apply:
         restored = bytearray(block.image.page())
+        fixup = _IMAGE_FIXUP.get(rec.rmid)
+        if fixup is not None:
+            fixup(rec, block, restored)
         if not page_is_new(restored):
             page_set_lsn(restored, rec.end_lsn)
         return restored
