@@ -45,7 +45,6 @@ __all__ = [
     "generic_mask",
     "gist_mask",
     "spg_mask",
-    "gin_mask",
     "mask_for_rmgr",
 ]
 
