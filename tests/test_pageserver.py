@@ -172,3 +172,100 @@ def test_errors_map_to_status_codes(primary, tmp_path: Path, pg_base_dir: Path) 
         assert len(get_page(ps.stub, TIMELINE, rel, 0)) == BLCKSZ
     finally:
         ps.close()
+
+
+@pytest.fixture(scope="module")
+def ingested(pg_session_factory: PgFactory, pg_base_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A repository holding an imported primary plus its WAL, and the primary still running."""
+    node = pg_session_factory(autovacuum="off")
+    node.execute("CREATE EXTENSION pageinspect")
+    node.pgbench("-i", "-s", "1", "-q")
+    tmp = tmp_path_factory.mktemp("ingested")
+    backup = take_base_backup(node, pg_base_dir / f"backup-{tmp.name}")
+    node.pgbench("-c", "2", "-t", "100", "-n")
+    old_lsn = current_lsn(node)
+    old_page = _raw_page(node, "pgbench_branches", 0)
+    node.pgbench("-c", "2", "-t", "100", "-n")
+    end = current_lsn(node)
+    repo_dir = tmp / "repo"
+    ps = RunningPageServer(repo_dir)
+    try:
+        import_backup(ps.stub, backup, TIMELINE)
+        push_wal(ps.stub, node.waldir, TIMELINE, 0, end)
+    finally:
+        ps.close()
+    return node, repo_dir, old_lsn, old_page, end
+
+
+def test_restart_reopens_without_reingesting(ingested) -> None:  # type: ignore[no-untyped-def]
+    node, repo_dir, old_lsn, old_page, end = ingested
+    ps = RunningPageServer(repo_dir)
+    try:
+        info = ps.stub.GetTimeline(pageserver_pb2.GetTimelineRequest(
+            tenant=common_pb2.TenantId(id=DEFAULT_TENANT), timeline=common_pb2.TimelineId(id=TIMELINE)))
+        assert info.last_record_lsn >= end - 8192
+        rel = rel_key(node, "pgbench_branches")
+        ours = get_page(ps.stub, TIMELINE, rel, 0, lsn=old_lsn)
+        assert _masked(ours, 10, 0) == _masked(old_page, 10, 0)
+    finally:
+        ps.close()
+
+
+def test_getpages_stream_matches_unary_and_reports_item_errors(ingested) -> None:  # type: ignore[no-untyped-def]
+    node, repo_dir, old_lsn, old_page, end = ingested
+    ps = RunningPageServer(repo_dir)
+    try:
+        rel = rel_key(node, "pgbench_accounts")
+        nblocks = node.sql("SELECT pg_relation_size('pgbench_accounts') / 8192")[0][0]
+        tenant, tl = common_pb2.TenantId(id=DEFAULT_TENANT), common_pb2.TimelineId(id=TIMELINE)
+
+        def batches():  # type: ignore[no-untyped-def]
+            for start in range(0, nblocks + 1, 32):
+                items = [pageserver_pb2.PageRequestItem(
+                    request_id=blk, key=common_pb2.PageKey(rel_block=common_pb2.RelBlock(rel=rel, blkno=blk)),
+                    lsn=common_pb2.RequestLsn(latest=True)) for blk in range(start, min(start + 32, nblocks + 1))]
+                yield pageserver_pb2.GetPagesRequest(tenant=tenant, timeline=tl, pages=items)
+
+        got = {}
+        errors = {}
+        for resp in ps.stub.GetPages(batches()):
+            for item in resp.pages:
+                if item.WhichOneof("result") == "page":
+                    got[item.request_id] = item.page.page
+                else:
+                    errors[item.request_id] = item.error
+        assert sorted(got) == list(range(nblocks))
+        assert list(errors) == [nblocks]  # one past the end: an item error, the stream goes on
+        assert errors[nblocks].code == grpc.StatusCode.NOT_FOUND.value[0]
+        for blk in (0, nblocks // 2, nblocks - 1):
+            assert got[blk] == get_page(ps.stub, TIMELINE, rel, blk)
+    finally:
+        ps.close()
+
+
+def test_branch_reads_parent_pages_as_of_branch_point(ingested) -> None:  # type: ignore[no-untyped-def]
+    node, repo_dir, old_lsn, old_page, end = ingested
+    ps = RunningPageServer(repo_dir)
+    try:
+        tenant = common_pb2.TenantId(id=DEFAULT_TENANT)
+        child = "33333333333333333333333333333333"
+        import time
+
+        t0 = time.perf_counter()
+        info = ps.stub.CreateTimeline(pageserver_pb2.CreateTimelineRequest(
+            tenant=tenant, new_timeline=common_pb2.TimelineId(id=child),
+            ancestor_timeline=common_pb2.TimelineId(id=TIMELINE), ancestor_lsn=old_lsn, name="old"))
+        assert time.perf_counter() - t0 < 1.0
+        assert info.ancestor_lsn == old_lsn and info.last_record_lsn == old_lsn and info.name == "old"
+        rel = rel_key(node, "pgbench_branches")
+        ours = get_page(ps.stub, child, rel, 0)  # latest on the child = the branch point
+        assert _masked(ours, 10, 0) == _masked(old_page, 10, 0)
+        # Branching beyond the parent's last record is a clear error.
+        with pytest.raises(grpc.RpcError) as ei:
+            ps.stub.CreateTimeline(pageserver_pb2.CreateTimelineRequest(
+                tenant=tenant, new_timeline=common_pb2.TimelineId(id="4" * 32),
+                ancestor_timeline=common_pb2.TimelineId(id=TIMELINE), ancestor_lsn=end + 10**9))
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "beyond the last record" in (ei.value.details() or "")
+    finally:
+        ps.close()

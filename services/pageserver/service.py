@@ -135,6 +135,7 @@ class PageServerServicer(pageserver_pb2_grpc.PageServerServicer):
             pg_version=tl.pg_version,
             system_identifier=tl.system_id,
             state=pageserver_pb2.TIMELINE_STATE_ACTIVE,
+            name=tl.name or "",
         )
 
     def _get_page(self, tl: Timeline, key: bytes, req_lsn: common_pb2.RequestLsn,
@@ -244,6 +245,7 @@ class PageServerServicer(pageserver_pb2_grpc.PageServerServicer):
             tl = self.repo.create_timeline(
                 tenant,
                 request.new_timeline.id or None,
+                name=request.name or None,
                 ancestor=request.ancestor_timeline.id or None,
                 ancestor_lsn=request.ancestor_lsn or None,
                 pg_version=request.pg_version or 15,
