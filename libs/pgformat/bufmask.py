@@ -29,6 +29,7 @@ from pgformat.page import (
 )
 from pgformat.rmgr import RM_BTREE_ID, RM_GENERIC_ID, RM_HEAP2_ID, RM_HEAP_ID, RM_SEQ_ID
 from pgformat.rmgr import RM_GIST_ID, RM_SPGIST_ID
+from pgformat.rmgr import RM_GIN_ID
 
 __all__ = [
     "MASK_MARKER",
@@ -45,6 +46,7 @@ __all__ = [
     "generic_mask",
     "gist_mask",
     "spg_mask",
+    "gin_mask",
     "mask_for_rmgr",
 ]
 
@@ -301,13 +303,55 @@ _GIST_F_FOLLOW_RIGHT: Final = 1 << 3
 _GIST_F_HAS_GARBAGE: Final = 1 << 4
 
 
+def gin_mask(page: bytearray, blkno: int) -> None:
+    """gin_mask (ginxlog.c).
+
+    LSN, checksum and header hints; a GIN_DELETED page (redo empties it)
+    has its whole content masked, any other page its free space when
+    pd_lower looks set.
+    """
+    mask_page_lsn_and_checksum(page)
+    mask_page_hint_bits(page)
+    special = _U16.unpack_from(page, 16)[0]
+    if special + _SIZEOF_GIN_OPAQUE > BLCKSZ:
+        raise PageError(f"gin page has no room for its special space (pd_special {special})")
+    # GinPageOpaqueData {rightlink, maxoff, flags}: flags at offset 6.
+    if _U16.unpack_from(page, special + 6)[0] & _GIN_DELETED:
+        mask_page_content(page)
+    elif _U16.unpack_from(page, _OFF_LOWER)[0] > SIZE_OF_PAGE_HEADER_DATA:
+        mask_unused_space(page)
+
+
 _SIZEOF_GIN_OPAQUE: Final = 8
 _GIN_DELETED: Final = 1 << 2
+
+
+# hash.h: HashPageOpaqueData {hasho_prevblkno, hasho_nextblkno, hasho_bucket,
+# hasho_flag, hasho_page_id}, 16 bytes at pd_special.
+_SIZEOF_HASH_OPAQUE: Final = 16
+_HASHO_FLAG: Final = 12
+_LH_OVERFLOW_PAGE: Final = 1 << 0
+_LH_BUCKET_PAGE: Final = 1 << 1
+_LH_BITMAP_PAGE: Final = 1 << 2
+_LH_META_PAGE: Final = 1 << 3
+_LH_PAGE_HAS_DEAD_TUPLES: Final = 1 << 7
+_LH_PAGE_TYPE: Final = _LH_OVERFLOW_PAGE | _LH_BUCKET_PAGE | _LH_BITMAP_PAGE | _LH_META_PAGE
+
+
+# brin_page.h: BrinSpecialSpace {uint16 vector[MAXALIGN(1) / 2]} at pd_special:
+# the page type in the last element, the flags in the one before.
+_SIZEOF_BRIN_SPECIAL: Final = 8
+_BRIN_TYPE: Final = _SIZEOF_BRIN_SPECIAL - 2
+_BRIN_FLAGS: Final = _SIZEOF_BRIN_SPECIAL - 4
+_BRIN_PAGETYPE_META: Final = 0xF091
+_BRIN_PAGETYPE_REGULAR: Final = 0xF093
+_BRIN_EVACUATE_PAGE: Final = 1 << 0
 
 
 # rmid -> rm_mask, as in rmgrlist.h. Hash (12), Gin (13), Gist (14),
 # SPGist (16) and BRIN (17) also have masks in Postgres; add them here.
 _RMGR_MASKS: dict[int, MaskFunc] = {
+    RM_GIN_ID: gin_mask,
     RM_GIST_ID: gist_mask,
     RM_SPGIST_ID: spg_mask,
     RM_HEAP2_ID: heap_mask,
