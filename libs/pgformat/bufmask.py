@@ -30,6 +30,7 @@ from pgformat.page import (
 from pgformat.rmgr import RM_BTREE_ID, RM_GENERIC_ID, RM_HEAP2_ID, RM_HEAP_ID, RM_SEQ_ID
 from pgformat.rmgr import RM_GIST_ID, RM_SPGIST_ID
 from pgformat.rmgr import RM_GIN_ID
+from pgformat.rmgr import RM_BRIN_ID, RM_HASH_ID
 
 __all__ = [
     "MASK_MARKER",
@@ -47,6 +48,8 @@ __all__ = [
     "gist_mask",
     "spg_mask",
     "gin_mask",
+    "hash_mask",
+    "brin_mask",
     "mask_for_rmgr",
 ]
 
@@ -338,6 +341,30 @@ _LH_PAGE_HAS_DEAD_TUPLES: Final = 1 << 7
 _LH_PAGE_TYPE: Final = _LH_OVERFLOW_PAGE | _LH_BUCKET_PAGE | _LH_BITMAP_PAGE | _LH_META_PAGE
 
 
+def hash_mask(page: bytearray, blkno: int) -> None:
+    """hash_mask (hash_xlog.c).
+
+    Header hints and free space; an unused page (LH_UNUSED_PAGE) has its
+    whole content masked; bucket and overflow pages their line pointer flags
+    (hashgettuple / _hash_kill_items set LP_DEAD without WAL); and the
+    LH_PAGE_HAS_DEAD_TUPLES hint is cleared everywhere.
+    """
+    mask_page_lsn_and_checksum(page)
+    mask_page_hint_bits(page)
+    mask_unused_space(page)
+
+    special = _U16.unpack_from(page, 16)[0]
+    if special + _SIZEOF_HASH_OPAQUE > BLCKSZ:
+        raise PageError(f"hash page has no room for its special space (pd_special {special})")
+    pagetype = _U16.unpack_from(page, special + _HASHO_FLAG)[0] & _LH_PAGE_TYPE
+    if pagetype == 0:  # LH_UNUSED_PAGE
+        mask_page_content(page)
+    elif pagetype == _LH_BUCKET_PAGE or pagetype == _LH_OVERFLOW_PAGE:
+        mask_lp_flags(page)
+    flags = _U16.unpack_from(page, special + _HASHO_FLAG)[0]
+    _U16.pack_into(page, special + _HASHO_FLAG, flags & ~_LH_PAGE_HAS_DEAD_TUPLES)
+
+
 # brin_page.h: BrinSpecialSpace {uint16 vector[MAXALIGN(1) / 2]} at pd_special:
 # the page type in the last element, the flags in the one before.
 _SIZEOF_BRIN_SPECIAL: Final = 8
@@ -348,9 +375,32 @@ _BRIN_PAGETYPE_REGULAR: Final = 0xF093
 _BRIN_EVACUATE_PAGE: Final = 1 << 0
 
 
-# rmid -> rm_mask, as in rmgrlist.h. Hash (12), Gin (13), Gist (14),
-# SPGist (16) and BRIN (17) also have masks in Postgres; add them here.
+def brin_mask(page: bytearray, blkno: int) -> None:
+    """brin_mask (brin_xlog.c).
+
+    LSN, checksum and header hints; free space of regular pages, and of the
+    metapage when pd_lower looks set; the BRIN_EVACUATE_PAGE flag (never
+    WAL-logged, see brin_start_evacuating_page).
+    """
+    mask_page_lsn_and_checksum(page)
+    mask_page_hint_bits(page)
+
+    special = _U16.unpack_from(page, 16)[0]
+    if special + _SIZEOF_BRIN_SPECIAL > BLCKSZ:
+        raise PageError(f"brin page has no room for its special space (pd_special {special})")
+    pagetype = _U16.unpack_from(page, special + _BRIN_TYPE)[0]
+    if pagetype == _BRIN_PAGETYPE_REGULAR or (
+        pagetype == _BRIN_PAGETYPE_META and _U16.unpack_from(page, _OFF_LOWER)[0] > SIZE_OF_PAGE_HEADER_DATA
+    ):
+        mask_unused_space(page)
+    flags = _U16.unpack_from(page, special + _BRIN_FLAGS)[0]
+    _U16.pack_into(page, special + _BRIN_FLAGS, flags & ~_BRIN_EVACUATE_PAGE)
+
+
+# rmid -> rm_mask, as in rmgrlist.h.
 _RMGR_MASKS: dict[int, MaskFunc] = {
+    RM_HASH_ID: hash_mask,
+    RM_BRIN_ID: brin_mask,
     RM_GIN_ID: gin_mask,
     RM_GIST_ID: gist_mask,
     RM_SPGIST_ID: spg_mask,

@@ -68,15 +68,21 @@ def register_implied_redo(rmid: int, tags: ImpliedTags, fn: ImpliedRedo) -> None
 
 def implied_tags(rec: DecodedRecord) -> list[BufferTag]:
     """Pages `rec` changes without a block reference (e.g. visibility-map bits)."""
-    if not _BLOCK_REDO:
-        _load_rmgrs()
+    _load_rmgrs()
     entry = _IMPLIED_REDO.get(rec.rmid)
     return entry[0](rec) if entry is not None else []
 
 
+_rmgrs_loaded = False
+
+
 def _load_rmgrs() -> None:
-    """Import every rmgr module so each registers itself (done once, lazily)."""
-    from . import rmgrs  # noqa: F401
+    """Import every rmgr module so each registers itself (once, lazily: the modules import this one)."""
+    global _rmgrs_loaded
+    if not _rmgrs_loaded:
+        from . import rmgrs  # noqa: F401
+
+        _rmgrs_loaded = True
 
 
 def find_block(rec: DecodedRecord, tag: BufferTag) -> DecodedBlock | None:
@@ -88,8 +94,7 @@ def find_block(rec: DecodedRecord, tag: BufferTag) -> DecodedBlock | None:
 
 def apply_record(tag: BufferTag, page: bytearray | None, rec: DecodedRecord) -> bytearray:
     """One record's effect on the page `tag`. `page` is None when no base exists yet."""
-    if not _BLOCK_REDO:
-        _load_rmgrs()
+    _load_rmgrs()
     block = find_block(rec, tag)
     if block is None:
         entry = _IMPLIED_REDO.get(rec.rmid)
@@ -121,6 +126,7 @@ def apply_block(block: DecodedBlock, page: bytearray | None, rec: DecodedRecord)
         raise RedoFailedError(rec.lsn, rec.rmid, rec.info, f"block {block.block_id} has no base page and no image")
     elif page_get_lsn(page) >= rec.end_lsn:
         return page  # BLK_DONE: the change is already there
+    _load_rmgrs()
     redo = _BLOCK_REDO.get(rec.rmid)
     if redo is None:
         raise UnsupportedRecordError(rec.lsn, rec.rmid, rec.info)
