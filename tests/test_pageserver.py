@@ -7,6 +7,7 @@ earlier LSN captured while the primary was quiet.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import grpc
@@ -185,6 +186,9 @@ def ingested(pg_session_factory: PgFactory, pg_base_dir: Path, tmp_path_factory:
     node.pgbench("-c", "2", "-t", "100", "-n")
     old_lsn = current_lsn(node)
     old_page = _raw_page(node, "pgbench_branches", 0)
+    global QUIET_MOMENT
+    QUIET_MOMENT = node.sql("SELECT clock_timestamp()::text")[0][0]
+    time.sleep(0.05)
     node.pgbench("-c", "2", "-t", "100", "-n")
     end = current_lsn(node)
     repo_dir = tmp / "repo"
@@ -195,6 +199,33 @@ def ingested(pg_session_factory: PgFactory, pg_base_dir: Path, tmp_path_factory:
     finally:
         ps.close()
     return node, repo_dir, old_lsn, old_page, end
+
+
+QUIET_MOMENT = ""
+
+
+def test_find_lsn_by_timestamp(ingested) -> None:  # type: ignore[no-untyped-def]
+    from zctl.compute_cmds import parse_branch_point
+
+    node, repo_dir, old_lsn, old_page, end = ingested
+    ps = RunningPageServer(repo_dir)
+    try:
+        kind, ts = parse_branch_point(QUIET_MOMENT)
+        assert kind == "timestamp"
+        found = ps.stub.FindLsnByTimestamp(pageserver_pb2.FindLsnByTimestampRequest(
+            tenant=common_pb2.TenantId(id=DEFAULT_TENANT), timeline=common_pb2.TimelineId(id=TIMELINE),
+            timestamp_us=ts))
+        assert found.lsn <= old_lsn and found.commit_timestamp_us <= ts
+        # Nothing committed between that commit and the quiet moment: same page.
+        rel = rel_key(node, "pgbench_branches")
+        assert _masked(get_page(ps.stub, TIMELINE, rel, 0, lsn=found.lsn), 10, 0) == _masked(old_page, 10, 0)
+        with pytest.raises(grpc.RpcError) as ei:
+            ps.stub.FindLsnByTimestamp(pageserver_pb2.FindLsnByTimestampRequest(
+                tenant=common_pb2.TenantId(id=DEFAULT_TENANT), timeline=common_pb2.TimelineId(id=TIMELINE),
+                timestamp_us=0))
+        assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        ps.close()
 
 
 def test_restart_reopens_without_reingesting(ingested) -> None:  # type: ignore[no-untyped-def]

@@ -46,6 +46,7 @@ EXPECTED_SERVICES: dict[tuple[ModuleType, str], dict[str, tuple[bool, bool]]] = 
         "ListTimelines": UNARY,
         "CreateTimeline": UNARY,
         "GetTimeline": UNARY,
+        "FindLsnByTimestamp": UNARY,
         "Import": CLIENT_STREAM,
         "Ingest": BIDI,
     },
@@ -142,6 +143,7 @@ def example_requests() -> list[Message]:
             pg_version=15,
         ),
         pageserver_pb2.GetTimelineRequest(tenant=TENANT, timeline=TIMELINE),
+        pageserver_pb2.FindLsnByTimestampRequest(tenant=TENANT, timeline=TIMELINE, timestamp_us=817_000_000_000_000),
         pageserver_pb2.ImportRequest(
             begin=pageserver_pb2.ImportBegin(
                 tenant=TENANT,

@@ -95,6 +95,31 @@ def parse_backup_label(text: str) -> BackupLabel:
     return BackupLabel(start, ckpt, tli)
 
 
+# ControlFileData (pg_control.h): system_identifier u64 @0, pg_control_version
+# u32 @8, catalog_version_no u32 @12, state (DBState, int) @16, time i64 @24,
+# checkPoint XLogRecPtr @32.
+DB_SHUTDOWNED: Final = 1
+_CONTROL_HEAD = struct.Struct("<QIIi4xqQ")
+
+
+@dataclass(frozen=True, slots=True)
+class ControlFileHead:
+    """The first fields of pg_control: enough to import a cleanly stopped cluster."""
+
+    system_identifier: int
+    pg_control_version: int
+    catalog_version_no: int
+    state: int
+    time: int
+    checkpoint_lsn: int
+
+
+def parse_control_file_head(control: bytes) -> ControlFileHead:
+    if len(control) < _CONTROL_HEAD.size:
+        raise FormatError(f"pg_control is {len(control)} bytes")
+    return ControlFileHead(*_CONTROL_HEAD.unpack_from(control, 0))
+
+
 def control_file_system_identifier(control: bytes) -> int:
     """ControlFileData.system_identifier, the first 8 bytes of global/pg_control."""
     if len(control) < 8:

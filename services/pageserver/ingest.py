@@ -96,6 +96,8 @@ class IngestPlan:
     db_copies: list[tuple[int, int, int, int]] = field(default_factory=list)
     # Whole-file values (relmapper, two-phase state, checkpoint); None deletes.
     files: list[tuple[bytes, bytes | None]] = field(default_factory=list)
+    # TimestampTz of a commit record (for finding the LSN of a moment).
+    commit_time: int | None = None
 
 
 def vm_block_for_heap_block(heap_blkno: int) -> int:
@@ -199,5 +201,7 @@ def _plan_xact(rec: DecodedRecord, plan: IngestPlan) -> None:
     else:
         return
     plan.drops.extend((r.spc, r.db, r.rel) for r in parsed.rels)
+    if op in (XLOG_XACT_COMMIT, XLOG_XACT_COMMIT_PREPARED):
+        plan.commit_time = parsed.xact_time
     if op in (XLOG_XACT_COMMIT_PREPARED, XLOG_XACT_ABORT_PREPARED):
         plan.files.append((twophase_key(parsed.twophase_xid), None))

@@ -91,6 +91,13 @@ CREATE TABLE IF NOT EXISTS page_versions (
     data BLOB,
     PRIMARY KEY (tl, key, lsn, kind)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS commit_times (
+    tl INTEGER NOT NULL,
+    end_lsn INTEGER NOT NULL,
+    ts INTEGER NOT NULL,
+    PRIMARY KEY (tl, end_lsn)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS commit_times_ts ON commit_times (tl, ts);
 CREATE TABLE IF NOT EXISTS rel_sizes (
     tl INTEGER NOT NULL,
     rel BLOB NOT NULL,
@@ -412,6 +419,8 @@ class Repository:
                 "INSERT OR REPLACE INTO page_versions VALUES (?, ?, ?, ?, ?)",
                 (tl.id, key, lsn, KIND_FILE if value is not None else KIND_DELETED, value),
             )
+        if plan.commit_time is not None:
+            conn.execute("INSERT OR REPLACE INTO commit_times VALUES (?, ?, ?)", (tl.id, lsn, plan.commit_time))
 
     def _copy_database(
         self, conn: sqlite3.Connection, tl: Timeline, rec: DecodedRecord, src_spc: int, src_db: int,
@@ -518,6 +527,21 @@ class Repository:
             key=lambda r: (r.spc, r.db, r.rel, r.fork),
         )
 
+    def find_lsn_by_timestamp(self, tl: Timeline, ts: int) -> tuple[int, int]:
+        """(end LSN, timestamp) of the last commit at or before `ts` (TimestampTz), searching the lineage."""
+        best: tuple[int, int] | None = None
+        for t, upto in self._lineage(tl, tl.last_record_lsn):
+            row = self._conn().execute(
+                "SELECT end_lsn, ts FROM commit_times WHERE tl = ? AND end_lsn <= ? AND ts <= ?"
+                " ORDER BY end_lsn DESC LIMIT 1", (t.id, upto, ts)).fetchone()
+            if row is not None and (best is None or row[0] > best[0]):
+                best = (int(row[0]), int(row[1]))
+            if best is not None:
+                break
+        if best is None:
+            raise NotFoundError(f"no commit at or before that time on timeline {tl.timeline}")
+        return best
+
     def db_size(self, tl: Timeline, spc: int, db: int, lsn: int) -> int:
         return sum((self.rel_size(tl, r, lsn) or 0) for r in self.list_rels(tl, lsn, spc, db)) * BLCKSZ
 
@@ -620,6 +644,22 @@ class Repository:
         return self._conn().execute(
             "SELECT 1 FROM page_versions WHERE tl = ? AND key >= ? AND key < ? LIMIT 1", (tl.id, lo, hi)
         ).fetchone() is not None
+
+    def records_between(self, tl: Timeline, start_lsn: int, end_lsn: int, batch: int = 1000) -> Iterator[DecodedRecord]:
+        """Records that start at or after `start_lsn` and end at or before `end_lsn`, oldest first,
+        through the ancestors up to each branch point. Read in batches: no cursor stays open."""
+        for t, upto in reversed(list(self._lineage(tl, end_lsn))):
+            after = start_lsn
+            while True:
+                rows = self._conn().execute(
+                    "SELECT start_lsn, end_lsn, raw FROM wal_records WHERE tl = ? AND end_lsn > ? AND end_lsn <= ?"
+                    " ORDER BY end_lsn LIMIT ?", (t.id, after, upto, batch)).fetchall()
+                for start, end, raw in rows:
+                    if start >= start_lsn:
+                        yield decode_record(bytes(raw), int(start), int(end), verify_crc=False)
+                if len(rows) < batch:
+                    break
+                after = int(rows[-1][1])
 
 
 class ImportWriter:

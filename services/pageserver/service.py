@@ -254,6 +254,14 @@ class PageServerServicer(pageserver_pb2_grpc.PageServerServicer):
 
         return _handle(context, run)
 
+    def FindLsnByTimestamp(self, request: Any, context: grpc.ServicerContext) -> Any:
+        def run() -> Any:
+            lsn, ts = self.repo.find_lsn_by_timestamp(
+                self._timeline(request.tenant, request.timeline), request.timestamp_us)
+            return pageserver_pb2.FindLsnByTimestampResponse(lsn=lsn, commit_timestamp_us=ts)
+
+        return _handle(context, run)
+
     def GetTimeline(self, request: Any, context: grpc.ServicerContext) -> Any:
         return _handle(context, lambda: self.timeline_info(self._timeline(request.tenant, request.timeline)))
 
