@@ -26,7 +26,7 @@ class PageServer:
     """A repository plus its gRPC server; start() binds, stop() drains."""
 
     def __init__(self, repo_dir: Path, listen: str = "127.0.0.1:6402", redo_address: str | None = None,
-                 threads: int = 32, lsn_wait_timeout: float = 30.0) -> None:
+                 threads: int = 16, lsn_wait_timeout: float = 30.0) -> None:
         redo: PageRedo
         if redo_address:
             from .redo_client import RemoteRedo

@@ -200,7 +200,8 @@ class Repository:
             conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False, timeout=60)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA cache_size=-65536")  # 64 MB, whatever the database size
+            # Per connection (one per gRPC handler thread): bounded, whatever the database size.
+            conn.execute("PRAGMA cache_size=-16384")  # 16 MB
             self._local.conn = conn
         return conn
 
