@@ -175,7 +175,11 @@ class PostgresNode:
             self.kill()
 
     def kill(self) -> None:
-        """SIGKILL the postmaster and wait for its children to go (crash simulation)."""
+        """SIGKILL the postmaster (crash simulation); return once it and its port are gone.
+
+        "Gone" means reaped, not a zombie: a new postmaster refuses to start
+        while the old pid in postmaster.pid still exists.
+        """
         pid = self.postmaster_pid()
         if pid is None:
             return
@@ -185,8 +189,7 @@ class PostgresNode:
             return
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            # Children notice the postmaster's death and exit; wait for the port too.
-            if not _pid_alive(pid) and not _port_open(self.host, self.port):
+            if not _pid_exists(pid) and not _port_open(self.host, self.port):
                 return
             time.sleep(0.05)
 
@@ -200,7 +203,7 @@ class PostgresNode:
 
     def is_running(self) -> bool:
         pid = self.postmaster_pid()
-        return pid is not None and _pid_alive(pid)
+        return pid is not None and pid_alive(pid)
 
     # -- clients ------------------------------------------------------------
 
@@ -249,7 +252,7 @@ def _guc_literal(value: object) -> str:
     return f"'{text}'"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -262,6 +265,17 @@ def _pid_alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def _pid_exists(pid: int) -> bool:
+    """True while the process exists at all, zombies included."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _port_open(host: str, port: int) -> bool:

@@ -215,6 +215,9 @@ class Repository:
                 yield conn
             except BaseException:
                 conn.execute("ROLLBACK")
+                # Sizes cached during the rolled-back transaction may be wrong: reload lazily.
+                for tl in self._timelines.values():
+                    tl.rel_size_cache.clear()
                 raise
             conn.execute("COMMIT")
 
@@ -364,26 +367,29 @@ class Repository:
         walreceiver may resend after a reconnect. Each batch is one SQLite
         transaction: all of it is durable when this returns, or none of it.
         """
-        with self._write() as conn:
-            last = tl.last_record_lsn
-            prev = tl.prev_record_lsn
-            for rec in records:
-                if rec.end_lsn <= last:
-                    continue
-                if rec.lsn < last:
-                    raise InvalidRequestError(
-                        f"record at {format_lsn(rec.lsn)} overlaps the stored WAL ending at {format_lsn(last)}"
+        # The write lock spans the commit and the in-memory LSN update, so a second
+        # Ingest stream (a walreceiver reconnecting) never reads a stale position.
+        with self._write_lock:
+            with self._write() as conn:
+                last = tl.last_record_lsn
+                prev = tl.prev_record_lsn
+                for rec in records:
+                    if rec.end_lsn <= last:
+                        continue
+                    if rec.lsn < last:
+                        raise InvalidRequestError(
+                            f"record at {format_lsn(rec.lsn)} overlaps the stored WAL ending at {format_lsn(last)}"
+                        )
+                    self._apply(conn, tl, rec, plan_record(rec))
+                    prev, last = rec.lsn, rec.end_lsn
+                if last != tl.last_record_lsn:
+                    conn.execute(
+                        "UPDATE timelines SET last_record_lsn = ?, prev_record_lsn = ? WHERE id = ?",
+                        (last, prev, tl.id),
                     )
-                self._apply(conn, tl, rec, plan_record(rec))
-                prev, last = rec.lsn, rec.end_lsn
-            if last != tl.last_record_lsn:
-                conn.execute(
-                    "UPDATE timelines SET last_record_lsn = ?, prev_record_lsn = ? WHERE id = ?",
-                    (last, prev, tl.id),
-                )
-        with tl.lsn_changed:
-            tl.last_record_lsn, tl.prev_record_lsn = last, prev
-            tl.lsn_changed.notify_all()
+            with tl.lsn_changed:
+                tl.last_record_lsn, tl.prev_record_lsn = last, prev
+                tl.lsn_changed.notify_all()
         return last
 
     def _apply(self, conn: sqlite3.Connection, tl: Timeline, rec: DecodedRecord, plan: IngestPlan) -> None:

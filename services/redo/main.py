@@ -1,0 +1,112 @@
+"""`zenith-redo`: run the redo pool service.
+
+    zenith-redo [--listen 127.0.0.1:6401] [--workers N] [--log-level info]
+
+Starts N redo worker processes, then serves zenith.v1.Redo and grpc.health.v1
+on the listen address. Prints `zenith-redo listening on HOST:PORT` once it
+serves (use port 0 for any free port). SIGTERM or SIGINT: health goes
+NOT_SERVING, in-flight RPCs get a grace period, workers are stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from types import FrameType
+
+from .pool import PoolError, RedoPool
+from .server import build_server, set_serving
+
+log = logging.getLogger("services.redo")
+
+# LogRecord attributes that are not `extra=` fields.
+_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+class KeyValueFormatter(logging.Formatter):
+    """`time level logger: message key=value ...`: the `extra=` fields appended as key=value pairs."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extras = [f"{k}={v!r}" if isinstance(v, str) and " " in v else f"{k}={v}"
+                  for k, v in record.__dict__.items() if k not in _STANDARD_ATTRS]
+        return f"{line} {' '.join(extras)}" if extras else line
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(KeyValueFormatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zenith-redo", description="The zenith redo pool service (zenith.v1.Redo).")
+    p.add_argument("--listen", default="127.0.0.1:6401", help="host:port to serve on (port 0: any free port)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="redo worker processes (default: CPUs)")
+    p.add_argument("--grpc-threads", type=int, default=32, help="gRPC handler threads")
+    p.add_argument("--job-timeout", type=float, default=60.0,
+                   help="seconds a worker may spend on one job before it is killed and replaced")
+    p.add_argument("--start-method", choices=("spawn", "forkserver"), default="spawn",
+                   help="how worker processes are started")
+    p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight RPCs get at shutdown")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--enable-test-hooks", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    if args.workers < 1:
+        print("zenith-redo: --workers must be at least 1", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("signal received; shutting down", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    pool = RedoPool(args.workers, start_method=args.start_method, test_hooks=args.enable_test_hooks,
+                    job_timeout=args.job_timeout)
+    try:
+        pool.start()
+    except PoolError as e:
+        log.error("cannot start redo workers", extra={"error": str(e)})
+        return 1
+    try:
+        server, port, health_servicer = build_server(pool, args.listen, test_hooks=args.enable_test_hooks,
+                                                     max_threads=args.grpc_threads)
+    except (OSError, RuntimeError) as e:
+        log.error("cannot listen", extra={"listen": args.listen, "error": str(e)})
+        pool.close()
+        return 1
+    server.start()
+    set_serving(health_servicer, True)
+    host = args.listen.rsplit(":", 1)[0]
+    if args.enable_test_hooks:
+        log.warning("test hooks enabled: requests can crash workers on purpose")
+    log.info("serving", extra={"listen": f"{host}:{port}", "workers": pool.size, "pids": pool.worker_pids()})
+    print(f"zenith-redo listening on {host}:{port}", flush=True)
+    while not stop.wait(1.0):
+        pass
+    set_serving(health_servicer, False)
+    t0 = time.monotonic()
+    server.stop(args.grace).wait()
+    pool.close()
+    log.info("stopped", extra={"seconds": round(time.monotonic() - t0, 3)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

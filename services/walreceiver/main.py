@@ -1,0 +1,108 @@
+"""`zenith-walreceiver`: stream primaries' WAL into the page server.
+
+    zenith-walreceiver [--listen 127.0.0.1:6403] [--pageserver 127.0.0.1:6402] [--log-level info]
+
+Serves zenith.v1.WalReceiver (Attach / Detach / Status) and grpc.health.v1
+on the listen address; prints `zenith-walreceiver listening on HOST:PORT`
+once it serves (port 0: any free port). SIGTERM or SIGINT: health goes
+NOT_SERVING, every attachment stops (replication slots are kept, so a
+restarted walreceiver resumes where the page server's WAL ends), then the
+server exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from concurrent import futures
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from zproto import walreceiver_pb2_grpc
+
+from .receiver import ReceiverOptions
+from .server import WalReceiverServicer
+
+log = logging.getLogger("zenith.walreceiver")
+
+SERVICE_NAME = "zenith.v1.WalReceiver"
+
+
+class WalReceiverServer:
+    """The servicer plus its gRPC server; start() binds and serves, stop() detaches everything."""
+
+    def __init__(self, listen: str = "127.0.0.1:6403", pageserver: str = "127.0.0.1:6402",
+                 options: ReceiverOptions | None = None, threads: int = 16) -> None:
+        self.servicer = WalReceiverServicer(pageserver, options)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads))
+        walreceiver_pb2_grpc.add_WalReceiverServicer_to_server(self.servicer, self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_insecure_port(listen)
+        if self.port == 0:
+            raise OSError(f"could not listen on {listen}")
+        self.host = listen.rsplit(":", 1)[0]
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> None:
+        self.server.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("walreceiver listening on %s (page server %s)", self.address, self.servicer.pageserver)
+
+    def stop(self, grace: float = 2.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self.servicer.stop_all()
+        self.server.stop(grace).wait()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zenith-walreceiver",
+                                description="The zenith WAL receiver service (zenith.v1.WalReceiver).")
+    p.add_argument("--listen", default="127.0.0.1:6403", help="host:port to serve on (port 0: any free port)")
+    p.add_argument("--pageserver", default="127.0.0.1:6402", help="page server address host:port")
+    p.add_argument("--status-interval", type=float, default=1.0,
+                   help="seconds between standby status updates to the primary")
+    p.add_argument("--max-backoff", type=float, default=5.0, help="longest wait between reconnects, seconds")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.status_interval <= 0 or args.max_backoff <= 0:
+        print("zenith-walreceiver: --status-interval and --max-backoff must be positive", file=sys.stderr)
+        return 2
+    options = ReceiverOptions(status_interval=args.status_interval, backoff_max=args.max_backoff)
+    try:
+        server = WalReceiverServer(args.listen, args.pageserver, options)
+    except (OSError, RuntimeError) as e:
+        print(f"zenith-walreceiver: {e}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("%s received; shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    print(f"zenith-walreceiver listening on {server.address}", flush=True)
+    stop.wait()
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
