@@ -14,13 +14,18 @@ from pathlib import Path
 
 from pgformat.constants import BLCKSZ
 from pgformat.datadir import (
+    DB_SHUTDOWNED,
     RELSEG_SIZE,
     RelationFile,
     control_file_system_identifier,
     parse_backup_label,
+    parse_control_file_head,
     parse_relation_path,
 )
+from pgformat.lsn import format_lsn
 from zproto import common_pb2, pageserver_pb2
+
+from .waldump import iter_file_records
 
 PAGES_PER_MESSAGE = 64
 _SLRU_DIRS = {
@@ -42,6 +47,7 @@ class ImportSummary:
     system_id: int
     pages: int = 0
     files: int = 0
+    prev_record_lsn: int = 0
 
 
 def scan_backup(datadir: Path) -> ImportSummary:
@@ -53,6 +59,19 @@ def scan_backup(datadir: Path) -> ImportSummary:
     return ImportSummary(start, system_id)
 
 
+def scan_stopped_datadir(datadir: Path) -> ImportSummary:
+    """A cleanly shut down cluster (e.g. fresh from initdb): consistent as of the end of its
+    shutdown checkpoint record, which the next WAL record (the compute's) follows."""
+    head = parse_control_file_head((datadir / "global/pg_control").read_bytes())
+    if head.state != DB_SHUTDOWNED:
+        raise ImportSourceError(f"{datadir} was not shut down cleanly (pg_control state {head.state}); "
+                                "start and stop it once, or import a base backup instead")
+    for raw in iter_file_records([datadir / "pg_wal"]):
+        if raw.lsn == head.checkpoint_lsn:
+            return ImportSummary(raw.end_lsn, head.system_identifier, prev_record_lsn=raw.lsn)
+    raise ImportSourceError(f"checkpoint record {format_lsn(head.checkpoint_lsn)} not found in {datadir / 'pg_wal'}")
+
+
 def import_requests(
     datadir: Path, tenant: str, timeline: str, summary: ImportSummary,
     progress: Callable[[int], None] | None = None,
@@ -60,7 +79,8 @@ def import_requests(
     """The whole Import stream for a backup directory; fills in `summary` counts."""
     yield pageserver_pb2.ImportRequest(begin=pageserver_pb2.ImportBegin(
         tenant=common_pb2.TenantId(id=tenant), timeline=common_pb2.TimelineId(id=timeline),
-        lsn=summary.start_lsn, pg_version=15, system_identifier=summary.system_id))
+        lsn=summary.start_lsn, prev_record_lsn=summary.prev_record_lsn, pg_version=15,
+        system_identifier=summary.system_id))
     for path in sorted(_walk(datadir)):
         rel_path = path.relative_to(datadir).as_posix()
         rf = parse_relation_path(rel_path)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import logging
 import sys
 from collections.abc import Sequence
 
 from pgformat.errors import FormatError
 
-from . import waldump
+from . import cluster_cmds, compute_cmds, waldump
 
 
 def _cmd_wal_dump(args: argparse.Namespace) -> int:
@@ -55,7 +56,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zctl", description="Operate the zenith storage layer for stock PostgreSQL.")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug output")
+    p.add_argument("--repo", default=os.environ.get("ZENITH_REPO", "./.zenith"), metavar="DIR",
+                   help="repository directory (default: $ZENITH_REPO or ./.zenith)")
     sub = p.add_subparsers(dest="command", required=True)
+    cluster_cmds.add_commands(sub)
+    compute_cmds.add_commands(sub)
 
     wal = sub.add_parser("wal", help="inspect WAL").add_subparsers(dest="wal_command", required=True)
     d = wal.add_parser("dump", help="print the records of WAL segment files or pg_wal directories")
@@ -71,7 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the embedded demo (what `make run` does)")
     demo.set_defaults(func=_cmd_demo)
+    _accept_repo_anywhere(p)
     return p
+
+
+def _accept_repo_anywhere(parser: argparse.ArgumentParser) -> None:
+    """Let `--repo DIR` also follow the subcommand (`zctl pg list --repo DIR`)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if "--repo" not in sub._option_string_actions:
+                    sub.add_argument("--repo", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+                _accept_repo_anywhere(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -80,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except (FormatError, waldump.WalFilesError) as e:
+    except (FormatError, waldump.WalFilesError, cluster_cmds.CommandError) as e:
         print(f"zctl: error: {e}", file=sys.stderr)
         return 1
     except BrokenPipeError:

@@ -1,0 +1,233 @@
+"""zctl commands that talk to the running services: start/stop/status, attach, lsn, getpage.
+
+The CLI only talks gRPC to the services (and libpq to the primary); it never
+reaches into a service's internals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psycopg
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pgformat.constants import FORK_NAMES
+from pgformat.lsn import format_lsn, parse_lsn
+from zproto import common_pb2, pageserver_pb2, pageserver_pb2_grpc, walreceiver_pb2, walreceiver_pb2_grpc
+
+from .importer import import_requests, scan_backup
+from .postgres import pg_bindir
+from .supervisor import LocalCluster, SupervisorError
+
+DEFAULT_TENANT = "0" * 32
+_GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+
+
+class CommandError(RuntimeError):
+    """An error the operator can act on; printed without a traceback."""
+
+
+def _cluster(args: argparse.Namespace) -> LocalCluster:
+    return LocalCluster(Path(args.repo))
+
+
+def _pageserver(cluster: LocalCluster) -> pageserver_pb2_grpc.PageServerStub:
+    address = cluster.load_config().address("pageserver")
+    return pageserver_pb2_grpc.PageServerStub(grpc.insecure_channel(address, options=_GRPC_OPTIONS))
+
+
+def _walreceiver(cluster: LocalCluster) -> walreceiver_pb2_grpc.WalReceiverStub:
+    return walreceiver_pb2_grpc.WalReceiverStub(grpc.insecure_channel(cluster.load_config().address("walreceiver")))
+
+
+def _rpc_error(e: grpc.RpcError, what: str) -> CommandError:
+    if e.code() == grpc.StatusCode.UNAVAILABLE:
+        return CommandError(f"{what}: the service is not reachable; is it running? (`zctl start`)")
+    return CommandError(f"{what}: {e.details()}")
+
+
+def find_branch(stub: pageserver_pb2_grpc.PageServerStub, name: str) -> pageserver_pb2.TimelineInfo:
+    try:
+        tls = stub.ListTimelines(pageserver_pb2.ListTimelinesRequest(tenant=common_pb2.TenantId(id=DEFAULT_TENANT)),
+                                 timeout=10).timelines
+    except grpc.RpcError as e:
+        raise _rpc_error(e, "listing branches") from None
+    for tl in tls:
+        if tl.name == name or tl.timeline.id == name:
+            return tl
+    known = ", ".join(sorted(t.name or t.timeline.id for t in tls)) or "none"
+    raise CommandError(f"no branch named {name!r} (branches: {known})")
+
+
+# -- start / stop / status ----------------------------------------------------------------
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    cluster = _cluster(args)
+    console = Console()
+    with console.status("starting redo pool, page server and walreceiver"):
+        try:
+            statuses = cluster.start()
+        except SupervisorError as e:
+            raise CommandError(str(e)) from None
+    for s in statuses:
+        console.print(f"[green]started[/green] {s.name:12} {s.address}  pid {s.pid}  log {s.log}")
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    _cluster(args).stop()
+    Console().print("stopped")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cluster = _cluster(args)
+    statuses = cluster.status()
+    attachments: list[dict[str, Any]] = []
+    if any(s.name == "walreceiver" and s.healthy for s in statuses):
+        try:
+            resp = _walreceiver(cluster).Status(walreceiver_pb2.StatusRequest(all_tenants=True), timeout=5)
+            attachments = [
+                {"timeline": a.timeline.id, "state": walreceiver_pb2.AttachmentState.Name(a.state),
+                 "received_lsn": format_lsn(a.received_lsn), "durable_lsn": format_lsn(a.durable_lsn),
+                 "lag_bytes": a.lag_bytes, "last_error": a.last_error}
+                for a in resp.attachments
+            ]
+        except grpc.RpcError:
+            pass
+    if args.json:
+        print(json.dumps({"services": [vars(s) for s in statuses], "attachments": attachments}, indent=2))
+        return 0
+    table = Table(title=f"zenith services ({cluster.repo})")
+    for col in ("service", "address", "pid", "state", "log"):
+        table.add_column(col)
+    for s in statuses:
+        state = "[green]healthy[/green]" if s.healthy else ("[yellow]running[/yellow]" if s.running else "[red]stopped[/red]")
+        table.add_row(s.name, s.address, str(s.pid or "-"), state, s.log)
+    console = Console()
+    console.print(table)
+    for a in attachments:
+        console.print(f"walreceiver {a['timeline']}: {a['state']} received {a['received_lsn']} "
+                      f"durable {a['durable_lsn']} lag {a['lag_bytes']} bytes {a['last_error']}")
+    return 0
+
+
+# -- attach -------------------------------------------------------------------------------
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    """Import a base backup of a running primary as a branch and follow its WAL."""
+    cluster = _cluster(args)
+    stub = _pageserver(cluster)
+    console = Console()
+    timeline = uuid.uuid4().hex
+    slot = f"zenith_{timeline[:12]}"
+    try:
+        with psycopg.connect(args.primary, autocommit=True) as conn:
+            conn.execute("SELECT pg_create_physical_replication_slot(%s, true)", (slot,))
+    except psycopg.Error as e:
+        raise CommandError(f"cannot create replication slot on the primary: {e}") from None
+
+    workdir = Path(tempfile.mkdtemp(prefix="attach-", dir=cluster.repo))
+    try:
+        backup = workdir / "backup"
+        with console.status("pg_basebackup from the primary"):
+            proc = subprocess.run(
+                [str(pg_bindir() / "pg_basebackup"), "-d", args.primary, "-D", str(backup), "-Fp", "-X", "none",
+                 "-c", "fast", "--no-sync"], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise CommandError(f"pg_basebackup failed: {proc.stderr.strip()}")
+        summary = scan_backup(backup)
+        total = sum(f.stat().st_size for f in backup.rglob("*") if f.is_file()) // 8192
+        try:
+            stub.CreateTimeline(pageserver_pb2.CreateTimelineRequest(
+                tenant=common_pb2.TenantId(id=DEFAULT_TENANT), new_timeline=common_pb2.TimelineId(id=timeline),
+                name=args.branch), timeout=10)
+            with Progress(TextColumn("importing"), BarColumn(), TextColumn("{task.completed}/{task.total} pages"),
+                          TimeElapsedColumn(), console=console) as progress:
+                task = progress.add_task("import", total=total)
+                stub.Import(import_requests(backup, DEFAULT_TENANT, timeline, summary,
+                                            progress=lambda n: progress.advance(task, n)), timeout=3600)
+        except grpc.RpcError as e:
+            raise _rpc_error(e, "import") from None
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    try:
+        _walreceiver(cluster).Attach(walreceiver_pb2.AttachRequest(
+            tenant=common_pb2.TenantId(id=DEFAULT_TENANT), timeline=common_pb2.TimelineId(id=timeline),
+            primary_conninfo=args.primary, slot_name=slot, start_lsn=summary.start_lsn), timeout=30)
+    except grpc.RpcError as e:
+        raise _rpc_error(e, "attaching the walreceiver") from None
+    console.print(f"branch [bold]{args.branch}[/bold] (timeline {timeline}) imported at "
+                  f"{format_lsn(summary.start_lsn)}: {summary.pages} pages; following the primary through slot {slot}")
+    return 0
+
+
+# -- lsn / getpage ----------------------------------------------------------------------------
+
+
+def cmd_lsn(args: argparse.Namespace) -> int:
+    print(format_lsn(find_branch(_pageserver(_cluster(args)), args.branch).last_record_lsn))
+    return 0
+
+
+def parse_rel_arg(text: str, fork: str) -> common_pb2.RelTag:
+    parts = text.split("/")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise CommandError(f"--rel must be SPC/DB/RELFILENODE (three numbers), got {text!r}")
+    return common_pb2.RelTag(spc_oid=int(parts[0]), db_oid=int(parts[1]), rel_number=int(parts[2]),
+                             fork=FORK_NAMES.index(fork))
+
+
+def cmd_getpage(args: argparse.Namespace) -> int:
+    stub = _pageserver(_cluster(args))
+    tl = find_branch(stub, args.branch)
+    lsn = common_pb2.RequestLsn(latest=True) if args.lsn is None else common_pb2.RequestLsn(lsn=parse_lsn(args.lsn))
+    try:
+        resp = stub.GetPage(pageserver_pb2.GetPageRequest(
+            tenant=common_pb2.TenantId(id=DEFAULT_TENANT), timeline=tl.timeline,
+            key=common_pb2.PageKey(rel_block=common_pb2.RelBlock(rel=parse_rel_arg(args.rel, args.fork), blkno=args.blk)),
+            lsn=lsn), timeout=60)
+    except grpc.RpcError as e:
+        raise _rpc_error(e, "GetPage") from None
+    Path(args.output).write_bytes(resp.page)
+    print(f"wrote {len(resp.page)} bytes (page LSN {format_lsn(resp.page_lsn)}, read at {format_lsn(resp.read_lsn)}) "
+          f"to {args.output}")
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    p = sub.add_parser("start", help="start the redo pool, page server and walreceiver as local processes")
+    p.set_defaults(func=cmd_start)
+    p = sub.add_parser("stop", help="stop the local services")
+    p.set_defaults(func=cmd_stop)
+    p = sub.add_parser("status", help="show the local services")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("attach", help="import a running primary and follow its WAL")
+    p.add_argument("--primary", required=True, metavar="CONNSTR", help="libpq connection string of the primary")
+    p.add_argument("--branch", default="main", help="name of the branch to create (default: main)")
+    p.set_defaults(func=cmd_attach)
+    p = sub.add_parser("lsn", help="last ingested record's end LSN of a branch")
+    p.add_argument("--branch", default="main")
+    p.set_defaults(func=cmd_lsn)
+    p = sub.add_parser("getpage", help="write one 8192-byte page to a file")
+    p.add_argument("--branch", default="main")
+    p.add_argument("--rel", required=True, metavar="SPC/DB/RELFILENODE")
+    p.add_argument("--fork", default="main", choices=FORK_NAMES)
+    p.add_argument("--blk", required=True, type=int)
+    p.add_argument("--lsn", default=None, metavar="X/X", help="read as of this LSN (default: latest)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE")
+    p.set_defaults(func=cmd_getpage)

@@ -1,0 +1,246 @@
+"""zctl branch ... and zctl pg ...: branches of the page server's timelines, and computes on them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+import grpc
+from rich.console import Console
+from rich.table import Table
+from rich.tree import Tree
+
+from pgformat.lsn import LsnFormatError, format_lsn, parse_lsn
+from zproto import common_pb2, pageserver_pb2
+
+from .cluster_cmds import DEFAULT_TENANT, CommandError, _cluster, _pageserver, _rpc_error, _walreceiver, find_branch
+from .computes import ComputeError, Computes
+from .importer import import_requests, scan_stopped_datadir
+from .postgres import PostgresNode, make_pg_owned_dir
+from .supervisor import SupervisorError
+
+# TimestampTz counts microseconds from 2000-01-01 00:00:00 UTC.
+_PG_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
+
+
+def parse_branch_point(text: str) -> tuple[str, int]:
+    """--at: 'X/X' -> ("lsn", lsn); a timestamp with a zone -> ("timestamp", TimestampTz)."""
+    try:
+        return "lsn", parse_lsn(text)
+    except LsnFormatError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise CommandError(f"--at must be an LSN like 0/16B3748 or a timestamp like '2026-11-26 17:00:00+00', got {text!r}") from None
+    if moment.tzinfo is None:
+        raise CommandError(f"timestamp {text!r} needs a time zone, e.g. '{text}+00'")
+    delta = moment - _PG_EPOCH
+    return "timestamp", (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def cmd_branch_create(args: argparse.Namespace) -> int:
+    stub = _pageserver(_cluster(args))
+    parent = find_branch(stub, args.parent)
+    lsn = 0
+    tenant = common_pb2.TenantId(id=DEFAULT_TENANT)
+    if args.at:
+        kind, value = parse_branch_point(args.at)
+        if kind == "lsn":
+            lsn = value
+        else:
+            try:
+                lsn = stub.FindLsnByTimestamp(pageserver_pb2.FindLsnByTimestampRequest(
+                    tenant=tenant, timeline=parent.timeline, timestamp_us=value), timeout=30).lsn
+            except grpc.RpcError as e:
+                raise _rpc_error(e, f"finding the LSN of {args.at}") from None
+    try:
+        info = stub.CreateTimeline(pageserver_pb2.CreateTimelineRequest(
+            tenant=tenant, new_timeline=common_pb2.TimelineId(id=uuid.uuid4().hex),
+            ancestor_timeline=parent.timeline, ancestor_lsn=lsn, name=args.name), timeout=30)
+    except grpc.RpcError as e:
+        raise _rpc_error(e, f"creating branch {args.name!r}") from None
+    print(f"branch {args.name} created from {args.parent} at {format_lsn(info.ancestor_lsn)} (timeline {info.timeline.id})")
+    return 0
+
+
+def _branch_rows(stub: Any) -> list[dict[str, Any]]:
+    try:
+        tls = stub.ListTimelines(pageserver_pb2.ListTimelinesRequest(tenant=common_pb2.TenantId(id=DEFAULT_TENANT)),
+                                 timeout=10).timelines
+    except grpc.RpcError as e:
+        raise _rpc_error(e, "listing branches") from None
+    names = {t.timeline.id: (t.name or t.timeline.id) for t in tls}
+    return [
+        {"name": names[t.timeline.id], "timeline_id": t.timeline.id,
+         "parent": names.get(t.ancestor_timeline.id) if t.ancestor_timeline.id else None,
+         "branch_lsn": format_lsn(t.ancestor_lsn) if t.ancestor_timeline.id else None,
+         "start_lsn": format_lsn(t.start_lsn), "last_lsn": format_lsn(t.last_record_lsn)}
+        for t in tls
+    ]
+
+
+def cmd_branch_list(args: argparse.Namespace) -> int:
+    rows = _branch_rows(_pageserver(_cluster(args)))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    children: dict[str | None, list[dict[str, Any]]] = {}
+    for r in rows:
+        children.setdefault(r["parent"], []).append(r)
+    tree = Tree("[bold]branches[/bold]")
+
+    def add(node: Tree, parent: str | None) -> None:
+        for r in sorted(children.get(parent, []), key=lambda r: r["branch_lsn"] or ""):
+            at = f" @ {r['branch_lsn']}" if r["branch_lsn"] else ""
+            sub = node.add(f"[bold]{r['name']}[/bold]{at}  last {r['last_lsn']}  [dim]{r['timeline_id']}[/dim]")
+            add(sub, r["name"])
+
+    add(tree, None)
+    Console().print(tree)
+    return 0
+
+
+# -- computes ------------------------------------------------------------------------------
+
+
+def _computes(args: argparse.Namespace) -> Computes:
+    cluster = _cluster(args)
+    return Computes(cluster.repo, _pageserver(cluster), _walreceiver(cluster))
+
+
+def cmd_pg_create(args: argparse.Namespace) -> int:
+    computes = _computes(args)
+    branch = find_branch(computes.pageserver, args.branch)
+    lsn = parse_lsn(args.lsn) if args.lsn else None
+    try:
+        spec = computes.create(args.name, args.branch, branch.timeline.id, lsn, args.port)
+    except ComputeError as e:
+        raise CommandError(str(e)) from None
+    mode = f"read-only at {spec.lsn}" if spec.lsn else "writable"
+    print(f"compute {spec.name} created on branch {spec.branch} ({mode}), port {spec.port}")
+    return 0
+
+
+def cmd_pg_start(args: argparse.Namespace) -> int:
+    computes = _computes(args)
+    try:
+        with Console().status(f"fetching a base backup and starting compute {args.name}"):
+            spec, lsn = computes.start(args.name)
+    except ComputeError as e:
+        raise CommandError(str(e)) from None
+    print(f"compute {spec.name} running on branch {spec.branch} from {format_lsn(lsn)}; connect with:")
+    print(f"  psql -h 127.0.0.1 -p {spec.port} -U postgres postgres")
+    return 0
+
+
+def cmd_pg_stop(args: argparse.Namespace) -> int:
+    try:
+        spec = _computes(args).stop(args.name)
+    except ComputeError as e:
+        raise CommandError(str(e)) from None
+    print(f"compute {spec.name} stopped")
+    return 0
+
+
+def cmd_pg_list(args: argparse.Namespace) -> int:
+    computes = _computes(args)
+    rows = [{"name": c.name, "branch": c.branch, "timeline_id": c.timeline, "port": c.port,
+             "status": "running" if computes.is_running(c) else "stopped", "lsn": c.lsn}
+            for c in computes.list()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table(title="computes")
+    for col in ("name", "branch", "port", "status", "lsn"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["branch"], str(r["port"]), r["status"], r["lsn"] or "(writable)")
+    Console().print(table)
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """New repository: initdb, import it as branch main, start the services and compute main."""
+    cluster = _cluster(args)
+    if (cluster.repo / "config.json").exists():
+        raise CommandError(f"{cluster.repo} already holds a repository; use another --repo or `zctl start`")
+    console = Console()
+    config = cluster.load_config()
+    if args.base_port:
+        config.ports = {"redo": args.base_port, "pageserver": args.base_port + 1, "walreceiver": args.base_port + 2}
+    cluster.save_config(config)
+    with console.status("starting the redo pool, page server and walreceiver"):
+        try:
+            cluster.start()
+        except SupervisorError as e:
+            raise CommandError(str(e)) from None
+    seed = PostgresNode(datadir=make_pg_owned_dir(cluster.repo / "tmp") / "seed", port=0)
+    try:
+        with console.status("initdb"):
+            seed.initdb()
+        summary = scan_stopped_datadir(seed.datadir)
+        stub = _pageserver(cluster)
+        timeline = uuid.uuid4().hex
+        try:
+            stub.CreateTimeline(pageserver_pb2.CreateTimelineRequest(
+                tenant=common_pb2.TenantId(id=DEFAULT_TENANT), new_timeline=common_pb2.TimelineId(id=timeline),
+                name="main"), timeout=10)
+            with console.status("importing the new cluster as branch main"):
+                stub.Import(import_requests(seed.datadir, DEFAULT_TENANT, timeline, summary), timeout=600)
+        except grpc.RpcError as e:
+            raise _rpc_error(e, "importing the new cluster") from None
+    finally:
+        shutil.rmtree(seed.datadir.parent, ignore_errors=True)
+    console.print(f"branch [bold]main[/bold] created at {format_lsn(summary.start_lsn)} ({summary.pages} pages)")
+    computes = Computes(cluster.repo, stub, _walreceiver(cluster))
+    try:
+        computes.create("main", "main", timeline, None, args.pg_port)
+        with console.status("starting compute main"):
+            spec, lsn = computes.start("main")
+    except ComputeError as e:
+        raise CommandError(str(e)) from None
+    console.print(f"compute [bold]main[/bold] running; connect with: psql -h 127.0.0.1 -p {spec.port} -U postgres postgres")
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    p = sub.add_parser("init", help="create a repository: initdb, branch main, services and compute main")
+    p.add_argument("--base-port", type=int, default=None, help="ports for redo, page server, walreceiver (N, N+1, N+2)")
+    p.add_argument("--pg-port", type=int, default=None, help="port of compute main")
+    p.set_defaults(func=cmd_init)
+
+    branch = sub.add_parser("branch", help="branches: copy-on-write copies as of any LSN").add_subparsers(
+        dest="branch_command", required=True)
+    p = branch.add_parser("create", help="create a branch of a parent at an LSN or a moment (O(1))")
+    p.add_argument("name")
+    p.add_argument("--parent", default="main")
+    p.add_argument("--at", default=None, metavar="LSN|TIMESTAMP",
+                   help="X/X, or 'YYYY-MM-DD HH:MM:SS+TZ' (default: the parent's last LSN)")
+    p.set_defaults(func=cmd_branch_create)
+    p = branch.add_parser("list", help="the branch tree")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_branch_list)
+
+    pg = sub.add_parser("pg", help="computes: stock Postgres on a branch").add_subparsers(dest="pg_command", required=True)
+    p = pg.add_parser("create", help="define a compute on a branch")
+    p.add_argument("name")
+    p.add_argument("--branch", default="main")
+    p.add_argument("--lsn", default=None, metavar="X/X", help="read-only at this LSN")
+    p.add_argument("--port", type=int, default=None)
+    p.set_defaults(func=cmd_pg_create)
+    p = pg.add_parser("start", help="fetch a base backup from the page server and start Postgres")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_pg_start)
+    p = pg.add_parser("stop", help="stop a compute (its data stays in the page server)")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_pg_stop)
+    p = pg.add_parser("list", help="list computes")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_pg_list)
+
+

@@ -1,0 +1,271 @@
+"""Computes: stock Postgres 15 servers whose data comes from the page server.
+
+A compute is stateless: `zctl pg start` fetches a base backup of its branch
+from the page server (at the latest LSN, or at a fixed LSN for a read-only
+compute), writes its configuration and starts Postgres. A writable compute
+then tells the walreceiver to stream its WAL into the branch ("callmemaybe"),
+and names the walreceiver in synchronous_standby_names so that a commit
+returns only once the page server holds it.
+
+Layout under the repository: computes/<name>/compute.json and
+computes/<name>/pgdata (owned by the postgres OS user).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pwd
+import shutil
+import tarfile
+import time
+from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from pgformat.lsn import format_lsn, parse_lsn
+from zproto import common_pb2, pageserver_pb2, pageserver_pb2_grpc, walreceiver_pb2, walreceiver_pb2_grpc
+
+from .postgres import PG_OS_USER, PostgresNode, free_port, make_pg_owned_dir, pid_alive
+from .supervisor import write_file_atomically
+
+DEFAULT_TENANT = "0" * 32
+FIRST_COMPUTE_PORT = 55432
+
+
+class ComputeError(RuntimeError):
+    """A compute operation that cannot be done; the message says why and what to do."""
+
+
+def walreceiver_application_name(timeline: str) -> str:
+    """The application_name the walreceiver uses for a timeline (see walreceiver.proto)."""
+    return f"zenith_walreceiver_{timeline}"
+
+
+def replication_slot_name(timeline: str) -> str:
+    return f"zenith_{timeline[:24]}"
+
+
+@dataclass
+class ComputeSpec:
+    name: str
+    branch: str
+    timeline: str
+    port: int
+    lsn: str | None  # read-only at this LSN; None = writable at the branch's head
+    created_at: float
+
+
+class Computes:
+    def __init__(self, repo: Path, pageserver: pageserver_pb2_grpc.PageServerStub,
+                 walreceiver: walreceiver_pb2_grpc.WalReceiverStub) -> None:
+        self.root = repo / "computes"
+        self.pageserver = pageserver
+        self.walreceiver = walreceiver
+
+    # -- metadata --------------------------------------------------------------------
+
+    def _dir(self, name: str) -> Path:
+        return self.root / name
+
+    def spec(self, name: str) -> ComputeSpec:
+        path = self._dir(name) / "compute.json"
+        if not path.exists():
+            raise ComputeError(f"no compute named {name!r}; create it with `zctl pg create {name} --branch B`")
+        return ComputeSpec(**json.loads(path.read_text()))
+
+    def list(self) -> list[ComputeSpec]:
+        if not self.root.exists():
+            return []
+        return [self.spec(d.name) for d in sorted(self.root.iterdir()) if (d / "compute.json").exists()]
+
+    def node(self, spec: ComputeSpec) -> PostgresNode:
+        return PostgresNode(datadir=self._dir(spec.name) / "pgdata", port=spec.port)
+
+    def is_running(self, spec: ComputeSpec) -> bool:
+        pid = self.node(spec).postmaster_pid()
+        return pid is not None and pid_alive(pid)
+
+    def create(self, name: str, branch: str, timeline: str, lsn: int | None, port: int | None) -> ComputeSpec:
+        if not name or "/" in name or name.startswith("."):
+            raise ComputeError(f"invalid compute name {name!r}")
+        if (self._dir(name) / "compute.json").exists():
+            raise ComputeError(f"compute {name!r} already exists")
+        used = {c.port for c in self.list()}
+        if port is None:
+            port = FIRST_COMPUTE_PORT
+            while port in used or not _port_free(port):
+                port += 1
+        elif port in used:
+            raise ComputeError(f"port {port} is already used by another compute")
+        spec = ComputeSpec(name, branch, timeline, port, format_lsn(lsn) if lsn is not None else None, time.time())
+        write_file_atomically(self._dir(name) / "compute.json", json.dumps(asdict(spec), indent=2).encode())
+        return spec
+
+    # -- start / stop -------------------------------------------------------------------
+
+    def start(self, name: str) -> tuple[ComputeSpec, int]:
+        spec = self.spec(name)
+        if self.is_running(spec):
+            raise ComputeError(f"compute {name!r} is already running on port {spec.port}")
+        if spec.lsn is None:
+            for other in self.list():
+                if other.name != name and other.timeline == spec.timeline and other.lsn is None and self.is_running(other):
+                    raise ComputeError(
+                        f"branch {spec.branch!r} already has a running writable compute {other.name!r} "
+                        f"(port {other.port}); stop it first or create a read-only compute with --lsn"
+                    )
+        node = self.node(spec)
+        lsn = self._fetch_basebackup(spec, node.datadir)
+        self._configure(spec, node)
+        node.start()
+        if spec.lsn is None:
+            self._attach_walreceiver(spec, node, lsn)
+        return spec, lsn
+
+    def _fetch_basebackup(self, spec: ComputeSpec, datadir: Path) -> int:
+        if datadir.exists():
+            shutil.rmtree(datadir)
+        make_pg_owned_dir(datadir.parent)
+        datadir.mkdir(mode=0o700)
+        request = pageserver_pb2.BasebackupRequest(
+            tenant=common_pb2.TenantId(id=DEFAULT_TENANT), timeline=common_pb2.TimelineId(id=spec.timeline),
+            lsn=parse_lsn(spec.lsn) if spec.lsn else 0)
+        stream = _ChunkStream(self.pageserver.Basebackup(request, timeout=3600))
+        try:
+            # Extract while it streams: a base backup can be far larger than memory.
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
+                tar.extractall(datadir, filter="data")
+        except grpc.RpcError as e:
+            raise ComputeError(f"base backup of branch {spec.branch!r} failed: {e.details()}") from None
+        _chown_tree(datadir)
+        datadir.chmod(0o700)
+        return stream.lsn
+
+    def _configure(self, spec: ComputeSpec, node: PostgresNode) -> None:
+        gucs: dict[str, object] = {
+            "listen_addresses": node.host,
+            "port": spec.port,
+            "unix_socket_directories": "",
+            "wal_level": "replica",
+            "max_wal_senders": 10,
+            "max_replication_slots": 10,
+            "wal_keep_size": "256MB",
+            "max_prepared_transactions": 10,
+            "logging_collector": "off",
+        }
+        if spec.lsn is None:
+            gucs["synchronous_standby_names"] = walreceiver_application_name(spec.timeline)
+            gucs["synchronous_commit"] = "on"
+        else:
+            gucs["hot_standby"] = "on"
+            (node.datadir / "standby.signal").touch()
+        node.configure(gucs, filename="postgresql.conf")
+        hba = node.datadir / "pg_hba.conf"
+        hba.write_text(
+            "local all all trust\nhost all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\n"
+        )
+        _chown_tree(node.datadir)
+
+    def _attach_walreceiver(self, spec: ComputeSpec, node: PostgresNode, lsn: int) -> None:
+        tenant = common_pb2.TenantId(id=DEFAULT_TENANT)
+        timeline = common_pb2.TimelineId(id=spec.timeline)
+        try:
+            self.walreceiver.Detach(walreceiver_pb2.DetachRequest(tenant=tenant, timeline=timeline), timeout=30)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.NOT_FOUND:
+                raise ComputeError(f"walreceiver: {e.details()}") from None
+        try:
+            self.walreceiver.Attach(walreceiver_pb2.AttachRequest(
+                tenant=tenant, timeline=timeline,
+                primary_conninfo=f"{node.connstr()} application_name={walreceiver_application_name(spec.timeline)}",
+                slot_name=replication_slot_name(spec.timeline), create_slot=True, start_lsn=lsn), timeout=30)
+        except grpc.RpcError as e:
+            node.stop(mode="immediate")
+            raise ComputeError(f"could not attach the walreceiver to compute {spec.name!r}: {e.details()}") from None
+
+    def stop(self, name: str, wait_for_pageserver: float = 30.0) -> ComputeSpec:
+        spec = self.spec(name)
+        node = self.node(spec)
+        if not self.is_running(spec):
+            raise ComputeError(f"compute {name!r} is not running")
+        end_lsn = node.current_lsn() if spec.lsn is None else 0
+        node.stop(mode="fast")
+        if spec.lsn is None:
+            # Everything committed is already durable (synchronous commit); wait
+            # briefly for the tail (the shutdown checkpoint) so a restart starts after it.
+            deadline = time.monotonic() + wait_for_pageserver
+            while time.monotonic() < deadline and self._branch_lsn(spec) < end_lsn:
+                time.sleep(0.1)
+            try:
+                self.walreceiver.Detach(walreceiver_pb2.DetachRequest(
+                    tenant=common_pb2.TenantId(id=DEFAULT_TENANT), timeline=common_pb2.TimelineId(id=spec.timeline)),
+                    timeout=30)
+            except grpc.RpcError:
+                pass
+        return spec
+
+    def _branch_lsn(self, spec: ComputeSpec) -> int:
+        info = self.pageserver.GetTimeline(pageserver_pb2.GetTimelineRequest(
+            tenant=common_pb2.TenantId(id=DEFAULT_TENANT), timeline=common_pb2.TimelineId(id=spec.timeline)), timeout=10)
+        return int(info.last_record_lsn)
+
+    def destroy(self, name: str) -> None:
+        spec = self.spec(name)
+        if self.is_running(spec):
+            raise ComputeError(f"compute {name!r} is running; stop it first")
+        shutil.rmtree(self._dir(name))
+
+
+class _ChunkStream(io.RawIOBase):
+    """A readable file over the BasebackupChunk stream; `lsn` is set from the first chunk."""
+
+    def __init__(self, chunks: Iterator[pageserver_pb2.BasebackupChunk]) -> None:
+        self._chunks = chunks
+        self._buf = b""
+        self._pos = 0
+        self.lsn = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while self._pos >= len(self._buf):
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            if chunk.lsn:
+                self.lsn = chunk.lsn
+            self._buf, self._pos = chunk.data, 0
+        n = min(len(b), len(self._buf) - self._pos)
+        b[:n] = self._buf[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+
+def _chown_tree(path: Path) -> None:
+    if os.geteuid() != 0:
+        return
+    pw = pwd.getpwnam(PG_OS_USER)
+    for root, dirs, files in os.walk(path):
+        os.chown(root, pw.pw_uid, pw.pw_gid)
+        for f in files:
+            os.chown(os.path.join(root, f), pw.pw_uid, pw.pw_gid)
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+__all__ = ["Computes", "ComputeSpec", "ComputeError", "free_port"]

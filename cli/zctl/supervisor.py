@@ -1,0 +1,181 @@
+"""Run the services as local background processes: the embedded default.
+
+Each service gets a pid file and a log file under the repository directory,
+and `start` returns only once every service answers gRPC health checks.
+Layout of a repository directory:
+
+    config.json          ports and worker counts (written by `zctl start` on first use)
+    pageserver/          the page server's data
+    logs/<service>.log
+    pids/<service>.pid
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .postgres import pid_alive
+
+SERVICE_ORDER = ("redo", "pageserver", "walreceiver")
+HEALTH_NAMES = {"redo": "zenith.v1.Redo", "pageserver": "zenith.v1.PageServer", "walreceiver": "zenith.v1.WalReceiver"}
+
+
+class SupervisorError(RuntimeError):
+    """A service could not be started or stopped; the message says what to look at."""
+
+
+@dataclass
+class ClusterConfig:
+    host: str = "127.0.0.1"
+    ports: dict[str, int] = field(default_factory=lambda: {"redo": 6401, "pageserver": 6402, "walreceiver": 6403})
+    redo_workers: int = max(1, os.cpu_count() or 1)
+
+    def address(self, service: str) -> str:
+        return f"{self.host}:{self.ports[service]}"
+
+
+@dataclass
+class ServiceStatus:
+    name: str
+    address: str
+    pid: int | None
+    running: bool
+    healthy: bool
+    log: str
+
+
+class LocalCluster:
+    def __init__(self, repo: Path) -> None:
+        self.repo = repo
+        self.config_path = repo / "config.json"
+
+    # -- configuration -------------------------------------------------------------
+
+    def load_config(self) -> ClusterConfig:
+        if self.config_path.exists():
+            raw = json.loads(self.config_path.read_text())
+            return ClusterConfig(**raw)
+        return ClusterConfig()
+
+    def save_config(self, config: ClusterConfig) -> None:
+        self.repo.mkdir(parents=True, exist_ok=True)
+        write_file_atomically(self.config_path, json.dumps(asdict(config), indent=2).encode())
+
+    def _pidfile(self, name: str) -> Path:
+        return self.repo / "pids" / f"{name}.pid"
+
+    def _logfile(self, name: str) -> Path:
+        return self.repo / "logs" / f"{name}.log"
+
+    def _argv(self, name: str, config: ClusterConfig) -> list[str]:
+        py = sys.executable
+        if name == "redo":
+            return [py, "-m", "services.redo.main", "--listen", config.address("redo"),
+                    "--workers", str(config.redo_workers)]
+        if name == "pageserver":
+            return [py, "-m", "services.pageserver.main", "--repo", str(self.repo / "pageserver"),
+                    "--listen", config.address("pageserver"), "--redo", config.address("redo")]
+        if name == "walreceiver":
+            return [py, "-m", "services.walreceiver.main", "--listen", config.address("walreceiver"),
+                    "--pageserver", config.address("pageserver")]
+        raise ValueError(name)
+
+    # -- process control -------------------------------------------------------------
+
+    def pid(self, name: str) -> int | None:
+        try:
+            pid = int(self._pidfile(name).read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if pid_alive(pid) else None
+
+    def start(self, timeout: float = 60.0) -> list[ServiceStatus]:
+        config = self.load_config()
+        if not self.config_path.exists():
+            self.save_config(config)
+        for d in ("logs", "pids", "pageserver"):
+            (self.repo / d).mkdir(parents=True, exist_ok=True)
+        for name in SERVICE_ORDER:
+            if self.pid(name) is None:
+                log = self._logfile(name).open("ab")
+                proc = subprocess.Popen(self._argv(name, config), stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.repo)
+                log.close()
+                write_file_atomically(self._pidfile(name), f"{proc.pid}\n".encode())
+            self._wait_healthy(name, config, timeout)
+        return self.status()
+
+    def _wait_healthy(self, name: str, config: ClusterConfig, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.pid(name) is None:
+                raise SupervisorError(f"{name} exited during start-up; see {self._logfile(name)}:\n{self._log_tail(name)}")
+            if health_check(config.address(name), HEALTH_NAMES[name]):
+                return
+            time.sleep(0.1)
+        raise SupervisorError(f"{name} did not become healthy within {timeout:g}s; see {self._logfile(name)}")
+
+    def _log_tail(self, name: str, lines: int = 15) -> str:
+        try:
+            return "\n".join(self._logfile(name).read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def stop(self, timeout: float = 20.0) -> None:
+        for name in reversed(SERVICE_ORDER):
+            pid = self.pid(name)
+            if pid is None:
+                self._pidfile(name).unlink(missing_ok=True)
+                continue
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+            self._pidfile(name).unlink(missing_ok=True)
+
+    def status(self) -> list[ServiceStatus]:
+        config = self.load_config()
+        out = []
+        for name in SERVICE_ORDER:
+            pid = self.pid(name)
+            out.append(ServiceStatus(name, config.address(name), pid, pid is not None,
+                                     pid is not None and health_check(config.address(name), HEALTH_NAMES[name]),
+                                     str(self._logfile(name))))
+        return out
+
+
+def health_check(address: str, service: str, timeout: float = 1.0) -> bool:
+    try:
+        with grpc.insecure_channel(address) as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+    except grpc.RpcError:
+        return False
+
+
+def write_file_atomically(path: Path, data: bytes) -> None:
+    """Write to a temp file, fsync, rename over `path`, fsync the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

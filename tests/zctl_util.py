@@ -1,0 +1,29 @@
+"""Run zctl as a user would: a subprocess, a repository directory, free loopback ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from zctl.postgres import free_port
+
+
+def make_repo(path: Path) -> Path:
+    """A repository whose services listen on free ports (so tests never collide)."""
+    path.mkdir(parents=True, exist_ok=True)
+    ports = {"redo": free_port(), "pageserver": free_port(), "walreceiver": free_port()}
+    (path / "config.json").write_text(json.dumps({"host": "127.0.0.1", "ports": ports, "redo_workers": 2}))
+    return path
+
+
+def zctl(repo: Path, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "ZENITH_REPO"}
+    env["COLUMNS"] = "200"
+    proc = subprocess.run([sys.executable, "-m", "zctl.main", "--repo", str(repo), *args],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"zctl {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
