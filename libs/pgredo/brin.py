@@ -22,7 +22,6 @@ from typing import Final
 from pgformat.constants import BLCKSZ, maxalign
 from pgformat.page import (
     SIZE_OF_PAGE_HEADER_DATA,
-    PageError,
     page_add_item,
     page_get_max_offset_number,
     page_index_tuple_delete_no_compact,
@@ -43,7 +42,7 @@ from pgformat.rmgr import (
 from pgformat.xlogrecord import DecodedBlock, DecodedRecord
 
 from .engine import register_block_redo
-from .errors import RedoFailedError, UnsupportedRecordError
+from .errors import BadRecordError, UnsupportedRecordError
 
 __all__ = [
     "BRIN_PAGETYPE_META",
@@ -100,10 +99,6 @@ _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 
 
-class _BadRecord(Exception):
-    """The record does not fit the page (turned into RedoFailedError by brin_redo)."""
-
-
 # --- page builders ----------------------------------------------------------------------
 
 
@@ -129,7 +124,7 @@ def brin_set_heap_block_itemptr(
     does: block 0xFFFFFFFF, offset 0.
     """
     if pages_per_range == 0:
-        raise _BadRecord("pagesPerRange is 0")
+        raise BadRecordError("pagesPerRange is 0")
     index = (heap_blk // pages_per_range) % REVMAP_PAGE_MAXITEMS
     if blkno == INVALID_BLOCK_NUMBER:
         offnum = 0
@@ -141,8 +136,8 @@ def brin_set_heap_block_itemptr(
 _Handler = Callable[[DecodedRecord, DecodedBlock, bytearray], None]
 
 
-def _unexpected_block(block: DecodedBlock) -> _BadRecord:
-    return _BadRecord(f"unexpected block reference {block.block_id}")
+def _unexpected_block(block: DecodedBlock) -> BadRecordError:
+    return BadRecordError(f"unexpected block reference {block.block_id}")
 
 
 def brin_createidx_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -> None:
@@ -161,13 +156,13 @@ def _insert_update(
         if rec.info & XLOG_BRIN_INIT_PAGE:
             brin_page_init(page, BRIN_PAGETYPE_REGULAR)
         if page_get_max_offset_number(page) + 1 < offnum:
-            raise _BadRecord("brin_xlog_insert_update: invalid max offset number")
+            raise BadRecordError("brin_xlog_insert_update: invalid max offset number")
         if page_add_item(page, block.data, offnum, True, False) == 0:
-            raise _BadRecord("brin_xlog_insert_update: failed to add tuple")
+            raise BadRecordError("brin_xlog_insert_update: failed to add tuple")
     elif block.block_id == 1:
         target = rec.block(0)
         if target is None:
-            raise _BadRecord("no block reference 0 (the regular page)")
+            raise BadRecordError("no block reference 0 (the regular page)")
         brin_set_heap_block_itemptr(page, pages_per_range, heap_blk, target.blkno, offnum)
     else:
         raise _unexpected_block(block)
@@ -194,7 +189,7 @@ def brin_samepage_update_redo(rec: DecodedRecord, block: DecodedBlock, page: byt
         raise _unexpected_block(block)
     (offnum,) = _XL_SAMEPAGE_UPDATE.unpack_from(rec.main_data, 0)
     if not page_index_tuple_overwrite(page, offnum, block.data):
-        raise _BadRecord("brin_xlog_samepage_update: failed to replace tuple")
+        raise BadRecordError("brin_xlog_samepage_update: failed to replace tuple")
 
 
 def brin_revmap_extend_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -> None:
@@ -239,12 +234,7 @@ def brin_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -> None:
         XLOG_BRIN_INSERT, XLOG_BRIN_UPDATE
     )):
         raise UnsupportedRecordError(rec.lsn, rec.rmid, rec.info)
-    try:
-        handler(rec, block, page)
-    except (_BadRecord, PageError, struct.error, IndexError) as e:
-        raise RedoFailedError(
-            rec.lsn, rec.rmid, rec.info, f"block {block.block_id} (blk {block.blkno}): {e}"
-        ) from e
+    handler(rec, block, page)
 
 
 register_block_redo(RM_BRIN_ID, brin_redo)

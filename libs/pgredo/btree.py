@@ -32,7 +32,6 @@ from pgformat.page import (
     ITEM_ID_SIZE,
     LP_NORMAL,
     SIZE_OF_PAGE_HEADER_DATA,
-    PageError,
     page_add_item_extended,
     page_get_item_id,
     page_index_multi_delete,
@@ -62,7 +61,7 @@ from pgformat.rmgr import (
 from pgformat.xlogrecord import DecodedBlock, DecodedRecord
 
 from .engine import register_block_redo
-from .errors import RedoFailedError, UnsupportedRecordError
+from .errors import BadRecordError, UnsupportedRecordError
 
 __all__ = [
     "BTP_LEAF",
@@ -155,17 +154,13 @@ _u16_into = _U16.pack_into
 _u32_into = _U32.pack_into
 
 
-class _BadRecord(Exception):
-    """The record does not fit the page (turned into RedoFailedError by btree_redo)."""
-
-
 # --- page helpers ------------------------------------------------------------------
 
 
 def _special(page: bytearray) -> int:
     special = int(_u16_from(page, 16)[0])
     if special + SIZE_OF_BT_PAGE_OPAQUE > BLCKSZ:
-        raise _BadRecord(f"page has no room for BTPageOpaqueData (pd_special {special})")
+        raise BadRecordError(f"page has no room for BTPageOpaqueData (pd_special {special})")
     return special
 
 
@@ -207,7 +202,7 @@ def _append_items(page: bytearray, items: Sequence[bytes | bytearray | memoryvie
     Only for a freshly initialized (zeroed) page, as all of nbtxlog.c's
     rebuilt pages are: each item lands just below the previous one, its
     MAXALIGN padding keeps the page's zeroes, and its line pointer is
-    LP_NORMAL with lp_len = len(item). Raises _BadRecord where PageAddItem
+    LP_NORMAL with lp_len = len(item). Raises BadRecordError where PageAddItem
     would fail for lack of room.
     """
     lower0, upper0 = struct.unpack_from("<HH", page, 12)
@@ -219,7 +214,7 @@ def _append_items(page: bytearray, items: Sequence[bytes | bytearray | memoryvie
     upper = upper0 - total
     lower = lower0 + ITEM_ID_SIZE * nitems
     if lower > upper:
-        raise _BadRecord("index tuples do not fit on the page")
+        raise BadRecordError("index tuples do not fit on the page")
     # Items go top-down: the first sits just below upper0, the last at upper.
     area = bytearray(total)
     pos = total
@@ -239,7 +234,7 @@ def _line_pointers(page: bytearray) -> tuple[int, ...]:
     lower = int(_u16_from(page, 12)[0])
     nline = (lower - SIZE_OF_PAGE_HEADER_DATA) // ITEM_ID_SIZE if lower > SIZE_OF_PAGE_HEADER_DATA else 0
     if SIZE_OF_PAGE_HEADER_DATA + nline * ITEM_ID_SIZE > BLCKSZ:
-        raise _BadRecord(f"invalid pd_lower {lower}")
+        raise BadRecordError(f"invalid pd_lower {lower}")
     return struct.unpack_from(f"<{nline}I", page, SIZE_OF_PAGE_HEADER_DATA)
 
 
@@ -248,7 +243,7 @@ def _item_at(view: memoryview, raw: int) -> memoryview:
     off = raw & 0x7FFF
     length = raw >> 17
     if off < SIZE_OF_PAGE_HEADER_DATA or off + length > BLCKSZ:
-        raise _BadRecord(f"item at {off} of {length} bytes lies outside the page")
+        raise BadRecordError(f"item at {off} of {length} bytes lies outside the page")
     return view[off : off + length]
 
 
@@ -256,10 +251,10 @@ def _page_item(page: bytearray, offnum: int) -> memoryview:
     """PageGetItem(page, PageGetItemId(page, offnum)), checked against the page."""
     lower = int(_u16_from(page, 12)[0])
     if not 1 <= offnum <= (lower - SIZE_OF_PAGE_HEADER_DATA) // ITEM_ID_SIZE:
-        raise _BadRecord(f"offset {offnum} is not on the page")
+        raise BadRecordError(f"offset {offnum} is not on the page")
     lp = page_get_item_id(page, offnum)
     if lp.lp_off + lp.lp_len > BLCKSZ or lp.lp_off < SIZE_OF_PAGE_HEADER_DATA:
-        raise _BadRecord(f"item {offnum} lies outside the page")
+        raise BadRecordError(f"item {offnum} lies outside the page")
     return memoryview(page)[lp.lp_off : lp.lp_off + lp.lp_len]
 
 
@@ -319,7 +314,7 @@ def _form_posting(base: bytes | bytearray | memoryview, htids: bytes | bytearray
     else:
         newsize = keysize
     if newsize > INDEX_SIZE_MASK or keysize > len(base):
-        raise _BadRecord(f"posting list tuple of {newsize} bytes is too large")
+        raise BadRecordError(f"posting list tuple of {newsize} bytes is too large")
     itup = bytearray(newsize)
     itup[:keysize] = base[:keysize]
     _set_size(itup, newsize)
@@ -336,14 +331,14 @@ def _form_posting(base: bytes | bytearray | memoryview, htids: bytes | bytearray
 def _update_posting(origtuple: bytes | bytearray | memoryview, deletetids: Sequence[int]) -> bytearray:
     """_bt_update_posting (nbtdedup.c): origtuple without the TIDs at `deletetids`."""
     if not _is_posting(origtuple):
-        raise _BadRecord("updated tuple is not a posting list tuple")
+        raise BadRecordError("updated tuple is not a posting list tuple")
     norig = _n_posting(origtuple)
     nhtids = norig - len(deletetids)
     if not 0 < nhtids < norig:
-        raise _BadRecord(f"cannot delete {len(deletetids)} of {norig} TIDs of a posting list")
+        raise BadRecordError(f"cannot delete {len(deletetids)} of {norig} TIDs of a posting list")
     keysize = _posting_offset(origtuple)
     if keysize + norig * _SIZEOF_ITEM_POINTER > len(origtuple):
-        raise _BadRecord("posting list extends past its tuple")
+        raise BadRecordError("posting list extends past its tuple")
     newsize = maxalign(keysize + nhtids * _SIZEOF_ITEM_POINTER) if nhtids > 1 else keysize
     itup = bytearray(newsize)
     itup[:keysize] = origtuple[:keysize]
@@ -371,17 +366,17 @@ def _swap_posting(newitem: bytearray, oposting: bytes | bytearray | memoryview, 
     becomes oposting's old maximum TID.
     """
     if not _is_posting(oposting):
-        raise _BadRecord("posting list split of a tuple that is not a posting list")
+        raise BadRecordError("posting list split of a tuple that is not a posting list")
     nhtids = _n_posting(oposting)
     if not 0 < postingoff < nhtids:
-        raise _BadRecord(
+        raise BadRecordError(
             f"posting list tuple with {nhtids} items cannot be split at offset {postingoff}"
         )
     size = _index_tuple_size(oposting)
     base = _posting_offset(oposting)
     end = base + nhtids * _SIZEOF_ITEM_POINTER
     if end > size or size > len(oposting):
-        raise _BadRecord("posting list extends past its tuple")
+        raise BadRecordError("posting list extends past its tuple")
     nposting = bytearray(oposting[:size])
     replacepos = base + postingoff * _SIZEOF_ITEM_POINTER
     nposting[replacepos + _SIZEOF_ITEM_POINTER : end] = nposting[replacepos : end - _SIZEOF_ITEM_POINTER]
@@ -405,20 +400,20 @@ def _bt_restore_page(page: bytearray, data: bytes | memoryview) -> None:
     pos = 0
     while pos < length:
         if pos + _SIZEOF_INDEX_TUPLE_DATA > length:
-            raise _BadRecord("truncated index tuple in page data")
+            raise BadRecordError("truncated index tuple in page data")
         itemsz = maxalign(_index_tuple_size(data, pos))
         if itemsz == 0:
-            raise _BadRecord("zero-length index tuple in page data")
+            raise BadRecordError("zero-length index tuple in page data")
         sizes.append(itemsz)
         pos += itemsz
     if pos != length:
-        raise _BadRecord("page data does not end at a tuple boundary")
+        raise BadRecordError("page data does not end at a tuple boundary")
     lower0, upper0 = struct.unpack_from("<HH", page, 12)
     nitems = len(sizes)
     lower = lower0 + nitems * ITEM_ID_SIZE
     upper = upper0 - length
     if lower > upper:
-        raise _BadRecord("_bt_restore_page: cannot add item to page")
+        raise BadRecordError("_bt_restore_page: cannot add item to page")
     page[upper:upper0] = data
     linps = [0] * nitems
     top = upper0
@@ -433,7 +428,7 @@ def _bt_restore_page(page: bytearray, data: bytes | memoryview) -> None:
 def _bt_restore_meta(block: DecodedBlock, page: bytearray) -> None:
     """_bt_restore_meta (nbtxlog.c): rebuild the metapage from xl_btree_metadata."""
     if len(block.data) < _XL_METADATA.size:
-        raise _BadRecord(f"metapage data is {len(block.data)} bytes, expected {_XL_METADATA.size}")
+        raise BadRecordError(f"metapage data is {len(block.data)} bytes, expected {_XL_METADATA.size}")
     version, root, level, fastroot, fastlevel, num_delpages, allequalimage = (
         _XL_METADATA.unpack_from(block.data, 0)
     )
@@ -462,7 +457,7 @@ def _add_half_dead_hikey(page: bytearray, topparent: int) -> None:
 
 def _main(rec: DecodedRecord, st: struct.Struct) -> tuple[int, ...]:
     if len(rec.main_data) < st.size:
-        raise _BadRecord(f"main data is {len(rec.main_data)} bytes, expected at least {st.size}")
+        raise BadRecordError(f"main data is {len(rec.main_data)} bytes, expected at least {st.size}")
     return st.unpack_from(rec.main_data, 0)
 
 
@@ -485,16 +480,16 @@ def _btree_xlog_insert(rec: DecodedRecord, block: DecodedBlock, page: bytearray)
         _bt_restore_meta(block, page)
         return
     if bid != 0:
-        raise _BadRecord(f"unexpected block reference {bid}")
+        raise BadRecordError(f"unexpected block reference {bid}")
     (offnum,) = _main(rec, _XL_INSERT)
     data = block.data
     if info != XLOG_BTREE_INSERT_POST:
         if page_add_item_extended(page, data, offnum, 0) == 0:
-            raise _BadRecord("failed to add new item")
+            raise BadRecordError("failed to add new item")
         return
     # A posting list split: the record holds postingoff, then orignewitem.
     if len(data) < 2 + _SIZEOF_INDEX_TUPLE_DATA:
-        raise _BadRecord("INSERT_POST data too short")
+        raise BadRecordError("INSERT_POST data too short")
     (postingoff,) = _u16_from(data, 0)
     datalen = len(data) - 2
     newitem = bytearray(data[2 : 2 + _index_tuple_size(data, 2)])  # CopyIndexTuple
@@ -503,10 +498,10 @@ def _btree_xlog_insert(rec: DecodedRecord, block: DecodedBlock, page: bytearray)
     size = maxalign(_index_tuple_size(nposting))
     lp = page_get_item_id(page, offnum - 1)
     if lp.lp_off + size > BLCKSZ:
-        raise _BadRecord("posting list extends past the page")
+        raise BadRecordError("posting list extends past the page")
     page[lp.lp_off : lp.lp_off + size] = _pad(nposting, size)
     if page_add_item_extended(page, _pad(newitem, datalen), offnum, 0) == 0:
-        raise _BadRecord("failed to add posting split new item")
+        raise BadRecordError("failed to add posting split new item")
 
 
 def _btree_xlog_split(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -> None:
@@ -525,7 +520,7 @@ def _btree_xlog_split(rec: DecodedRecord, block: DecodedBlock, page: bytearray) 
         # Reconstruct the new right sibling from scratch.
         origpagenumber = _other_blkno(rec, 0)
         if origpagenumber is None:
-            raise _BadRecord("split record has no block 0")
+            raise BadRecordError("split record has no block 0")
         spagenumber = _other_blkno(rec, 2)
         special = _bt_pageinit(page)
         _set_opaque(
@@ -539,17 +534,17 @@ def _btree_xlog_split(rec: DecodedRecord, block: DecodedBlock, page: bytearray) 
         # Fix the left-link of the page to the right of the new right sibling.
         rightpagenumber = _other_blkno(rec, 1)
         if rightpagenumber is None:
-            raise _BadRecord("split record has no block 1")
+            raise BadRecordError("split record has no block 1")
         _u32_into(page, _special(page) + _OPQ_PREV, rightpagenumber)
         return
 
     if bid != 0:
-        raise _BadRecord(f"unexpected block reference {bid}")
+        raise BadRecordError(f"unexpected block reference {bid}")
 
     # The original page becomes the left half.
     rightpagenumber = _other_blkno(rec, 1)
     if rightpagenumber is None:
-        raise _BadRecord("split record has no block 1")
+        raise BadRecordError("split record has no block 1")
     special = _special(page)
     data = block.data
     pos = 0
@@ -568,13 +563,13 @@ def _btree_xlog_split(rec: DecodedRecord, block: DecodedBlock, page: bytearray) 
     left_hikeysz = maxalign(_index_tuple_size(data, pos))
     left_hikey = data[pos : pos + left_hikeysz]
     if pos + left_hikeysz != len(data):
-        raise _BadRecord("split data does not end after the left high key")
+        raise BadRecordError("split data does not end after the left high key")
 
     _prev, next_, _level, _flags, _cycle = _OPAQUE.unpack_from(page, special)
     firstdatakey = P_HIKEY if next_ == P_NONE else P_FIRSTKEY
     linps = _line_pointers(page)
     if firstrightoff - 1 > len(linps):
-        raise _BadRecord(f"first right offset {firstrightoff} is past the page's {len(linps)} items")
+        raise BadRecordError(f"first right offset {firstrightoff} is past the page's {len(linps)} items")
     view = memoryview(page)
     items: list[bytes | bytearray | memoryview] = [left_hikey]
     off = firstdatakey
@@ -603,11 +598,11 @@ def _btree_xlog_split(rec: DecodedRecord, block: DecodedBlock, page: bytearray) 
 def _btree_xlog_dedup(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -> None:
     """btree_xlog_dedup (nbtxlog.c) with _bt_dedup_start_pending / _save_htid / _finish_pending."""
     if block.block_id != 0:
-        raise _BadRecord(f"unexpected block reference {block.block_id}")
+        raise BadRecordError(f"unexpected block reference {block.block_id}")
     (nintervals,) = _main(rec, _XL_DEDUP)
     data = block.data
     if len(data) < nintervals * _BT_DEDUP_INTERVAL.size:
-        raise _BadRecord("dedup intervals truncated")
+        raise BadRecordError("dedup intervals truncated")
     intervals = [_BT_DEDUP_INTERVAL.unpack_from(data, 4 * i) for i in range(nintervals)]
 
     special = _special(page)
@@ -683,14 +678,14 @@ def _btree_xlog_dedup(rec: DecodedRecord, block: DecodedBlock, page: bytearray) 
             and nitems < intervals[ninterval_done][1]
         ):
             if not save_htid(itup):
-                raise _BadRecord("deduplication failed to add heap tid to pending posting list")
+                raise BadRecordError("deduplication failed to add heap tid to pending posting list")
         else:
             finish_pending()
             start_pending(itup, offnum)
     if base is not None:
         finish_pending()
     if ninterval_done != nintervals:
-        raise _BadRecord(f"deduplication formed {ninterval_done} intervals, record has {nintervals}")
+        raise BadRecordError(f"deduplication formed {ninterval_done} intervals, record has {nintervals}")
 
     newpage = _temp_page_copy_special(page)
     _append_items(newpage, newitems)
@@ -708,13 +703,13 @@ def _btree_xlog_updates(page: bytearray, data: bytes, pos: int, updatedoffsets: 
         itup = _update_posting(_page_item(page, updatedoffset), deletetids)
         itemsz = maxalign(_index_tuple_size(itup))
         if not page_index_tuple_overwrite(page, updatedoffset, _pad(itup, itemsz)):
-            raise _BadRecord("failed to update partially dead item")
+            raise BadRecordError("failed to update partially dead item")
 
 
 def _btree_xlog_delete_items(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -> None:
     """btree_xlog_vacuum and btree_xlog_delete (nbtxlog.c): same page change."""
     if block.block_id != 0:
-        raise _BadRecord(f"unexpected block reference {block.block_id}")
+        raise BadRecordError(f"unexpected block reference {block.block_id}")
     if (rec.info & XLR_RMGR_INFO_MASK) == XLOG_BTREE_VACUUM:
         ndeleted, nupdated = _main(rec, _XL_VACUUM)
     else:
@@ -741,7 +736,7 @@ def _btree_xlog_mark_page_halfdead(rec: DecodedRecord, block: DecodedBlock, page
         page_index_tuple_delete(page, nextoffset)
         return
     if block.block_id != 0:
-        raise _BadRecord(f"unexpected block reference {block.block_id}")
+        raise BadRecordError(f"unexpected block reference {block.block_id}")
     special = _bt_pageinit(page)
     _set_opaque(page, special, leftblk, rightblk, 0, BTP_HALF_DEAD | BTP_LEAF)
     _add_half_dead_hikey(page, topparent)
@@ -774,7 +769,7 @@ def _btree_xlog_unlink_page(rec: DecodedRecord, block: DecodedBlock, page: bytea
     elif bid == 4 and (rec.info & XLR_RMGR_INFO_MASK) == XLOG_BTREE_UNLINK_PAGE_META:
         _bt_restore_meta(block, page)
     else:
-        raise _BadRecord(f"unexpected block reference {bid}")
+        raise BadRecordError(f"unexpected block reference {bid}")
 
 
 def _btree_xlog_newroot(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -> None:
@@ -791,19 +786,19 @@ def _btree_xlog_newroot(rec: DecodedRecord, block: DecodedBlock, page: bytearray
     elif bid == 2:
         _bt_restore_meta(block, page)
     else:
-        raise _BadRecord(f"unexpected block reference {bid}")
+        raise BadRecordError(f"unexpected block reference {bid}")
 
 
 def _btree_xlog_meta_cleanup(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -> None:
     """XLOG_BTREE_META_CLEANUP: _bt_restore_meta(record, 0)."""
     if block.block_id != 0:
-        raise _BadRecord(f"unexpected block reference {block.block_id}")
+        raise BadRecordError(f"unexpected block reference {block.block_id}")
     _bt_restore_meta(block, page)
 
 
 def _btree_xlog_reuse_page(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -> None:
     """btree_xlog_reuse_page: only a recovery conflict on a standby; no page changes."""
-    raise _BadRecord("REUSE_PAGE registers no blocks")
+    raise BadRecordError("REUSE_PAGE registers no blocks")
 
 
 _Redo = Callable[[DecodedRecord, DecodedBlock, bytearray], None]
@@ -832,12 +827,7 @@ def btree_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -> None
     handler = _HANDLERS.get(rec.info & XLR_RMGR_INFO_MASK)
     if handler is None:
         raise UnsupportedRecordError(rec.lsn, rec.rmid, rec.info)
-    try:
-        handler(rec, block, page)
-    except (_BadRecord, PageError, struct.error, IndexError) as e:
-        raise RedoFailedError(
-            rec.lsn, rec.rmid, rec.info, f"block {block.block_id} (blk {block.blkno}): {e}"
-        ) from e
+    handler(rec, block, page)
 
 
 register_block_redo(RM_BTREE_ID, btree_redo)

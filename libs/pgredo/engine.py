@@ -16,14 +16,16 @@ an rmgr may register an `ImpliedRedo` for those.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import struct
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from pgformat.constants import BLCKSZ
-from pgformat.page import page_get_lsn, page_is_new, page_set_lsn
+from pgformat.page import PageError, page_get_lsn, page_is_new, page_set_lsn
 from pgformat.xlogrecord import DecodedBlock, DecodedRecord, RelFileNode
 
-from .errors import RedoFailedError, UnsupportedRecordError
+from .errors import BadRecordError, RedoFailedError, UnsupportedRecordError
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +118,8 @@ def apply_block(block: DecodedBlock, page: bytearray | None, rec: DecodedRecord)
         restored = bytearray(block.image.page())
         fixup = _IMAGE_FIXUP.get(rec.rmid)
         if fixup is not None:
-            fixup(rec, block, restored)
+            with _record_context(rec, block):
+                fixup(rec, block, restored)
         if not page_is_new(restored):
             page_set_lsn(restored, rec.end_lsn)
         return restored
@@ -130,9 +133,20 @@ def apply_block(block: DecodedBlock, page: bytearray | None, rec: DecodedRecord)
     redo = _BLOCK_REDO.get(rec.rmid)
     if redo is None:
         raise UnsupportedRecordError(rec.lsn, rec.rmid, rec.info)
-    if redo(rec, block, page) is not False:
+    with _record_context(rec, block):
+        set_lsn = redo(rec, block, page)
+    if set_lsn is not False:
         page_set_lsn(page, rec.end_lsn)
     return page
+
+
+@contextmanager
+def _record_context(rec: DecodedRecord, block: DecodedBlock) -> Iterator[None]:
+    """Turn what rmgr code raises on bad input into one RedoFailedError naming the record and block."""
+    try:
+        yield
+    except (BadRecordError, PageError, struct.error, IndexError) as e:
+        raise RedoFailedError(rec.lsn, rec.rmid, rec.info, f"block {block.block_id} (blk {block.blkno}): {e}") from e
 
 
 def redo_page(tag: BufferTag, base: bytes | None, records: Iterable[DecodedRecord]) -> bytearray:

@@ -17,6 +17,14 @@ class RedoError(Exception):
     """Redo could not produce a page."""
 
 
+class BadRecordError(RedoError):
+    """Record contents an rmgr cannot apply to the page it was given.
+
+    Raised by rmgr code, which does not know the record's position; the
+    engine turns it into a RedoFailedError naming LSN, rmgr and block.
+    """
+
+
 class UnsupportedRecordError(RedoError):
     """A record type we have no redo for: never guess a page."""
 

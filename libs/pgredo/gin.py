@@ -39,7 +39,6 @@ from typing import Final
 from pgformat.constants import BLCKSZ
 from pgformat.page import (
     SIZE_OF_PAGE_HEADER_DATA,
-    PageError,
     page_add_item_extended,
     page_index_tuple_delete,
     page_init,
@@ -60,7 +59,7 @@ from pgformat.rmgr import (
 from pgformat.xlogrecord import DecodedBlock, DecodedRecord
 
 from .engine import register_block_redo
-from .errors import RedoFailedError, UnsupportedRecordError
+from .errors import BadRecordError, UnsupportedRecordError
 
 __all__ = [
     "GIN_DATA",
@@ -171,10 +170,6 @@ _XL_INSERT_LISTPAGE = struct.Struct("<Ii")  # rightlink, ntuples
 _XL_DELETE_LISTPAGES = struct.Struct(f"<{SIZE_OF_GIN_META_PAGE_DATA}si")
 
 
-class _BadRecord(Exception):
-    """Record data or page contents redo cannot work with."""
-
-
 # --- page helpers (ginutil.c) -----------------------------------------------------------
 
 
@@ -197,7 +192,7 @@ def gin_init_metapage(page: bytearray) -> None:
 def _special(page: bytearray) -> int:
     special = int(_u16_from(page, 16)[0])
     if special < SIZE_OF_PAGE_HEADER_DATA or special + SIZE_OF_GIN_PAGE_OPAQUE > BLCKSZ:
-        raise _BadRecord(f"page has no room for GinPageOpaqueData (pd_special {special})")
+        raise BadRecordError(f"page has no room for GinPageOpaqueData (pd_special {special})")
     return special
 
 
@@ -212,16 +207,16 @@ def _set_flags(page: bytearray, special: int, flags: int) -> None:
 def _set_data_size(page: bytearray, size: int) -> None:
     """GinDataPageSetDataSize (ginblock.h): pd_lower = end of the data area."""
     if size < 0 or size > _DATA_MAX_SIZE:
-        raise _BadRecord(f"data size {size} exceeds GinDataPageMaxDataSize")
+        raise BadRecordError(f"data size {size} exceeds GinDataPageMaxDataSize")
     _u16_into(page, 12, size + _DATA_START)
 
 
 def _index_tuple_size(data: bytes | bytearray | memoryview, pos: int) -> int:
     if pos + 8 > len(data):
-        raise _BadRecord(f"truncated index tuple header at data offset {pos}")
+        raise BadRecordError(f"truncated index tuple header at data offset {pos}")
     size = int(_u16_from(data, pos + _T_INFO)[0]) & INDEX_SIZE_MASK
     if size < 8 or pos + size > len(data):
-        raise _BadRecord(f"index tuple of {size} bytes at data offset {pos} does not fit")
+        raise BadRecordError(f"index tuple of {size} bytes at data offset {pos} does not fit")
     return size
 
 
@@ -241,7 +236,7 @@ def _decode_segment(buf: bytes | bytearray | memoryview, pos: int, out: list[int
     out.append(val)
     p = pos + _SIZEOF_PL_HEADER
     if p + nbytes > len(buf):
-        raise _BadRecord(f"posting list segment of {nbytes} bytes at {pos} overruns its buffer")
+        raise BadRecordError(f"posting list segment of {nbytes} bytes at {pos} overruns its buffer")
     append = out.append
     # decode_varbyte: 7 bits a byte while the high bit is set; a 7th byte is
     # taken whole. A delta below 0x80 (the usual case) is one byte.
@@ -257,7 +252,7 @@ def _decode_segment(buf: bytes | bytearray | memoryview, pos: int, out: list[int
             acc |= (c & 0x7F) << shift
             shift += 7
     if shift:
-        raise _BadRecord(f"posting list segment at {pos} ends inside an item")
+        raise BadRecordError(f"posting list segment at {pos} ends inside an item")
 
 
 # A varbyte item of more than one byte: up to five continuation bytes and a
@@ -289,7 +284,7 @@ def _last_item(buf: bytes | bytearray | memoryview, pos: int) -> int:
     bi_hi, bi_lo, posid, nbytes = _PL_HEADER.unpack_from(buf, pos)
     body = bytes(buf[pos + _SIZEOF_PL_HEADER : pos + _SIZEOF_PL_HEADER + nbytes])
     if len(body) != nbytes:
-        raise _BadRecord(f"posting list segment of {nbytes} bytes at {pos} overruns its buffer")
+        raise BadRecordError(f"posting list segment of {nbytes} bytes at {pos} overruns its buffer")
     first = (((bi_hi << 16) | bi_lo) << _MAX_HEAP_TUPLES_PER_PAGE_BITS) | posid
     return first + _sum_deltas(body)
 
@@ -305,7 +300,7 @@ def _encode_deltas(items: list[int], start: int, prev: int, out: bytearray) -> N
             append(delta)
             continue
         if delta <= 0:
-            raise _BadRecord("posting list items are not in ascending order")
+            raise BadRecordError("posting list items are not in ascending order")
         while delta > 0x7F:
             append(0x80 | (delta & 0x7F))
             delta >>= 7
@@ -342,7 +337,7 @@ def gin_compress_posting_list(items: list[int], maxsize: int = BLCKSZ) -> bytes:
     out of room is an error here.
     """
     if not items:
-        raise _BadRecord("cannot compress an empty posting list")
+        raise BadRecordError("cannot compress an empty posting list")
     out = bytearray()
     _encode_deltas(items, 1, items[0], out)
     return _finish_segment(_item_pointer(items[0]), out, maxsize)
@@ -351,7 +346,7 @@ def gin_compress_posting_list(items: list[int], maxsize: int = BLCKSZ) -> bytes:
 def _finish_segment(first: bytes, body: bytearray, maxsize: int = BLCKSZ) -> bytes:
     nbytes = len(body)
     if nbytes > (maxsize & ~1) - _SIZEOF_PL_HEADER:
-        raise _BadRecord(f"posting list of {nbytes} bytes does not fit in {maxsize} bytes")
+        raise BadRecordError(f"posting list of {nbytes} bytes does not fit in {maxsize} bytes")
     if nbytes & 1:
         body.append(0)
     return first + _U16.pack(nbytes) + body
@@ -379,7 +374,7 @@ def _add_items_to_segment(buf: bytes, pos: int, added: list[int]) -> bytes:
 def _item_pointers(data: bytes | bytearray | memoryview, pos: int, n: int) -> list[int]:
     """n raw ItemPointerData from `pos`, as itemptr_to_uint64 values."""
     if pos + n * _SIZEOF_ITEM_POINTER > len(data):
-        raise _BadRecord(f"record data too short for {n} item pointers")
+        raise BadRecordError(f"record data too short for {n} item pointers")
     raw = struct.unpack_from(f"<{3 * n}H", data, pos)
     return [
         (((raw[i] << 16) | raw[i + 1]) << _MAX_HEAP_TUPLES_PER_PAGE_BITS) | raw[i + 2]
@@ -431,7 +426,7 @@ def gin_redo_recompress(page: bytearray, data: bytes | bytearray | memoryview) -
 
     lower = int(_u16_from(page, 12)[0])
     if lower < _DATA_START or lower > special:
-        raise _BadRecord(f"data leaf page has pd_lower {lower}")
+        raise BadRecordError(f"data leaf page has pd_lower {lower}")
     old = bytes(page[_DATA_START:lower])  # the old segments (the C tail copy, taken whole)
     oldend = len(old)
     oldpos = 0  # oldseg
@@ -444,7 +439,7 @@ def gin_redo_recompress(page: bytearray, data: bytes | bytearray | memoryview) -
     dlen = len(data)
     for _ in range(nactions):
         if w + 2 > dlen:
-            raise _BadRecord("truncated segment action")
+            raise BadRecordError("truncated segment action")
         a_segno = data[w]
         a_action = data[w + 1]
         w += 2
@@ -452,24 +447,24 @@ def gin_redo_recompress(page: bytearray, data: bytes | bytearray | memoryview) -
         added: list[int] = []
         if a_action in (GIN_SEGMENT_INSERT, GIN_SEGMENT_REPLACE):
             if w + _SIZEOF_PL_HEADER > dlen:
-                raise _BadRecord("truncated posting list in segment action")
+                raise BadRecordError("truncated posting list in segment action")
             size = _segment_size(data, w)
             if w + size > dlen:
-                raise _BadRecord("truncated posting list in segment action")
+                raise BadRecordError("truncated posting list in segment action")
             newseg = bytes(data[w : w + size])
             w += size  # SHORTALIGN(size) == size
         elif a_action == GIN_SEGMENT_ADDITEMS:
             if w + 2 > dlen:
-                raise _BadRecord("truncated ADDITEMS action")
+                raise BadRecordError("truncated ADDITEMS action")
             nitems = int(_u16_from(data, w)[0])
             added = _item_pointers(data, w + 2, nitems)
             w += 2 + nitems * _SIZEOF_ITEM_POINTER
 
         if a_segno < segno:
-            raise _BadRecord(f"segment action for segment {a_segno} after segment {segno}")
+            raise BadRecordError(f"segment action for segment {a_segno} after segment {segno}")
         while segno < a_segno:
             if oldpos >= oldend:
-                raise _BadRecord(f"segment {a_segno} is past the end of the page")
+                raise BadRecordError(f"segment {a_segno} is past the end of the page")
             size = _segment_size(old, oldpos)
             out += old[oldpos : oldpos + size]
             oldpos += size
@@ -477,7 +472,7 @@ def gin_redo_recompress(page: bytearray, data: bytes | bytearray | memoryview) -
 
         if a_action == GIN_SEGMENT_ADDITEMS:
             if oldpos >= oldend:
-                raise _BadRecord(f"ADDITEMS to missing segment {a_segno}")
+                raise BadRecordError(f"ADDITEMS to missing segment {a_segno}")
             newseg = _add_items_to_segment(old, oldpos, added)
             a_action = GIN_SEGMENT_REPLACE
 
@@ -485,7 +480,7 @@ def gin_redo_recompress(page: bytearray, data: bytes | bytearray | memoryview) -
             segsize = _segment_size(old, oldpos)
             tail_copied = True
         elif a_action != GIN_SEGMENT_INSERT:
-            raise _BadRecord(f"segment action {a_action} past the last segment")
+            raise BadRecordError(f"segment action {a_action} past the last segment")
         else:
             segsize = 0
 
@@ -501,12 +496,12 @@ def gin_redo_recompress(page: bytearray, data: bytes | bytearray | memoryview) -
             oldpos += segsize
             segno += 1
         else:
-            raise _BadRecord(f"unexpected GIN leaf action: {a_action}")
+            raise BadRecordError(f"unexpected GIN leaf action: {a_action}")
 
     if tail_copied and oldpos != oldend:
         out += old[oldpos:]
     if _DATA_START + len(out) > special:
-        raise _BadRecord(f"recompressed leaf data of {len(out)} bytes does not fit the page")
+        raise BadRecordError(f"recompressed leaf data of {len(out)} bytes does not fit the page")
     page[_DATA_START : _DATA_START + len(out)] = out
     _set_data_size(page, len(out))
 
@@ -523,11 +518,11 @@ def _clear_incomplete_split(page: bytearray) -> None:
 def gin_create_ptree_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -> None:
     """ginRedoCreatePTree (ginxlog.c): a posting tree root leaf from the record's list."""
     if block.block_id != 0:
-        raise _BadRecord(f"unexpected block reference {block.block_id}")
+        raise BadRecordError(f"unexpected block reference {block.block_id}")
     size = int(_XL_CREATE_PTREE.unpack_from(rec.main_data, 0)[0])
     start = _XL_CREATE_PTREE.size
     if start + size > len(rec.main_data):
-        raise _BadRecord(f"posting list of {size} bytes overruns the record")
+        raise BadRecordError(f"posting list of {size} bytes overruns the record")
     gin_init_page(page, GIN_DATA | GIN_LEAF | GIN_COMPRESSED)
     _set_data_size(page, size)
     page[_DATA_START : _DATA_START + size] = rec.main_data[start : start + size]
@@ -540,7 +535,7 @@ def _insert_entry(page: bytearray, rightblkno: int, data: bytes) -> None:
         # GinSetDownlink on the item at `offset`: t_tid = (rightblkno, 0).
         lp = SIZE_OF_PAGE_HEADER_DATA + (offset - 1) * 4
         if offset < 1 or lp + 4 > int(_u16_from(page, 12)[0]):
-            raise _BadRecord(f"no downlink at offset {offset}")
+            raise BadRecordError(f"no downlink at offset {offset}")
         lp_off = int(_U32.unpack_from(page, lp)[0]) & 0x7FFF
         _ITEM_POINTER.pack_into(page, lp_off, rightblkno >> 16, rightblkno & 0xFFFF, 0)
     if is_delete:
@@ -549,7 +544,7 @@ def _insert_entry(page: bytearray, rightblkno: int, data: bytes) -> None:
     size = _index_tuple_size(data, tup_start)
     item = memoryview(data)[tup_start : tup_start + size]
     if page_add_item_extended(page, item, offset, 0) == 0:
-        raise _BadRecord("failed to add item to index page")
+        raise BadRecordError("failed to add item to index page")
 
 
 def _insert_data_internal(page: bytearray, rightblkno: int, data: bytes) -> None:
@@ -559,10 +554,10 @@ def _insert_data_internal(page: bytearray, rightblkno: int, data: bytes) -> None
     start = _XL_INSERT_DATA_INTERNAL.size
     newitem = data[start : start + SIZE_OF_POSTING_ITEM]
     if len(newitem) != SIZE_OF_POSTING_ITEM:
-        raise _BadRecord("truncated PostingItem")
+        raise BadRecordError("truncated PostingItem")
     maxoff = int(_u16_from(page, special + _OPQ_MAXOFF)[0])
     if offset > maxoff + 1 or _DATA_START + (maxoff + 1) * SIZE_OF_POSTING_ITEM > special:
-        raise _BadRecord(f"posting item offset {offset} on a page with {maxoff} items")
+        raise BadRecordError(f"posting item offset {offset} on a page with {maxoff} items")
     # PostingItemSetBlockNumber(GinDataPageGetPostingItem(page, offset), rightblkno)
     pos = _DATA_START + (offset - 1) * SIZE_OF_POSTING_ITEM
     _BLOCK_ID.pack_into(page, pos, (rightblkno >> 16) & 0xFFFF, rightblkno & 0xFFFF)
@@ -585,7 +580,7 @@ def gin_insert_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray) ->
         _clear_incomplete_split(page)
         return
     if block.block_id != 0:
-        raise _BadRecord(f"unexpected block reference {block.block_id}")
+        raise BadRecordError(f"unexpected block reference {block.block_id}")
     rightblkno = INVALID_BLOCK_NUMBER
     if not is_leaf:
         _l_hi, _l_lo, r_hi, r_lo = _XL_INSERT_CHILDREN.unpack_from(rec.main_data, _XL_INSERT.size)
@@ -604,18 +599,18 @@ def gin_split_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -> 
     if block.block_id == 3:
         _clear_incomplete_split(page)
         return
-    raise _BadRecord(f"GIN split record did not contain a full-page image of block {block.block_id}")
+    raise BadRecordError(f"GIN split record did not contain a full-page image of block {block.block_id}")
 
 
 def gin_vacuum_page_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -> None:
     """ginRedoVacuumPage (ginxlog.c): the record is only a full-page image."""
-    raise _BadRecord("replay of gin entry tree page vacuum did not restore the page")
+    raise BadRecordError("replay of gin entry tree page vacuum did not restore the page")
 
 
 def gin_vacuum_data_leaf_page_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -> None:
     """ginRedoVacuumDataLeafPage (ginxlog.c): a leaf recompression from block 0's data."""
     if block.block_id != 0:
-        raise _BadRecord(f"unexpected block reference {block.block_id}")
+        raise BadRecordError(f"unexpected block reference {block.block_id}")
     gin_redo_recompress(page, block.data)
 
 
@@ -630,7 +625,7 @@ def gin_delete_page_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearra
         # GinPageDeletePostingItem (gindatapage.c)
         maxoff = int(_u16_from(page, special + _OPQ_MAXOFF)[0])
         if not 1 <= parent_offset <= maxoff or _DATA_START + maxoff * SIZE_OF_POSTING_ITEM > special:
-            raise _BadRecord(f"posting item {parent_offset} not on a page with {maxoff} items")
+            raise BadRecordError(f"posting item {parent_offset} not on a page with {maxoff} items")
         if parent_offset != maxoff:
             pos = _DATA_START + (parent_offset - 1) * SIZE_OF_POSTING_ITEM
             end = _DATA_START + maxoff * SIZE_OF_POSTING_ITEM
@@ -641,7 +636,7 @@ def gin_delete_page_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearra
     elif block.block_id == 2:
         _u32_into(page, special + _OPQ_RIGHTLINK, right_link)
     else:
-        raise _BadRecord(f"unexpected block reference {block.block_id}")
+        raise BadRecordError(f"unexpected block reference {block.block_id}")
 
 
 def _add_tuples(page: bytearray, data: bytes, ntuples: int, off: int) -> int:
@@ -651,7 +646,7 @@ def _add_tuples(page: bytearray, data: bytes, ntuples: int, off: int) -> int:
     for _ in range(ntuples):
         size = _index_tuple_size(data, pos)
         if page_add_item_extended(page, view[pos : pos + size], off, 0) == 0:
-            raise _BadRecord("failed to add item to index page")
+            raise BadRecordError("failed to add item to index page")
         pos += size
         off += 1
     return off
@@ -676,13 +671,13 @@ def gin_update_meta_page_redo(rec: DecodedRecord, block: DecodedBlock, page: byt
     elif block.block_id == 1 and prev_tail != INVALID_BLOCK_NUMBER:
         _u32_into(page, _special(page) + _OPQ_RIGHTLINK, new_rightlink)
     else:
-        raise _BadRecord(f"unexpected block reference {block.block_id}")
+        raise BadRecordError(f"unexpected block reference {block.block_id}")
 
 
 def gin_insert_listpage_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -> None:
     """ginRedoInsertListPage (ginxlog.c): a pending-list page rebuilt from the record."""
     if block.block_id != 0:
-        raise _BadRecord(f"unexpected block reference {block.block_id}")
+        raise BadRecordError(f"unexpected block reference {block.block_id}")
     rightlink, ntuples = _XL_INSERT_LISTPAGE.unpack_from(rec.main_data, 0)
     gin_init_page(page, GIN_LIST)
     special = BLCKSZ - SIZE_OF_GIN_PAGE_OPAQUE
@@ -702,7 +697,7 @@ def gin_delete_listpage_redo(rec: DecodedRecord, block: DecodedBlock, page: byte
     elif 1 <= block.block_id <= ndeleted:
         gin_init_page(page, GIN_DELETED)
     else:
-        raise _BadRecord(f"unexpected block reference {block.block_id}")
+        raise BadRecordError(f"unexpected block reference {block.block_id}")
 
 
 _HANDLERS: dict[int, Callable[[DecodedRecord, DecodedBlock, bytearray], None]] = {
@@ -723,12 +718,7 @@ def gin_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -> None:
     handler = _HANDLERS.get(rec.info & XLR_RMGR_INFO_MASK)
     if handler is None:
         raise UnsupportedRecordError(rec.lsn, rec.rmid, rec.info)
-    try:
-        handler(rec, block, page)
-    except (_BadRecord, PageError, struct.error, IndexError) as e:
-        raise RedoFailedError(
-            rec.lsn, rec.rmid, rec.info, f"block {block.block_id} (blk {block.blkno}): {e}"
-        ) from e
+    handler(rec, block, page)
 
 
 register_block_redo(RM_GIN_ID, gin_redo)

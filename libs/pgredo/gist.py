@@ -36,7 +36,6 @@ from pgformat.page import (
     ITEM_ID_SIZE,
     LP_NORMAL,
     SIZE_OF_PAGE_HEADER_DATA,
-    PageError,
     page_index_multi_delete,
     page_index_tuple_delete,
     page_index_tuple_overwrite,
@@ -55,7 +54,7 @@ from pgformat.rmgr import (
 from pgformat.xlogrecord import DecodedBlock, DecodedRecord
 
 from .engine import register_block_redo, register_image_fixup
-from .errors import RedoFailedError, UnsupportedRecordError
+from .errors import BadRecordError, UnsupportedRecordError
 
 __all__ = [
     "F_LEAF",
@@ -112,10 +111,6 @@ _T_INFO: Final = 6
 INDEX_SIZE_MASK: Final = 0x1FFF
 
 
-class _BadRecord(Exception):
-    """The record does not fit the page (turned into RedoFailedError by gist_redo)."""
-
-
 # --- page helpers ------------------------------------------------------------------
 
 
@@ -128,7 +123,7 @@ def gist_init_page(page: bytearray, flags: int) -> None:
 def _special(page: bytearray) -> int:
     special = int(_u16_from(page, 16)[0])
     if special + SIZE_OF_GIST_PAGE_OPAQUE > BLCKSZ:
-        raise _BadRecord(f"page has no room for GISTPageOpaqueData (pd_special {special})")
+        raise BadRecordError(f"page has no room for GISTPageOpaqueData (pd_special {special})")
     return special
 
 
@@ -155,14 +150,14 @@ def _index_tuples(data: memoryview, start: int, count: int | None) -> list[memor
     end = len(data)
     while pos < end:
         if pos + 8 > end:
-            raise _BadRecord("truncated index tuple header in record data")
+            raise BadRecordError("truncated index tuple header in record data")
         size = int(_u16_from(data, pos + _T_INFO)[0]) & INDEX_SIZE_MASK
         if size < 8 or pos + size > end:
-            raise _BadRecord(f"index tuple of {size} bytes at data offset {pos} does not fit")
+            raise BadRecordError(f"index tuple of {size} bytes at data offset {pos} does not fit")
         tuples.append(data[pos : pos + size])
         pos += size
     if count is not None and len(tuples) != count:
-        raise _BadRecord(f"record carries {len(tuples)} tuples, header says {count}")
+        raise BadRecordError(f"record carries {len(tuples)} tuples, header says {count}")
     return tuples
 
 
@@ -176,7 +171,7 @@ def _append_items(page: bytearray, items: Sequence[memoryview]) -> None:
     """
     lower0, upper, special = struct.unpack_from("<HHH", page, 12)
     if lower0 < SIZE_OF_PAGE_HEADER_DATA or lower0 > upper or upper > special or special > BLCKSZ:
-        raise _BadRecord(f"corrupted page pointers: lower {lower0}, upper {upper}, special {special}")
+        raise BadRecordError(f"corrupted page pointers: lower {lower0}, upper {upper}, special {special}")
     lower = lower0
     linps: list[int] = []
     for item in items:
@@ -184,7 +179,7 @@ def _append_items(page: bytearray, items: Sequence[memoryview]) -> None:
         upper -= maxalign(size)
         lower += ITEM_ID_SIZE
         if lower > upper:
-            raise _BadRecord(f"failed to add item to GiST index page, size {size} bytes")
+            raise BadRecordError(f"failed to add item to GiST index page, size {size} bytes")
         page[upper : upper + size] = item
         linps.append(upper | (LP_NORMAL << 15) | (size << 17))
     if linps:
@@ -194,7 +189,7 @@ def _append_items(page: bytearray, items: Sequence[memoryview]) -> None:
 
 def _offsets(data: memoryview, start: int, n: int) -> list[int]:
     if start + 2 * n > len(data):
-        raise _BadRecord(f"record data too short for {n} offsets")
+        raise BadRecordError(f"record data too short for {n} offsets")
     return list(struct.unpack_from(f"<{n}H", data, start))
 
 
@@ -214,7 +209,7 @@ def gist_page_update_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearr
         _clear_follow_right(rec, page)
         return
     if block.block_id != 0:
-        raise _BadRecord(f"unexpected block reference {block.block_id}")
+        raise BadRecordError(f"unexpected block reference {block.block_id}")
     ntodelete, ntoinsert = _XL_PAGE_UPDATE.unpack_from(rec.main_data, 0)
     data = memoryview(block.data)
 
@@ -223,7 +218,7 @@ def gist_page_update_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearr
         offnum = int(_u16_from(data, 0)[0])
         (itup,) = _index_tuples(data, 2, 1)
         if not page_index_tuple_overwrite(page, offnum, itup):
-            raise _BadRecord(f"failed to add item to GiST index page, size {len(itup)} bytes")
+            raise BadRecordError(f"failed to add item to GiST index page, size {len(itup)} bytes")
         return
 
     pos = 0
@@ -270,14 +265,14 @@ def gist_page_split_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearra
     origrlink, orignsn, origleaf, npage, markfollowright = _XL_PAGE_SPLIT.unpack_from(rec.main_data, 0)
     i = block.block_id - 1
     if not 0 <= i < npage:
-        raise _BadRecord(f"block reference {block.block_id} is not one of the {npage} split pages")
+        raise BadRecordError(f"block reference {block.block_id} is not one of the {npage} split pages")
     first = rec.block(1)
     isrootsplit = first is not None and first.blkno == GIST_ROOT_BLKNO
     blkno = block.blkno
 
     data = memoryview(block.data)
     if len(data) < 4:
-        raise _BadRecord("split page data has no tuple count")
+        raise BadRecordError("split page data has no tuple count")
     num = int(_I32.unpack_from(data, 0)[0])
     tuples = _index_tuples(data, 4, num)
 
@@ -292,7 +287,7 @@ def gist_page_split_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearra
         if i < npage - 1:
             nxt = rec.block(i + 2)
             if nxt is None:
-                raise _BadRecord(f"split page {i + 2} has no block reference")
+                raise BadRecordError(f"split page {i + 2} has no block reference")
             rightlink = nxt.blkno
         else:
             rightlink = origrlink
@@ -315,12 +310,12 @@ def gist_page_delete_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearr
     elif block.block_id == 1:
         page_index_tuple_delete(page, downlink_offset)
     else:
-        raise _BadRecord(f"unexpected block reference {block.block_id}")
+        raise BadRecordError(f"unexpected block reference {block.block_id}")
 
 
 def _no_page_effect(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -> None:
     """PAGE_REUSE and ASSIGN_LSN register no block; one referenced anyway is bad input."""
-    raise _BadRecord("record type has no page effect but references a block")
+    raise BadRecordError("record type has no page effect but references a block")
 
 
 _HANDLERS: dict[int, Callable[[DecodedRecord, DecodedBlock, bytearray], None]] = {
@@ -338,12 +333,7 @@ def gist_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -> None:
     handler = _HANDLERS.get(rec.info & XLR_RMGR_INFO_MASK)
     if handler is None:
         raise UnsupportedRecordError(rec.lsn, rec.rmid, rec.info)
-    try:
-        handler(rec, block, page)
-    except (_BadRecord, PageError, struct.error, IndexError) as e:
-        raise RedoFailedError(
-            rec.lsn, rec.rmid, rec.info, f"block {block.block_id} (blk {block.blkno}): {e}"
-        ) from e
+    handler(rec, block, page)
 
 
 def gist_restored_image_fixup(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -> bool:
@@ -363,10 +353,7 @@ def gist_restored_image_fixup(rec: DecodedRecord, block: DecodedBlock, page: byt
     if (info == XLOG_GIST_PAGE_UPDATE and block.block_id == 1) or (
         info == XLOG_GIST_PAGE_SPLIT and block.block_id == 0
     ):
-        try:
-            _clear_follow_right(rec, page)
-        except _BadRecord as e:
-            raise RedoFailedError(rec.lsn, rec.rmid, rec.info, str(e)) from e
+        _clear_follow_right(rec, page)  # the engine reports BadRecordError with the record's position
         return True
     return False
 

@@ -34,7 +34,6 @@ from typing import Final
 from pgformat.constants import BLCKSZ, maxalign
 from pgformat.page import (
     SIZE_OF_PAGE_HEADER_DATA,
-    PageError,
     page_add_item,
     page_index_multi_delete,
     page_init,
@@ -59,7 +58,7 @@ from pgformat.rmgr import (
 from pgformat.xlogrecord import DecodedBlock, DecodedRecord
 
 from .engine import register_block_redo, register_image_fixup
-from .errors import RedoFailedError, UnsupportedRecordError
+from .errors import BadRecordError, UnsupportedRecordError
 
 __all__ = [
     "LH_UNUSED_PAGE",
@@ -174,10 +173,6 @@ _T_INFO: Final = 6
 INDEX_SIZE_MASK: Final = 0x1FFF
 
 
-class _BadRecord(Exception):
-    """The record does not fit the page (turned into RedoFailedError by hash_redo)."""
-
-
 class HashMetaPage:
     """The fixed fields of HashMetaPageData, read from a metapage (for tests and tools)."""
 
@@ -255,7 +250,7 @@ def hash_pageinit(page: bytearray) -> None:
 def _special(page: bytearray) -> int:
     special = int(_u16_from(page, 16)[0])
     if special < SIZE_OF_PAGE_HEADER_DATA or special + SIZE_OF_HASH_PAGE_OPAQUE > BLCKSZ:
-        raise _BadRecord(f"page has no room for HashPageOpaqueData (pd_special {special})")
+        raise BadRecordError(f"page has no room for HashPageOpaqueData (pd_special {special})")
     return special
 
 
@@ -269,7 +264,7 @@ def hash_initbuf(page: bytearray, max_bucket: int, num_bucket: int, flag: int) -
 def hash_init_metabuffer(page: bytearray, num_tuples: float, procid: int, ffactor: int) -> None:
     """_hash_init_metabuffer (hashpage.c) with initpage = true."""
     if ffactor == 0:
-        raise _BadRecord("metapage fill factor is 0")
+        raise BadRecordError("metapage fill factor is 0")
     dnumbuckets = num_tuples / ffactor
     if dnumbuckets <= 2.0:
         num_buckets = 2
@@ -302,7 +297,7 @@ def hash_initbitmapbuffer(page: bytearray, bmsize: int) -> None:
     _OPAQUE.pack_into(page, BLCKSZ - SIZE_OF_HASH_PAGE_OPAQUE, INVALID_BLOCK_NUMBER, INVALID_BLOCK_NUMBER,
                       INVALID_BUCKET, LH_BITMAP_PAGE, HASHO_PAGE_ID)
     if _BITMAP + bmsize > BLCKSZ - SIZE_OF_HASH_PAGE_OPAQUE:
-        raise _BadRecord(f"bitmap size {bmsize} does not fit in a page")
+        raise BadRecordError(f"bitmap size {bmsize} does not fit in a page")
     page[_BITMAP : _BITMAP + bmsize] = b"\xff" * bmsize
     _u16_into(page, 12, _BITMAP + bmsize)  # pd_lower
 
@@ -329,7 +324,7 @@ def _set_nextblkno(page: bytearray, blkno: int) -> None:
 
 def _u32_data(block: DecodedBlock, what: str) -> int:
     if len(block.data) < 4:
-        raise _BadRecord(f"block {block.block_id} data too short for {what}")
+        raise BadRecordError(f"block {block.block_id} data too short for {what}")
     return int(_u32_from(block.data, 0)[0])
 
 
@@ -337,13 +332,13 @@ def _bitmap_bit_pos(bit: int) -> tuple[int, int]:
     """Byte offset and mask of bit `bit` of HashPageGetBitmap (uint32 words, little-endian)."""
     pos = _BITMAP + (bit >> 3)
     if pos >= BLCKSZ - SIZE_OF_HASH_PAGE_OPAQUE:
-        raise _BadRecord(f"bitmap bit {bit} is outside the bitmap page")
+        raise BadRecordError(f"bitmap bit {bit} is outside the bitmap page")
     return pos, 1 << (bit & 7)
 
 
 def _offsets(data: bytes | memoryview, start: int, n: int) -> tuple[int, ...]:
     if n < 0 or start + 2 * n > len(data):
-        raise _BadRecord(f"record data too short for {n} offsets")
+        raise BadRecordError(f"record data too short for {n} offsets")
     return struct.unpack_from(f"<{n}H", data, start)
 
 
@@ -362,18 +357,18 @@ def _add_moved_tuples(page: bytearray, data: bytes, ntups: int) -> None:
     ninserted = 0
     while pos < end:
         if pos + 8 > end:
-            raise _BadRecord("truncated index tuple header in record data")
+            raise BadRecordError("truncated index tuple header in record data")
         itemsz = maxalign(int(_u16_from(view, pos + _T_INFO)[0]) & INDEX_SIZE_MASK)
         if itemsz < 8 or pos + itemsz > end:
-            raise _BadRecord(f"index tuple of {itemsz} bytes at data offset {pos} does not fit")
+            raise BadRecordError(f"index tuple of {itemsz} bytes at data offset {pos} does not fit")
         if ninserted >= ntups:
-            raise _BadRecord(f"record carries more than the {ntups} tuples it announces")
+            raise BadRecordError(f"record carries more than the {ntups} tuples it announces")
         if page_add_item(page, view[pos : pos + itemsz], towrite[ninserted], False, False) == 0:
-            raise _BadRecord(f"failed to add item to hash index page, size {itemsz} bytes")
+            raise BadRecordError(f"failed to add item to hash index page, size {itemsz} bytes")
         pos += itemsz
         ninserted += 1
     if ninserted != ntups:
-        raise _BadRecord(f"record carries {ninserted} tuples, header says {ntups}")
+        raise BadRecordError(f"record carries {ninserted} tuples, header says {ntups}")
 
 
 def _multi_delete(page: bytearray, data: bytes) -> None:
@@ -389,8 +384,8 @@ def _multi_delete(page: bytearray, data: bytes) -> None:
 _Handler = Callable[[DecodedRecord, DecodedBlock, bytearray], "bool | None"]
 
 
-def _unexpected_block(block: DecodedBlock) -> _BadRecord:
-    return _BadRecord(f"unexpected block reference {block.block_id}")
+def _unexpected_block(block: DecodedBlock) -> BadRecordError:
+    return BadRecordError(f"unexpected block reference {block.block_id}")
 
 
 def hash_init_meta_page_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -> None:
@@ -409,7 +404,7 @@ def hash_init_bitmap_page_redo(rec: DecodedRecord, block: DecodedBlock, page: by
     elif block.block_id == 1:
         maxbucket, _hi, _lo, _ovfl, _ff, nmaps = struct.unpack_from("<6I", page, _M_MAXBUCKET)
         if nmaps >= HASH_MAX_BITMAPS:
-            raise _BadRecord(f"metapage already lists {nmaps} bitmap pages")
+            raise BadRecordError(f"metapage already lists {nmaps} bitmap pages")
         _u32_into(page, _M_MAPP + 4 * nmaps, (maxbucket + 1 + 1) & 0xFFFFFFFF)
         _u32_into(page, _M_NMAPS, nmaps + 1)
     else:
@@ -421,7 +416,7 @@ def hash_insert_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -
     if block.block_id == 0:
         (offnum,) = _XL_INSERT.unpack_from(rec.main_data, 0)
         if page_add_item(page, block.data, offnum, False, False) == 0:
-            raise _BadRecord("hash_xlog_insert: failed to add item")
+            raise BadRecordError("hash_xlog_insert: failed to add item")
     elif block.block_id == 1:
         _F64.pack_into(page, _M_NTUPLES, _F64.unpack_from(page, _M_NTUPLES)[0] + 1)
     else:
@@ -440,13 +435,13 @@ def hash_add_ovfl_page_redo(rec: DecodedRecord, block: DecodedBlock, page: bytea
     if bid == 0:
         left = rec.block(1)
         if left is None:
-            raise _BadRecord("no block reference 1 (the left page)")
+            raise BadRecordError("no block reference 1 (the left page)")
         hash_initbuf(page, INVALID_BLOCK_NUMBER, _u32_data(block, "the bucket"), LH_OVERFLOW_PAGE)
         _set_prevblkno(page, left.blkno)
     elif bid == 1:
         right = rec.block(0)
         if right is None:
-            raise _BadRecord("no block reference 0 (the overflow page)")
+            raise BadRecordError("no block reference 0 (the overflow page)")
         _set_nextblkno(page, right.blkno)
     elif bid == 2:
         pos, bit = _bitmap_bit_pos(_u32_data(block, "the bitmap bit"))
@@ -460,13 +455,13 @@ def hash_add_ovfl_page_redo(rec: DecodedRecord, block: DecodedBlock, page: bytea
         if not bmpage_found:
             ovflpoint, _firstfree, nmaps = struct.unpack_from("<3I", page, _M_OVFLPOINT)
             if ovflpoint >= HASH_MAX_SPLITPOINTS:
-                raise _BadRecord(f"metapage ovflpoint {ovflpoint} out of range")
+                raise BadRecordError(f"metapage ovflpoint {ovflpoint} out of range")
             spare = _M_SPARES + 4 * ovflpoint
             spares = int(_u32_from(page, spare)[0]) + 1
             newmap = rec.block(3)
             if newmap is not None:
                 if nmaps >= HASH_MAX_BITMAPS:
-                    raise _BadRecord(f"metapage already lists {nmaps} bitmap pages")
+                    raise BadRecordError(f"metapage already lists {nmaps} bitmap pages")
                 _u32_into(page, _M_MAPP + 4 * nmaps, newmap.blkno)
                 _u32_into(page, _M_NMAPS, nmaps + 1)
                 spares += 1
@@ -491,17 +486,17 @@ def hash_split_allocate_page_redo(rec: DecodedRecord, block: DecodedBlock, page:
         pos = 0
         if flags & XLH_SPLIT_META_UPDATE_MASKS:
             if len(data) < pos + 8:
-                raise _BadRecord("metapage data too short for the masks")
+                raise BadRecordError("metapage data too short for the masks")
             lowmask, highmask = struct.unpack_from("<II", data, pos)
             _u32_into(page, _M_LOWMASK, lowmask)
             _u32_into(page, _M_HIGHMASK, highmask)
             pos += 8
         if flags & XLH_SPLIT_META_UPDATE_SPLITPOINT:
             if len(data) < pos + 8:
-                raise _BadRecord("metapage data too short for the splitpoint")
+                raise BadRecordError("metapage data too short for the splitpoint")
             ovflpoint, ovflpages = struct.unpack_from("<II", data, pos)
             if ovflpoint >= HASH_MAX_SPLITPOINTS:
-                raise _BadRecord(f"splitpoint {ovflpoint} out of range")
+                raise BadRecordError(f"splitpoint {ovflpoint} out of range")
             _u32_into(page, _M_SPARES + 4 * ovflpoint, ovflpages)
             _u32_into(page, _M_OVFLPOINT, ovflpoint)
     else:
@@ -510,7 +505,7 @@ def hash_split_allocate_page_redo(rec: DecodedRecord, block: DecodedBlock, page:
 
 def hash_split_page_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -> None:
     """hash_xlog_split_page: the page must come from its full-page image (restored by the engine)."""
-    raise _BadRecord("Hash split record did not contain a full-page image")
+    raise BadRecordError("Hash split record did not contain a full-page image")
 
 
 def hash_split_complete_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -> None:
@@ -641,12 +636,7 @@ def hash_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -> bool 
     handler = _HANDLERS.get(rec.info & XLR_RMGR_INFO_MASK)
     if handler is None:
         raise UnsupportedRecordError(rec.lsn, rec.rmid, rec.info)
-    try:
-        return handler(rec, block, page)
-    except (_BadRecord, PageError, struct.error, IndexError) as e:
-        raise RedoFailedError(
-            rec.lsn, rec.rmid, rec.info, f"block {block.block_id} (blk {block.blkno}): {e}"
-        ) from e
+    return handler(rec, block, page)
 
 
 def hash_restored_image_fixup(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -> bool:
@@ -666,10 +656,7 @@ def hash_restored_image_fixup(rec: DecodedRecord, block: DecodedBlock, page: byt
         or (info == XLOG_HASH_SPLIT_COMPLETE and block.block_id in (0, 1))
     ):
         return False
-    try:
-        _HANDLERS[info](rec, block, page)
-    except (_BadRecord, struct.error) as e:
-        raise RedoFailedError(rec.lsn, rec.rmid, rec.info, f"block {block.block_id} (blk {block.blkno}): {e}") from e
+    _HANDLERS[info](rec, block, page)
     return True
 
 

@@ -29,7 +29,6 @@ from typing import Final, NamedTuple
 from pgformat.constants import BLCKSZ
 from pgformat.page import (
     SIZE_OF_PAGE_HEADER_DATA,
-    PageError,
     page_add_item_extended,
     page_index_multi_delete,
     page_index_tuple_delete,
@@ -50,7 +49,7 @@ from pgformat.rmgr import (
 from pgformat.xlogrecord import DecodedBlock, DecodedRecord
 
 from .engine import register_block_redo
-from .errors import RedoFailedError, UnsupportedRecordError
+from .errors import BadRecordError, UnsupportedRecordError
 
 __all__ = [
     "SPGIST_META",
@@ -137,10 +136,6 @@ _XL_VACUUM_ROOT = struct.Struct("<H2xI?3x")
 _XL_VACUUM_REDIRECT = struct.Struct("<HHI")
 
 
-class _BadRecord(Exception):
-    """The record does not fit the page (turned into RedoFailedError by spg_redo)."""
-
-
 class _State(NamedTuple):
     """The spgxlogState fillFakeState copies: what spgFormDeadTuple needs."""
 
@@ -168,7 +163,7 @@ def spg_form_dead_tuple(tupstate: int, blkno: int, offnum: int, my_xid: int) -> 
 def _special(page: bytearray) -> int:
     special = int(_u16_from(page, 16)[0])
     if special + SIZE_OF_SPGIST_PAGE_OPAQUE > BLCKSZ:
-        raise _BadRecord(f"page has no room for SpGistPageOpaqueData (pd_special {special})")
+        raise BadRecordError(f"page has no room for SpGistPageOpaqueData (pd_special {special})")
     return special
 
 
@@ -181,18 +176,18 @@ def _item_pos(page: bytearray, offnum: int) -> tuple[int, int]:
     """(lp_off, lp_len) of item `offnum`, checked against pd_lower and the page."""
     lower = int(_u16_from(page, 12)[0])
     if not 1 <= offnum <= (lower - SIZE_OF_PAGE_HEADER_DATA) // 4:
-        raise _BadRecord(f"offset {offnum} is not on the page")
+        raise BadRecordError(f"offset {offnum} is not on the page")
     raw = int(_u32_from(page, SIZE_OF_PAGE_HEADER_DATA + 4 * (offnum - 1))[0])
     off, length = raw & 0x7FFF, raw >> 17
     if off < SIZE_OF_PAGE_HEADER_DATA or off + length > BLCKSZ:
-        raise _BadRecord(f"item {offnum} lies outside the page")
+        raise BadRecordError(f"item {offnum} lies outside the page")
     return off, length
 
 
 def _add_item_at(page: bytearray, item: bytes | memoryview, offnum: int) -> None:
     """PageAddItem(page, item, size, offnum, false, false), which must land at offnum."""
     if page_add_item_extended(page, item, offnum, 0) != offnum:
-        raise _BadRecord(f"failed to add item of size {len(item)} to SPGiST index page")
+        raise BadRecordError(f"failed to add item of size {len(item)} to SPGiST index page")
 
 
 def _add_or_replace_tuple(page: bytearray, tuple_: bytes | memoryview, offnum: int) -> None:
@@ -202,7 +197,7 @@ def _add_or_replace_tuple(page: bytearray, tuple_: bytes | memoryview, offnum: i
     if offnum <= maxoff:
         off, _length = _item_pos(page, offnum)
         if int(_u32_from(page, off)[0]) & 3 != SPGIST_PLACEHOLDER:
-            raise _BadRecord("SPGiST tuple to be replaced is not a placeholder")
+            raise BadRecordError("SPGiST tuple to be replaced is not a placeholder")
         _add_to_counter(page, _OPQ_NPLACEHOLDER, -1)
         page_index_tuple_delete(page, offnum)
     _add_item_at(page, tuple_, offnum)
@@ -230,7 +225,7 @@ def spg_update_node_link(page: bytearray, offnum: int, node_n: int, blkno: int, 
         if size == 0:
             break
         pos += size
-    raise _BadRecord(f"failed to find requested node {node_n} in SPGiST inner tuple")
+    raise BadRecordError(f"failed to find requested node {node_n} in SPGiST inner tuple")
 
 
 def spg_page_index_multi_delete(
@@ -272,26 +267,26 @@ def spg_page_index_multi_delete(
 def _leaf_tuple(data: memoryview, pos: int) -> memoryview:
     """The unaligned leaf (or dead) tuple at data[pos:], as long as its header's size."""
     if pos + 4 > len(data):
-        raise _BadRecord("truncated SP-GiST leaf tuple in record")
+        raise BadRecordError("truncated SP-GiST leaf tuple in record")
     size = int(_u32_from(data, pos)[0]) >> 2
     if size < 4 or pos + size > len(data):
-        raise _BadRecord(f"SP-GiST leaf tuple of {size} bytes does not fit the record")
+        raise BadRecordError(f"SP-GiST leaf tuple of {size} bytes does not fit the record")
     return data[pos : pos + size]
 
 
 def _inner_tuple(data: memoryview, pos: int) -> memoryview:
     """The unaligned inner tuple at data[pos:], as long as its header's size field."""
     if pos + _SGITHDRSZ > len(data):
-        raise _BadRecord("truncated SP-GiST inner tuple in record")
+        raise BadRecordError("truncated SP-GiST inner tuple in record")
     size = int(_u16_from(data, pos + 4)[0])
     if size < _SGITHDRSZ or pos + size > len(data):
-        raise _BadRecord(f"SP-GiST inner tuple of {size} bytes does not fit the record")
+        raise BadRecordError(f"SP-GiST inner tuple of {size} bytes does not fit the record")
     return data[pos : pos + size]
 
 
 def _offsets(data: memoryview, pos: int, n: int) -> tuple[list[int], int]:
     if pos + 2 * n > len(data):
-        raise _BadRecord(f"record data too short for {n} offsets")
+        raise BadRecordError(f"record data too short for {n} offsets")
     return list(struct.unpack_from(f"<{n}H", data, pos)), pos + 2 * n
 
 
@@ -299,7 +294,7 @@ def _block_number(rec: DecodedRecord, block_id: int) -> int:
     """XLogRecGetBlockTag(record, block_id, ...)'s block number."""
     b = rec.block(block_id)
     if b is None:
-        raise _BadRecord(f"record has no block reference {block_id}")
+        raise BadRecordError(f"record has no block reference {block_id}")
     return b.blkno
 
 
@@ -331,10 +326,10 @@ def spg_add_leaf_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray) 
             _add_item_at(page, leaf, offnum_leaf)
     elif block.block_id == 1:
         if offnum_parent == INVALID_OFFSET_NUMBER:
-            raise _BadRecord("parent block referenced without a parent offset")
+            raise BadRecordError("parent block referenced without a parent offset")
         spg_update_node_link(page, offnum_parent, node_i, _block_number(rec, 0), offnum_leaf)
     else:
-        raise _BadRecord(f"unexpected block reference {block.block_id}")
+        raise BadRecordError(f"unexpected block reference {block.block_id}")
 
 
 def spg_move_leafs_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -> None:
@@ -363,7 +358,7 @@ def spg_move_leafs_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray
     elif block.block_id == 2:
         spg_update_node_link(page, offnum_parent, node_i, blkno_dst, to_insert[-1])
     else:
-        raise _BadRecord(f"unexpected block reference {block.block_id}")
+        raise BadRecordError(f"unexpected block reference {block.block_id}")
 
 
 def spg_add_node_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -> None:
@@ -381,7 +376,7 @@ def spg_add_node_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray) 
 
     if rec.block(1) is None:
         if block.block_id != 0:
-            raise _BadRecord(f"unexpected block reference {block.block_id}")
+            raise BadRecordError(f"unexpected block reference {block.block_id}")
         page_index_tuple_delete(page, offnum)
         _add_item_at(page, inner, offnum)
         return
@@ -405,10 +400,10 @@ def spg_add_node_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray) 
             spg_update_node_link(page, offnum_parent, node_i, blkno_new, offnum_new)
     elif block.block_id == 2:
         if parent_blk != 2:
-            raise _BadRecord("parent block referenced but parentBlk is not 2")
+            raise BadRecordError("parent block referenced but parentBlk is not 2")
         spg_update_node_link(page, offnum_parent, node_i, blkno_new, offnum_new)
     else:
-        raise _BadRecord(f"unexpected block reference {block.block_id}")
+        raise BadRecordError(f"unexpected block reference {block.block_id}")
 
 
 def spg_split_tuple_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -> None:
@@ -420,7 +415,7 @@ def spg_split_tuple_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearra
 
     if block.block_id == 1:
         if postfix_blk_same:
-            raise _BadRecord("postfix page referenced but postfixBlkSame is set")
+            raise BadRecordError("postfix page referenced but postfixBlkSame is set")
         if new_page:
             spg_init_page(page, 0)  # SplitTuple is not used for nulls pages
         _add_or_replace_tuple(page, postfix, offnum_postfix)
@@ -430,7 +425,7 @@ def spg_split_tuple_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearra
         if postfix_blk_same:
             _add_or_replace_tuple(page, postfix, offnum_postfix)
     else:
-        raise _BadRecord(f"unexpected block reference {block.block_id}")
+        raise BadRecordError(f"unexpected block reference {block.block_id}")
 
 
 def spg_pick_split_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -> None:
@@ -447,7 +442,7 @@ def spg_pick_split_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray
     to_delete, pos = _offsets(data, _XL_PICKSPLIT.size, n_delete)
     to_insert, pos = _offsets(data, pos, n_insert)
     if pos + n_insert > len(data):
-        raise _BadRecord("record data too short for leafPageSelect")
+        raise BadRecordError("record data too short for leafPageSelect")
     leaf_page_select = bytes(data[pos : pos + n_insert])
     pos += n_insert
     inner = _inner_tuple(data, pos)
@@ -458,7 +453,7 @@ def spg_pick_split_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray
     if bid in (0, 1):
         if bid == 0:
             if is_root_split:
-                raise _BadRecord("root split references a source page")
+                raise BadRecordError("root split references a source page")
             if init_src:
                 spg_init_page(page, _leaf_flags(stores_nulls))
             elif not is_build:
@@ -488,7 +483,7 @@ def spg_pick_split_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray
     elif bid == 3:
         spg_update_node_link(page, offnum_parent, node_i, blkno_inner, offnum_inner)
     else:
-        raise _BadRecord(f"unexpected block reference {bid}")
+        raise BadRecordError(f"unexpected block reference {bid}")
 
 
 def spg_vacuum_leaf_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -> None:
@@ -515,7 +510,7 @@ def spg_vacuum_leaf_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearra
     maxoff = (lower - SIZE_OF_PAGE_HEADER_DATA) // 4
     for src, dst in zip(move_src, move_dest):
         if not (1 <= src <= maxoff and 1 <= dst <= maxoff):
-            raise _BadRecord(f"moved tuple offsets {src} -> {dst} are not on the page")
+            raise BadRecordError(f"moved tuple offsets {src} -> {dst} are not on the page")
         psrc = SIZE_OF_PAGE_HEADER_DATA + 4 * (src - 1)
         pdst = SIZE_OF_PAGE_HEADER_DATA + 4 * (dst - 1)
         page[psrc : psrc + 4], page[pdst : pdst + 4] = page[pdst : pdst + 4], page[psrc : psrc + 4]
@@ -576,12 +571,7 @@ def spg_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -> None:
     handler = _HANDLERS.get(rec.info & XLR_RMGR_INFO_MASK)
     if handler is None:
         raise UnsupportedRecordError(rec.lsn, rec.rmid, rec.info)
-    try:
-        handler(rec, block, page)
-    except (_BadRecord, PageError, struct.error, IndexError) as e:
-        raise RedoFailedError(
-            rec.lsn, rec.rmid, rec.info, f"block {block.block_id} (blk {block.blkno}): {e}"
-        ) from e
+    handler(rec, block, page)
 
 
 register_block_redo(RM_SPGIST_ID, spg_redo)
