@@ -8,7 +8,10 @@ ALREADY_EXISTS, FAILED_PRECONDITION (redo could not build the page).
 
 from __future__ import annotations
 
+import io
 import logging
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -222,8 +225,38 @@ class PageServerServicer(pageserver_pb2_grpc.PageServerServicer):
         return _handle(context, run)
 
     def Basebackup(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "base backups are not implemented yet (issue #6)")
-        return iter(())
+        """A tar of the data directory at (timeline, LSN), streamed as it is written."""
+        try:
+            tl = self._timeline(request.tenant, request.timeline)
+            lsn = tl.last_record_lsn if request.lsn == 0 else self.repo.resolve_lsn(tl, request.lsn, self.lsn_wait_timeout)
+        except _EXPECTED as e:
+            context.abort(_status_for(e), str(e))
+        from .basebackup import write_basebackup
+
+        chunks: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=16)
+        writer = _QueueWriter(chunks)
+
+        def produce() -> None:
+            try:
+                write_basebackup(self.repo, tl, lsn, writer)
+                writer.flush()
+                chunks.put(None)
+            except BaseException as e:  # handed to the consumer, which answers with a status
+                chunks.put(e)
+
+        threading.Thread(target=produce, name="basebackup", daemon=True).start()
+        first = True
+        while True:
+            item = chunks.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                if isinstance(item, _EXPECTED):
+                    context.abort(_status_for(item), str(item))
+                log.error("BUG: base backup failed", exc_info=item)
+                context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(item).__name__}: {item}")
+            yield pageserver_pb2.BasebackupChunk(data=item, lsn=lsn if first else 0)
+            first = False
 
     # -- tenants and timelines --------------------------------------------------------
 
@@ -337,6 +370,31 @@ class PageServerServicer(pageserver_pb2_grpc.PageServerServicer):
                 log.exception("BUG: unexpected error during ingest")
                 context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
             yield pageserver_pb2.IngestResponse(batch_seq=batch.batch_seq, received_lsn=durable, durable_lsn=durable)
+
+
+class _QueueWriter(io.RawIOBase):
+    """A write-only file that hands 1 MiB chunks to a queue (back-pressure: the queue is bounded)."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, q: queue.Queue[bytes | BaseException | None]) -> None:
+        self._q = q
+        self._buf = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        self._buf += b
+        while len(self._buf) >= self.CHUNK:
+            self._q.put(bytes(self._buf[: self.CHUNK]))
+            del self._buf[: self.CHUNK]
+        return len(b)
+
+    def flush(self) -> None:
+        if self._buf:
+            self._q.put(bytes(self._buf))
+            self._buf.clear()
 
 
 def _decode_ingest_record(r: common_pb2.DecodedRecord) -> DecodedRecord:
