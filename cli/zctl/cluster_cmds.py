@@ -86,8 +86,21 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    _cluster(args).stop()
-    Console().print("stopped")
+    """Stop running computes first (they need the page server to shut down cleanly), then the services."""
+    from .computes import ComputeError, Computes
+
+    cluster = _cluster(args)
+    console = Console()
+    computes = Computes(cluster.repo, _pageserver(cluster), _walreceiver(cluster))
+    for spec in computes.list():
+        if computes.is_running(spec):
+            try:
+                computes.stop(spec.name, wait_for_pageserver=10)
+                console.print(f"stopped compute {spec.name}")
+            except (ComputeError, grpc.RpcError) as e:
+                console.print(f"[yellow]compute {spec.name}: {e}[/yellow]")
+    cluster.stop()
+    console.print("stopped services")
     return 0
 
 

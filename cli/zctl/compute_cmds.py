@@ -20,7 +20,7 @@ from zproto import common_pb2, pageserver_pb2
 from .cluster_cmds import DEFAULT_TENANT, CommandError, _cluster, _pageserver, _rpc_error, _walreceiver, find_branch
 from .computes import ComputeError, Computes
 from .importer import import_requests, scan_stopped_datadir
-from .postgres import PostgresNode, make_pg_owned_dir
+from .postgres import PG_OS_USER, PostgresNode, make_pg_owned_dir, unreachable_ancestor
 from .supervisor import SupervisorError
 
 # TimestampTz counts microseconds from 2000-01-01 00:00:00 UTC.
@@ -167,9 +167,13 @@ def cmd_pg_list(args: argparse.Namespace) -> int:
 def cmd_init(args: argparse.Namespace) -> int:
     """New repository: initdb, import it as branch main, start the services and compute main."""
     cluster = _cluster(args)
-    if (cluster.repo / "config.json").exists():
+    if (cluster.repo / "pageserver").exists():
         raise CommandError(f"{cluster.repo} already holds a repository; use another --repo or `zctl start`")
     console = Console()
+    blocked = unreachable_ancestor(cluster.repo.resolve() / "computes")
+    if blocked is not None:
+        raise CommandError(f"Postgres runs as the '{PG_OS_USER}' OS user, which cannot enter {blocked}; "
+                           f"choose a --repo it can reach (e.g. under /tmp or /srv) or `chmod o+x {blocked}`")
     config = cluster.load_config()
     if args.base_port:
         config.ports = {"redo": args.base_port, "pageserver": args.base_port + 1, "walreceiver": args.base_port + 2}

@@ -164,7 +164,7 @@ class Computes:
         else:
             gucs["hot_standby"] = "on"
             (node.datadir / "standby.signal").touch()
-        node.configure(gucs, filename="postgresql.conf")
+        node.configure(gucs, filename="compute.conf")
         hba = node.datadir / "pg_hba.conf"
         hba.write_text(
             "local all all trust\nhost all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\n"

@@ -1,78 +1,78 @@
-"""`make run` / `zctl demo`: what the project can do today, end to end, on real Postgres.
+"""`make run` / `zctl demo`: the embedded default, end to end.
 
-It starts a stock Postgres 15 primary with wal_consistency_checking=all, runs
-pgbench, then reads the WAL with our decoder and replays it through our redo,
-comparing every page with Postgres's own images. The page server, the
-walreceiver, computes and branches are not built yet; the demo says so
-rather than pretending.
+All three services run as local processes; a stock Postgres 15 compute runs
+on branch `main` with its data in the page server; the demo writes rows,
+branches `main` as it was before the last write, starts a compute on the
+branch, and shows both. Run it again and it reuses the repository.
 """
 
 from __future__ import annotations
 
-import collections
-import shutil
-import tempfile
+import json
 from pathlib import Path
 
+import psycopg
 from rich.console import Console
-from rich.progress import Progress
-from rich.table import Table
 
-from pgformat.rmgr import rmgr_name
-
-from .postgres import PostgresNode, free_port, make_pg_owned_dir
-from .waldump import iter_file_records
+from .cluster_cmds import CommandError
 
 
-def run_demo(workdir: Path | None = None) -> int:
+def _zctl(repo: Path, *args: str) -> int:
+    from .main import main
+
+    rc = main(["--repo", str(repo), *args])
+    if rc != 0:
+        raise CommandError(f"zctl {' '.join(args)} failed")
+    return rc
+
+
+def _computes(repo: Path) -> dict[str, dict[str, object]]:
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        _zctl(repo, "pg", "list", "--json")
+    return {c["name"]: c for c in json.loads(buf.getvalue())}
+
+
+def run_demo(repo: Path) -> int:
     console = Console()
-    base = Path(tempfile.mkdtemp(prefix="zenith-demo-", dir="/tmp")) if workdir is None else workdir
-    make_pg_owned_dir(base)
-    node = PostgresNode(base / "primary", free_port())
-    try:
-        with Progress(console=console, transient=True) as progress:
-            task = progress.add_task("initdb + start a stock Postgres 15 primary", total=4)
-            node.initdb()
-            node.configure({"wal_consistency_checking": "all", "wal_compression": "lz4"})
-            node.start()
-            progress.update(task, advance=1, description="pgbench -i -s 1")
-            start = node.current_lsn()
-            node.pgbench("-i", "-s", "1", "-q")
-            progress.update(task, advance=1, description="pgbench -c 2 -t 200")
-            node.pgbench("-c", "2", "-t", "200", "-n")
-            end = node.current_lsn()
-            progress.update(task, advance=1, description="stopping the primary")
-            node.stop()
-            progress.update(task, advance=1)
+    if not (repo / "pageserver").exists():
+        console.rule("zctl init: repository, services, branch main, compute main")
+        _zctl(repo, "init")
+    else:
+        console.rule(f"reusing {repo}")
+        _zctl(repo, "start")
+        if _computes(repo)["main"]["status"] != "running":
+            _zctl(repo, "pg", "start", "main")
 
-        from pgredo.verify import verify_records
+    main_port = _computes(repo)["main"]["port"]
+    with psycopg.connect(f"host=127.0.0.1 port={main_port} user=postgres dbname=postgres", autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS demo (id serial PRIMARY KEY, note text, at timestamptz DEFAULT now())")
+        conn.execute("INSERT INTO demo (note) SELECT 'row ' || g FROM generate_series(1, 1000) g")
+        before = conn.execute("SELECT pg_current_wal_lsn()::text, count(*) FROM demo").fetchone()
+        assert before is not None
+        conn.execute("INSERT INTO demo (note) SELECT 'later row ' || g FROM generate_series(1, 500) g")
+        main_count = conn.execute("SELECT count(*) FROM demo").fetchone()
+    console.print(f"compute main: {main_count[0] if main_count else '?'} rows in demo; "
+                  f"{before[1]} of them were there at {before[0]}")
 
-        counts: collections.Counter[str] = collections.Counter()
+    branch = f"demo_{before[0].replace('/', '_').lower()}"
+    console.rule(f"branch {branch} at {before[0]} (copy-on-write, nothing copied)")
+    _zctl(repo, "branch", "create", branch, "--parent", "main", "--at", before[0])
+    _zctl(repo, "pg", "create", branch, "--branch", branch)
+    _zctl(repo, "pg", "start", branch)
+    branch_port = _computes(repo)[branch]["port"]
+    with psycopg.connect(f"host=127.0.0.1 port={branch_port} user=postgres dbname=postgres", autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM demo").fetchone()
+    console.print(f"compute {branch}: {row[0] if row else '?'} rows in demo (as of {before[0]})")
 
-        def records():  # type: ignore[no-untyped-def]
-            for raw in iter_file_records([node.waldir]):
-                rec = raw.decode()
-                if start <= rec.lsn < end:
-                    counts[rmgr_name(rec.rmid)] += 1
-                    yield rec
-
-        with console.status("decoding WAL and replaying it through our redo"):
-            report = verify_records(records())
-
-        table = Table(title=f"WAL of pgbench, decoded and replayed ({sum(counts.values())} records)")
-        for col in ("rmgr", "records", "blocks checked", "matched", "mismatched", "unsupported"):
-            table.add_column(col, justify="left" if col == "rmgr" else "right")
-        for name in sorted(counts):
-            t = report.per_rmgr.get(name)
-            table.add_row(name, str(counts[name]), *(str(x) for x in (
-                (t.blocks_checked, t.matched, t.mismatched, t.unsupported) if t else (0, 0, 0, 0))))
-        console.print(table)
-        console.print(
-            "[bold]Not built yet:[/bold] page server, walreceiver, redo pool service, computes and branches "
-            "(issues #3-#7). `make test` runs the test suite."
-        )
-        return 1 if report.mismatched else 0
-    finally:
-        node.stop(mode="immediate")
-        if workdir is None:
-            shutil.rmtree(base, ignore_errors=True)
+    console.rule("branches")
+    _zctl(repo, "branch", "list")
+    console.rule("connect")
+    for name, c in _computes(repo).items():
+        if c["status"] == "running":
+            console.print(f"  {name:24} psql -h 127.0.0.1 -p {c['port']} -U postgres postgres")
+    console.print(f"\nStop computes and services with: .venv/bin/zctl --repo {repo} stop")
+    return 0

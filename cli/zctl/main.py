@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 import logging
 import sys
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 from pgformat.errors import FormatError
 
 from . import cluster_cmds, compute_cmds, waldump
+from .postgres import PostgresError
 
 
 def _cmd_wal_dump(args: argparse.Namespace) -> int:
@@ -50,7 +52,7 @@ def _cmd_redo_verify(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo()
+    return run_demo(Path(args.repo))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except (FormatError, waldump.WalFilesError, cluster_cmds.CommandError) as e:
+    except (FormatError, waldump.WalFilesError, cluster_cmds.CommandError, PostgresError) as e:
         print(f"zctl: error: {e}", file=sys.stderr)
         return 1
     except BrokenPipeError:

@@ -66,6 +66,18 @@ def make_pg_owned_dir(path: Path) -> Path:
     return path
 
 
+def unreachable_ancestor(path: Path) -> Path | None:
+    """The first folder above `path` the postgres OS user cannot traverse, if any (root only)."""
+    if not _running_as_root():
+        return None
+    pg_uid = pwd.getpwnam(PG_OS_USER).pw_uid
+    for folder in reversed(Path(path).resolve().parents):
+        st = folder.stat()
+        if st.st_uid != pg_uid and not st.st_mode & 0o001:
+            return folder
+    return None
+
+
 def run_as_pg_user(argv: Sequence[str | os.PathLike[str]], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     """Run a Postgres binary, as the postgres OS user when we are root."""
     cmd = [str(a) for a in argv]
