@@ -300,3 +300,29 @@ def test_branch_reads_parent_pages_as_of_branch_point(ingested) -> None:  # type
         assert "beyond the last record" in (ei.value.details() or "")
     finally:
         ps.close()
+
+
+def test_truncation_clears_visibility_map_bits_past_the_new_end(primary, tmp_path: Path, pg_base_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """VACUUM truncating a heap clears VM bits without WAL-logging the VM page (smgr_redo)."""
+    backup = take_base_backup(primary, pg_base_dir / f"backup-{tmp_path.name}")
+    primary.execute("CREATE TABLE shrink (id int, pad text)")
+    primary.execute("INSERT INTO shrink SELECT g, repeat('x', 200) FROM generate_series(1, 3000) g")
+    primary.sql("VACUUM shrink")  # every page all-visible: VM bits set
+    primary.execute("DELETE FROM shrink WHERE id > 1000")
+    primary.sql("VACUUM shrink")  # truncates the heap: XLOG_SMGR_TRUNCATE with SMGR_TRUNCATE_VM
+    heap_blocks = primary.sql("SELECT pg_relation_size('shrink') / 8192")[0][0]
+    assert 0 < heap_blocks % 4  # the cut lands inside a VM byte: the partial-byte rule is exercised
+    primary.sql("SELECT pg_switch_wal()")
+    end = current_lsn(primary)
+    ps = RunningPageServer(tmp_path / "repo")
+    try:
+        import_backup(ps.stub, backup, TIMELINE)
+        push_wal(ps.stub, primary.waldir, TIMELINE, 0, end)
+        rel = rel_key(primary, "shrink")
+        vm = common_pb2.RelTag(spc_oid=rel.spc_oid, db_oid=rel.db_oid, rel_number=rel.rel_number, fork=2)
+        ours = get_page(ps.stub, TIMELINE, vm, 0)
+        theirs = bytes(primary.sql("SELECT get_raw_page('shrink', 'vm', 0)")[0][0])
+        assert ours[24:] == theirs[24:]  # the map itself, byte for byte
+        assert any(ours[24:]) and not any(ours[24 + heap_blocks // 4 + 1:])
+    finally:
+        ps.close()

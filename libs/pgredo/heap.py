@@ -595,7 +595,7 @@ def heapblk_to_mapblock(heapblk: int) -> int:
     return heapblk // HEAPBLOCKS_PER_PAGE
 
 
-def _map_position(heapblk: int) -> tuple[int, int]:
+def vm_map_position(heapblk: int) -> tuple[int, int]:
     """Byte position in the VM page (PageGetContents + HEAPBLK_TO_MAPBYTE) and bit offset."""
     return _MAP_OFFSET + (heapblk % HEAPBLOCKS_PER_PAGE) // _HEAPBLOCKS_PER_BYTE, (heapblk % 4) * 2
 
@@ -603,7 +603,7 @@ def _map_position(heapblk: int) -> tuple[int, int]:
 def visibilitymap_set(page: bytearray, heapblk: int, flags: int) -> bool:
     """visibilitymap_set's change to the map page. True if it changed (and so would
     set the page LSN): only when the requested bits differ from the present ones."""
-    pos, shift = _map_position(heapblk)
+    pos, shift = vm_map_position(heapblk)
     cur = page[pos]
     if flags == (cur >> shift) & VISIBILITYMAP_VALID_BITS:
         return False
@@ -613,7 +613,7 @@ def visibilitymap_set(page: bytearray, heapblk: int, flags: int) -> bool:
 
 def visibilitymap_clear(page: bytearray, heapblk: int, flags: int) -> bool:
     """visibilitymap_clear's change to the map page (never touches the LSN)."""
-    pos, shift = _map_position(heapblk)
+    pos, shift = vm_map_position(heapblk)
     mask = (flags << shift) & 0xFF
     cur = page[pos]
     if not cur & mask:

@@ -9,3 +9,4 @@ from . import hashidx, brin  # noqa: F401
 from . import heap  # noqa: F401
 from . import slru  # noqa: F401
 from . import xlog_seq_generic  # noqa: F401
+from . import storage  # noqa: F401
