@@ -326,3 +326,32 @@ def test_truncation_clears_visibility_map_bits_past_the_new_end(primary, tmp_pat
         assert any(ours[24:]) and not any(ours[24 + heap_blocks // 4 + 1:])
     finally:
         ps.close()
+
+
+@pytest.mark.parametrize("strategy", ["file_copy", "wal_log"])
+def test_create_database_strategies(primary, tmp_path: Path, pg_base_dir: Path, strategy: str) -> None:  # type: ignore[no-untyped-def]
+    """CREATE DATABASE: FILE_COPY copies the template's pages at the record, WAL_LOG logs them."""
+    backup = take_base_backup(primary, pg_base_dir / f"backup-{tmp_path.name}")
+    primary.sql(f"CREATE DATABASE copied STRATEGY = {strategy}")
+    primary.execute("CREATE EXTENSION pageinspect", dbname="copied")
+    primary.sql("SELECT pg_switch_wal()")
+    end = current_lsn(primary)
+    ps = RunningPageServer(tmp_path / "repo")
+    try:
+        import_backup(ps.stub, backup, TIMELINE)
+        push_wal(ps.stub, primary.waldir, TIMELINE, 0, end)
+        dboid = primary.sql("SELECT oid FROM pg_database WHERE datname = 'copied'")[0][0]
+        compared = 0
+        for relname in ("pg_class", "pg_attribute", "pg_proc", "pg_class_oid_index"):
+            filenode = primary.sql("SELECT pg_relation_filenode(%s)", (relname,), dbname="copied")[0][0]
+            rel = common_pb2.RelTag(spc_oid=1663, db_oid=dboid, rel_number=filenode, fork=0)
+            nblocks = primary.sql("SELECT pg_relation_size(%s) / 8192", (relname,), dbname="copied")[0][0]
+            rmid = 11 if relname.endswith("_index") else 10
+            for blk in range(0, nblocks, max(1, nblocks // 4)):
+                ours = get_page(ps.stub, TIMELINE, rel, blk)
+                theirs = bytes(primary.sql("SELECT get_raw_page(%s, %s)", (relname, blk), dbname="copied")[0][0])
+                assert _masked(ours, rmid, blk) == _masked(theirs, rmid, blk), f"{relname} block {blk}"
+                compared += 1
+        assert compared >= 8
+    finally:
+        ps.close()
