@@ -13,14 +13,13 @@ from collections import Counter
 import psycopg
 import pytest
 from conftest import PgFactory
-from walcorpus import WalCorpus, capture_corpus
+from walcorpus import WalCorpus, assert_rmgr_verified, capture_corpus, decoded_records
 
 from pgformat.constants import BLCKSZ
 from pgformat.page import new_page, page_add_item_extended, page_get_item, page_get_max_offset_number
 from pgformat.rmgr import RM_BTREE_ID, record_type_name
 from pgformat.xlogrecord import DecodedRecord
 from pgredo import btree
-from pgredo.engine import BufferTag
 from pgredo.verify import VerifyReport, verify_records
 from zctl.postgres import PostgresNode
 from zctl.waldump import iter_file_records
@@ -134,25 +133,6 @@ def btree_corpus(pg_session_factory: PgFactory, tmp_path_factory: pytest.TempPat
     return capture_corpus(node, tmp_path_factory.mktemp("wal-btree") / "pg_wal", start)
 
 
-def decoded_records(corpus: WalCorpus) -> list[DecodedRecord]:
-    return [raw.decode() for raw in iter_file_records([corpus.waldir]) if raw.lsn >= corpus.start_lsn]
-
-
-def checkable_types(records: list[DecodedRecord]) -> Counter[str]:
-    """Btree blocks per record type that verify_records compares (its base rules)."""
-    seen: set[BufferTag] = set()
-    counts: Counter[str] = Counter()
-    for rec in records:
-        for b in rec.blocks:
-            tag = BufferTag(b.rnode, b.forknum, b.blkno)
-            if b.image is not None and not b.image.apply and rec.rmid == RM_BTREE_ID:
-                if tag in seen or b.will_init:
-                    counts[record_type_name(rec.rmid, rec.info)] += 1
-            if b.image is not None or b.will_init:
-                seen.add(tag)
-    return counts
-
-
 @pytest.fixture(scope="module")
 def btree_records(btree_corpus: WalCorpus) -> list[DecodedRecord]:
     return decoded_records(btree_corpus)
@@ -166,19 +146,7 @@ def btree_report(btree_records: list[DecodedRecord]) -> VerifyReport:
 def test_btree_redo_matches_consistency_images(
     btree_records: list[DecodedRecord], btree_report: VerifyReport
 ) -> None:
-    tally = btree_report.per_rmgr["Btree"]
-    btree_mismatches = [str(m) for m in btree_report.mismatches if m.rmgr == "Btree"]
-    assert btree_mismatches == []
-    assert tally.mismatched == 0
-    assert tally.unsupported == 0
-    assert not any(k.startswith("Btree/") for k in btree_report.unsupported_types)
-
-    present = Counter(record_type_name(r.rmid, r.info) for r in btree_records if r.rmid == RM_BTREE_ID)
-    assert EXPECTED_PRESENT <= set(present), f"missing: {EXPECTED_PRESENT - set(present)}"
-    checked = checkable_types(btree_records)
-    assert EXPECTED_CHECKED <= set(checked), f"never checked: {EXPECTED_CHECKED - set(checked)}"
-    assert tally.blocks_checked == sum(checked.values())
-    assert tally.matched == tally.blocks_checked > 1000
+    assert_rmgr_verified(btree_records, btree_report, RM_BTREE_ID, EXPECTED_PRESENT, EXPECTED_CHECKED)
 
 
 def test_btree_workload_shapes(btree_records: list[DecodedRecord]) -> None:

@@ -34,14 +34,13 @@ from collections import Counter
 
 import pytest
 from conftest import PgFactory
-from walcorpus import WalCorpus, capture_corpus
+from walcorpus import WalCorpus, assert_rmgr_verified, capture_corpus
 
 from pgformat.bufmask import gin_mask
 from pgformat.constants import BLCKSZ
 from pgformat.rmgr import RM_GIN_ID, record_type_name
 from pgformat.xlogrecord import DecodedRecord
 from pgredo import gin
-from pgredo.engine import BufferTag
 from pgredo.errors import RedoError, RedoFailedError, UnsupportedRecordError
 from pgredo.verify import VerifyReport, verify_records
 from zctl.postgres import PostgresNode
@@ -136,37 +135,10 @@ def gin_report(gin_records: list[DecodedRecord]) -> VerifyReport:
     return verify_records(gin_records)
 
 
-def checkable_types(records: list[DecodedRecord]) -> Counter[str]:
-    """Gin blocks per record type that verify_records compares (its base rules)."""
-    seen: set[BufferTag] = set()
-    counts: Counter[str] = Counter()
-    for rec in records:
-        for b in rec.blocks:
-            tag = BufferTag(b.rnode, b.forknum, b.blkno)
-            if b.image is not None and not b.image.apply and rec.rmid == RM_GIN_ID:
-                if tag in seen or b.will_init:
-                    counts[record_type_name(rec.rmid, rec.info)] += 1
-            if b.image is not None or b.will_init:
-                seen.add(tag)
-    return counts
-
-
 def test_gin_redo_matches_consistency_images(
     gin_records: list[DecodedRecord], gin_report: VerifyReport
 ) -> None:
-    tally = gin_report.per_rmgr["Gin"]
-    mismatches = [str(m) for m in gin_report.mismatches if m.rmgr == "Gin"]
-    assert mismatches == []
-    assert tally.mismatched == 0
-    assert tally.unsupported == 0
-    assert not any(k.startswith("Gin/") for k in gin_report.unsupported_types)
-
-    present = Counter(record_type_name(r.rmid, r.info) for r in gin_records if r.rmid == RM_GIN_ID)
-    assert EXPECTED_PRESENT <= set(present), f"missing: {EXPECTED_PRESENT - set(present)}"
-    checked = checkable_types(gin_records)
-    assert EXPECTED_CHECKED <= set(checked), f"never checked: {EXPECTED_CHECKED - set(checked)}"
-    assert tally.blocks_checked == sum(checked.values())
-    assert tally.matched == tally.blocks_checked > 1000
+    assert_rmgr_verified(gin_records, gin_report, RM_GIN_ID, EXPECTED_PRESENT, EXPECTED_CHECKED)
 
 
 def _recompress_actions(data: bytes) -> list[int]:

@@ -17,7 +17,7 @@ from collections import Counter
 
 import pytest
 from conftest import PgFactory
-from walcorpus import WalCorpus, capture_corpus
+from walcorpus import WalCorpus, assert_rmgr_verified, capture_corpus, decoded_records
 
 from pgformat.bufmask import brin_mask, hash_mask, mask_for_rmgr
 from pgformat.constants import BLCKSZ
@@ -25,7 +25,6 @@ from pgformat.page import page_add_item_extended
 from pgformat.rmgr import RM_BRIN_ID, RM_HASH_ID, XLOG_BRIN_INIT_PAGE, XLR_RMGR_INFO_MASK, record_type_name
 from pgformat.xlogrecord import DecodedRecord
 from pgredo import brin, hashidx
-from pgredo.engine import BufferTag
 from pgredo.errors import RedoError, RedoFailedError, UnsupportedRecordError
 from pgredo.verify import VerifyReport, verify_records
 from zctl.postgres import PostgresNode
@@ -146,25 +145,6 @@ def hash_brin_corpus(pg_session_factory: PgFactory, tmp_path_factory: pytest.Tem
     return capture_corpus(node, tmp_path_factory.mktemp("wal-hash-brin") / "pg_wal", start)
 
 
-def decoded_records(corpus: WalCorpus) -> list[DecodedRecord]:
-    return [raw.decode() for raw in iter_file_records([corpus.waldir]) if raw.lsn >= corpus.start_lsn]
-
-
-def checkable_types(records: list[DecodedRecord], rmid: int) -> Counter[str]:
-    """Blocks per record type of `rmid` that verify_records compares (its base rules)."""
-    seen: set[BufferTag] = set()
-    counts: Counter[str] = Counter()
-    for rec in records:
-        for b in rec.blocks:
-            tag = BufferTag(b.rnode, b.forknum, b.blkno)
-            if b.image is not None and not b.image.apply and rec.rmid == rmid:
-                if tag in seen or b.will_init:
-                    counts[record_type_name(rec.rmid, rec.info)] += 1
-            if b.image is not None or b.will_init:
-                seen.add(tag)
-    return counts
-
-
 @pytest.fixture(scope="module")
 def records(hash_brin_corpus: WalCorpus) -> list[DecodedRecord]:
     return decoded_records(hash_brin_corpus)
@@ -175,35 +155,12 @@ def report(records: list[DecodedRecord]) -> VerifyReport:
     return verify_records(records)
 
 
-def _assert_clean(report: VerifyReport, rmgr: str) -> None:
-    tally = report.per_rmgr[rmgr]
-    mismatches = [str(m) for m in report.mismatches if m.rmgr == rmgr]
-    assert mismatches == []
-    assert tally.mismatched == 0
-    assert tally.unsupported == 0
-    assert not any(k.startswith(f"{rmgr}/") for k in report.unsupported_types)
-
-
 def test_hash_redo_matches_consistency_images(records: list[DecodedRecord], report: VerifyReport) -> None:
-    _assert_clean(report, "Hash")
-    present = Counter(record_type_name(r.rmid, r.info) for r in records if r.rmid == RM_HASH_ID)
-    assert HASH_PRESENT <= set(present), f"missing: {HASH_PRESENT - set(present)}"
-    checked = checkable_types(records, RM_HASH_ID)
-    assert HASH_CHECKED <= set(checked), f"never checked: {HASH_CHECKED - set(checked)}"
-    tally = report.per_rmgr["Hash"]
-    assert tally.blocks_checked == sum(checked.values())
-    assert tally.matched == tally.blocks_checked > 1000
+    assert_rmgr_verified(records, report, RM_HASH_ID, HASH_PRESENT, HASH_CHECKED)
 
 
 def test_brin_redo_matches_consistency_images(records: list[DecodedRecord], report: VerifyReport) -> None:
-    _assert_clean(report, "BRIN")
-    present = Counter(record_type_name(r.rmid, r.info) for r in records if r.rmid == RM_BRIN_ID)
-    assert BRIN_CHECKED <= set(present), f"missing: {BRIN_CHECKED - set(present)}"
-    checked = checkable_types(records, RM_BRIN_ID)
-    assert BRIN_CHECKED <= set(checked), f"never checked: {BRIN_CHECKED - set(checked)}"
-    tally = report.per_rmgr["BRIN"]
-    assert tally.blocks_checked == sum(checked.values())
-    assert tally.matched == tally.blocks_checked > 1000
+    assert_rmgr_verified(records, report, RM_BRIN_ID, BRIN_CHECKED, BRIN_CHECKED)
 
 
 def test_workload_shapes(records: list[DecodedRecord]) -> None:

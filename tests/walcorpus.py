@@ -9,12 +9,17 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zctl.postgres import PostgresNode
-
+from pgformat.rmgr import record_type_name, rmgr_name
 from pgformat.xlogreader import segment_file_name
+from pgformat.xlogrecord import DecodedRecord
+from pgredo.engine import BufferTag
+from pgredo.verify import VerifyReport
+from zctl.postgres import PostgresNode
+from zctl.waldump import iter_file_records
 
 # Every access method, DDL, TOAST, 2PC, sequences, VACUUM, CREATE DATABASE (both strategies).
 SQL_WORKLOAD = [
@@ -149,3 +154,44 @@ def pg_waldump_records(pg_waldump: Path, corpus: WalCorpus) -> list[WaldumpRecor
     if not records:
         raise AssertionError(f"pg_waldump printed no records: {out.stderr}")
     return records
+
+
+# -- checking a corpus with `verify_records` --------------------------------------------
+
+
+def decoded_records(corpus: WalCorpus) -> list[DecodedRecord]:
+    """The corpus's records from its workload's start, decoded."""
+    return [raw.decode() for raw in iter_file_records([corpus.waldir]) if raw.lsn >= corpus.start_lsn]
+
+
+def checkable_types(records: list[DecodedRecord], rmid: int) -> Counter[str]:
+    """Blocks per record type of `rmid` that verify_records compares (its base rules)."""
+    seen: set[BufferTag] = set()
+    counts: Counter[str] = Counter()
+    for rec in records:
+        for b in rec.blocks:
+            tag = BufferTag(b.rnode, b.forknum, b.blkno)
+            if b.image is not None and not b.image.apply and rec.rmid == rmid:
+                if tag in seen or b.will_init:
+                    counts[record_type_name(rec.rmid, rec.info)] += 1
+            if b.image is not None or b.will_init:
+                seen.add(tag)
+    return counts
+
+
+def assert_rmgr_verified(records: list[DecodedRecord], report: VerifyReport, rmid: int,
+                         present: set[str], checked: set[str], min_blocks: int = 1000) -> None:
+    """Zero mismatches and unsupported for the rmgr, every named record type present and
+    compared, and enough blocks compared that the check cannot pass vacuously."""
+    rmgr = rmgr_name(rmid)
+    tally = report.per_rmgr[rmgr]
+    assert [str(m) for m in report.mismatches if m.rmgr == rmgr] == []
+    assert tally.mismatched == 0
+    assert tally.unsupported == 0
+    assert not any(k.startswith(f"{rmgr}/") for k in report.unsupported_types)
+    seen = Counter(record_type_name(r.rmid, r.info) for r in records if r.rmid == rmid)
+    assert present <= set(seen), f"missing: {present - set(seen)}"
+    compared = checkable_types(records, rmid)
+    assert checked <= set(compared), f"never checked: {checked - set(compared)}"
+    assert tally.blocks_checked == sum(compared.values())
+    assert tally.matched == tally.blocks_checked > min_blocks
