@@ -87,7 +87,8 @@ class LocalCluster:
                     "--listen", config.address("pageserver"), "--redo", config.address("redo")]
         if name == "walreceiver":
             return [py, "-m", "services.walreceiver.main", "--listen", config.address("walreceiver"),
-                    "--pageserver", config.address("pageserver")]
+                    "--pageserver", config.address("pageserver"),
+                    "--state-file", str(self.repo / "walreceiver" / "attachments.json")]
         raise ValueError(name)
 
     # -- process control -------------------------------------------------------------

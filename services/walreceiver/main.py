@@ -1,6 +1,7 @@
 """`zenith-walreceiver`: stream primaries' WAL into the page server.
 
-    zenith-walreceiver [--listen 127.0.0.1:6403] [--pageserver 127.0.0.1:6402] [--log-level info]
+    zenith-walreceiver [--listen 127.0.0.1:6403] [--pageserver 127.0.0.1:6402]
+                       [--state-file PATH] [--log-level info]
 
 Serves zenith.v1.WalReceiver (Attach / Detach / Status) and grpc.health.v1
 on the listen address; prints `zenith-walreceiver listening on HOST:PORT`
@@ -8,6 +9,12 @@ once it serves (port 0: any free port). SIGTERM or SIGINT: health goes
 NOT_SERVING, every attachment stops (replication slots are kept, so a
 restarted walreceiver resumes where the page server's WAL ends), then the
 server exits.
+
+With --state-file, Attach and Detach persist the set of attachments there
+(atomically, before they answer) and start-up brings every saved attachment
+back, so they survive a restart or a kill -9. A state file that cannot be
+read or parsed stops start-up with exit code 1: attachments are never
+dropped silently.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from concurrent import futures
+from pathlib import Path
 from types import FrameType
 
 import grpc
@@ -27,7 +35,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from zproto import walreceiver_pb2_grpc
 
 from .receiver import ReceiverOptions
-from .server import WalReceiverServicer
+from .server import StateFileError, WalReceiverServicer
 
 log = logging.getLogger("zenith.walreceiver")
 
@@ -38,8 +46,9 @@ class WalReceiverServer:
     """The servicer plus its gRPC server; start() binds and serves, stop() detaches everything."""
 
     def __init__(self, listen: str = "127.0.0.1:6403", pageserver: str = "127.0.0.1:6402",
-                 options: ReceiverOptions | None = None, threads: int = 16) -> None:
-        self.servicer = WalReceiverServicer(pageserver, options)
+                 options: ReceiverOptions | None = None, threads: int = 16,
+                 state_file: Path | None = None) -> None:
+        self.servicer = WalReceiverServicer(pageserver, options, state_file)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads))
         walreceiver_pb2_grpc.add_WalReceiverServicer_to_server(self.servicer, self.server)
         self.health = health.HealthServicer()
@@ -54,10 +63,12 @@ class WalReceiverServer:
         return f"{self.host}:{self.port}"
 
     def start(self) -> None:
+        restored = self.servicer.restore()
         self.server.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("walreceiver listening on %s (page server %s)", self.address, self.servicer.pageserver)
+        log.info("walreceiver listening on %s (page server %s); %d attachment(s) restored", self.address,
+                 self.servicer.pageserver, restored)
 
     def stop(self, grace: float = 2.0) -> None:
         self.health.enter_graceful_shutdown()
@@ -73,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status-interval", type=float, default=1.0,
                    help="seconds between standby status updates to the primary")
     p.add_argument("--max-backoff", type=float, default=5.0, help="longest wait between reconnects, seconds")
+    p.add_argument("--state-file", type=Path, default=None, metavar="PATH",
+                   help="keep the attachments in this JSON file, so they survive a restart (default: in memory only)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 
@@ -85,8 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     options = ReceiverOptions(status_interval=args.status_interval, backoff_max=args.max_backoff)
     try:
-        server = WalReceiverServer(args.listen, args.pageserver, options)
-    except (OSError, RuntimeError) as e:
+        server = WalReceiverServer(args.listen, args.pageserver, options, state_file=args.state_file)
+    except (OSError, RuntimeError, StateFileError) as e:
         print(f"zenith-walreceiver: {e}", file=sys.stderr)
         return 1
     stop = threading.Event()

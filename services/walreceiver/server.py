@@ -1,14 +1,26 @@
-"""gRPC servicer of zenith.v1.WalReceiver: one WalReceiver thread per attached (tenant, timeline)."""
+"""gRPC servicer of zenith.v1.WalReceiver: one WalReceiver thread per attached (tenant, timeline).
+
+With a state file, the set of attachments survives the process: every Attach
+and Detach rewrites the file atomically before it answers, and a restarted
+walreceiver starts one receiver per saved attachment, each resuming from the
+page server's durable LSN (its replication slot kept the WAL meanwhile).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
+from collections.abc import Iterable
 from dataclasses import replace
-from typing import Any
+from pathlib import Path
+from typing import Any, Final
 
 import grpc
+import psycopg
 
+from pgformat.lsn import format_lsn, parse_lsn
 from zproto import common_pb2, pageserver_pb2, pageserver_pb2_grpc, walreceiver_pb2, walreceiver_pb2_grpc
 
 from .receiver import (
@@ -19,6 +31,7 @@ from .receiver import (
     ReplicationError,
     State,
     WalReceiver,
+    WalReceiverError,
     replication_conninfo,
     validate_id,
     validate_slot_name,
@@ -45,6 +58,117 @@ def status_to_proto(s: ReceiverStatus) -> walreceiver_pb2.AttachmentStatus:
     )
 
 
+# -- the state file -------------------------------------------------------------------
+
+STATE_FILE_VERSION: Final = 1
+
+
+class StateFileError(WalReceiverError):
+    """The attachments state file cannot be read, parsed or written; the message names the file."""
+
+
+def _config_to_json(c: AttachConfig) -> dict[str, Any]:
+    return {
+        "tenant": c.tenant, "timeline": c.timeline, "primary_conninfo": c.conninfo, "slot_name": c.slot_name,
+        "start_lsn": None if c.start_lsn is None else format_lsn(c.start_lsn), "create_slot": c.create_slot,
+    }
+
+
+def _config_from_json(entry: Any) -> AttachConfig:
+    """One saved attachment, validated as Attach validates its request; ValueError if bad."""
+    if not isinstance(entry, dict):
+        raise ValueError("an attachment must be a JSON object")
+    missing = {"tenant", "timeline", "primary_conninfo", "slot_name"} - entry.keys()
+    if missing:
+        raise ValueError(f"missing {', '.join(sorted(missing))}")
+    fields = [entry["tenant"], entry["timeline"], entry["primary_conninfo"], entry["slot_name"]]
+    if not all(isinstance(v, str) for v in fields):
+        raise ValueError("tenant, timeline, primary_conninfo and slot_name must be strings")
+    start = entry.get("start_lsn")
+    if start is not None and not isinstance(start, str):
+        raise ValueError("start_lsn must be an LSN string like '0/16B3748' or null")
+    create_slot = entry.get("create_slot", False)
+    if not isinstance(create_slot, bool):
+        raise ValueError("create_slot must be true or false")
+    config = AttachConfig(
+        tenant=validate_id(entry["tenant"], "tenant"), timeline=validate_id(entry["timeline"], "timeline"),
+        conninfo=entry["primary_conninfo"], slot_name=validate_slot_name(entry["slot_name"]),
+        create_slot=create_slot, start_lsn=None if start is None else parse_lsn(start),
+    )
+    replication_conninfo(config.conninfo, config.timeline)  # raises ValueError if libpq cannot parse it
+    return config
+
+
+class AttachmentStore:
+    """The set of attachments in a JSON file, rewritten atomically (temp file, fsync, rename, fsync dir).
+
+    The file holds connection strings as given, passwords included: it is
+    created readable by its owner only.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def load(self) -> list[AttachConfig]:
+        """The saved attachments; none if the file does not exist yet. StateFileError if it is unusable."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return []
+        except (OSError, UnicodeDecodeError) as e:
+            raise StateFileError(f"cannot read the state file {self.path}: {e}") from None
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise StateFileError(f"state file {self.path} is not valid JSON: {e}") from None
+        if not isinstance(doc, dict) or doc.get("version") != STATE_FILE_VERSION \
+                or not isinstance(doc.get("attachments"), list):
+            raise StateFileError(f"state file {self.path}: expected {{\"version\": {STATE_FILE_VERSION}, "
+                                 "\"attachments\": [...]}")
+        configs: list[AttachConfig] = []
+        seen: set[tuple[str, str]] = set()
+        for i, entry in enumerate(doc["attachments"]):
+            try:
+                config = _config_from_json(entry)
+            except (ValueError, psycopg.Error) as e:
+                raise StateFileError(f"state file {self.path}: attachment #{i}: {e}") from None
+            if (config.tenant, config.timeline) in seen:
+                raise StateFileError(f"state file {self.path}: attachment #{i}: timeline {config.timeline} "
+                                     f"of tenant {config.tenant} appears twice")
+            seen.add((config.tenant, config.timeline))
+            configs.append(config)
+        return configs
+
+    def save(self, configs: Iterable[AttachConfig]) -> None:
+        """Replace the file's contents with `configs`, durably; StateFileError (file unchanged) on failure."""
+        doc = {"version": STATE_FILE_VERSION,
+               "attachments": [_config_to_json(c) for c in sorted(configs, key=lambda c: (c.tenant, c.timeline))]}
+        data = (json.dumps(doc, indent=2) + "\n").encode()
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+            dfd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as e:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass  # not ours to remove (a directory, say); the error below says what failed
+            raise StateFileError(f"cannot write the state file {self.path}: {e}") from None
+
+
 def _ids(context: grpc.ServicerContext, tenant: common_pb2.TenantId,
          timeline: common_pb2.TimelineId) -> tuple[str, str]:
     try:
@@ -60,11 +184,43 @@ def _ids(context: grpc.ServicerContext, tenant: common_pb2.TenantId,
 class WalReceiverServicer(walreceiver_pb2_grpc.WalReceiverServicer):
     """Attachments live here, keyed by (tenant, timeline); nothing is kept in module globals."""
 
-    def __init__(self, pageserver: str, options: ReceiverOptions | None = None) -> None:
+    def __init__(self, pageserver: str, options: ReceiverOptions | None = None,
+                 state_file: Path | None = None) -> None:
+        """With `state_file`, the saved attachments are read now (StateFileError if the file is
+        unusable) and started by restore()."""
         self.pageserver = pageserver
         self.options = options or ReceiverOptions()
         self._lock = threading.Lock()
         self._receivers: dict[tuple[str, str], WalReceiver] = {}
+        self._store = AttachmentStore(state_file) if state_file is not None else None
+        self._saved: list[AttachConfig] = self._store.load() if self._store is not None else []
+
+    def restore(self) -> int:
+        """Start a receiver for every attachment of the state file; return how many.
+
+        No page server check here: it may not be up yet, and each receiver
+        retries until it is (a timeline the page server does not know ends in FAILED).
+        """
+        with self._lock:
+            saved, self._saved = self._saved, []
+            for config in saved:
+                receiver = WalReceiver(config, self.pageserver, self.options)
+                self._receivers[(config.tenant, config.timeline)] = receiver
+                receiver.start()
+                log.info("restored attachment %s/%s: slot %s, application_name %s", config.tenant,
+                         config.timeline, config.slot_name, receiver.application_name)
+        return len(saved)
+
+    def _persist(self, context: grpc.ServicerContext, configs: dict[tuple[str, str], AttachConfig]) -> None:
+        """Save `configs` as the set of attachments (called with the lock held); abort the RPC if the
+        state file cannot be written."""
+        if self._store is None:
+            return
+        try:
+            self._store.save(configs.values())
+        except StateFileError as e:
+            log.error("%s", e)
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
 
     # -- RPCs -----------------------------------------------------------------------
 
@@ -91,6 +247,8 @@ class WalReceiverServicer(walreceiver_pb2_grpc.WalReceiverServicer):
             if old is not None and old.running:
                 context.abort(grpc.StatusCode.ALREADY_EXISTS,
                               f"timeline {timeline} of tenant {tenant} is already attached")
+            # Durable before it starts: an Attach that returned OK survives a crash.
+            self._persist(context, {**{k: r.config for k, r in self._receivers.items()}, (tenant, timeline): config})
             receiver = WalReceiver(config, self.pageserver, self.options)
             self._receivers[(tenant, timeline)] = receiver
             receiver.start()
@@ -124,9 +282,12 @@ class WalReceiverServicer(walreceiver_pb2_grpc.WalReceiverServicer):
     def Detach(self, request: Any, context: grpc.ServicerContext) -> Any:
         tenant, timeline = _ids(context, request.tenant, request.timeline)
         with self._lock:
-            receiver = self._receivers.pop((tenant, timeline), None)
-        if receiver is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"timeline {timeline} of tenant {tenant} is not attached")
+            receiver = self._receivers.get((tenant, timeline))
+            if receiver is None:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"timeline {timeline} of tenant {tenant} is not attached")
+            # Forgotten durably first: a crash from here on does not bring it back.
+            self._persist(context, {k: r.config for k, r in self._receivers.items() if k != (tenant, timeline)})
+            del self._receivers[(tenant, timeline)]
         status = receiver.stop()
         if request.drop_slot:
             try:
@@ -151,7 +312,10 @@ class WalReceiverServicer(walreceiver_pb2_grpc.WalReceiverServicer):
     # -- lifecycle ----------------------------------------------------------------------
 
     def stop_all(self, timeout: float = 30.0) -> None:
-        """Stop every receiver (slots are kept: a restarted walreceiver resumes from them)."""
+        """Stop every receiver (slots are kept: a restarted walreceiver resumes from them).
+
+        The state file is left as it is: the attachments come back with the process.
+        """
         with self._lock:
             receivers = list(self._receivers.values())
             self._receivers.clear()
