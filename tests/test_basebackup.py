@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 from conftest import PgFactory
+from hypothesis import given
+from hypothesis import strategies as st
 from pageserver_util import RunningPageServer, current_lsn, import_backup, push_wal, take_base_backup
 
 from pgformat.constants import XLOG_BLCKSZ
@@ -35,7 +37,7 @@ from pgformat.controlfile import (
     write_checkpoint,
     write_control_file,
 )
-from pgformat.lsn import format_lsn
+from pgformat.lsn import format_lsn, parse_lsn
 from pgformat.rmgr import (
     RM_MULTIXACT_ID,
     RM_XACT_ID,
@@ -57,6 +59,7 @@ from zctl.postgres import PG_OS_USER, PostgresNode, free_port, make_pg_owned_dir
 from zproto import common_pb2, pageserver_pb2
 
 TIMELINE = "22222222222222222222222222222222"
+BRANCH = "33333333333333333333333333333333"
 SYSID = 7300000000000000001
 
 
@@ -102,6 +105,35 @@ def test_control_file_errors(initdb_control: bytes) -> None:
         parse_checkpoint(b"\0" * 87)
     with pytest.raises(ControlFileError, match="out of range"):
         write_checkpoint(_checkpoint(next_oid=1 << 32))
+
+
+@given(st.binary(max_size=400), st.integers(min_value=0, max_value=295), st.integers(min_value=0, max_value=255))
+def test_control_file_parser_raises_only_its_error(junk: bytes, pos: int, byte: int) -> None:
+    image = bytearray(junk) + bytes(max(0, 296 - len(junk)))
+    image[8:12] = struct.pack("<I", 1300)
+    image[pos] = byte
+    for candidate in (bytes(image), bytes(junk)):
+        try:
+            parse_control_file(candidate, verify_crc=False)
+            parse_control_file(candidate)
+        except ControlFileError:
+            pass
+
+
+_u32 = st.integers(min_value=0, max_value=0xFFFFFFFF)
+
+
+@given(st.integers(min_value=0, max_value=(1 << 64) - 1), _u32, _u32, st.booleans(),
+       st.integers(min_value=0, max_value=(1 << 64) - 1), st.lists(_u32, min_size=7, max_size=7),
+       st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1), st.lists(_u32, min_size=3, max_size=3))
+def test_checkpoint_round_trips(redo: int, tli: int, prev_tli: int, fpw: bool, next_xid: int, u32s: list[int],
+                                ts: int, tail: list[int]) -> None:
+    ckpt = CheckPoint(redo, tli, prev_tli, fpw, next_xid, *u32s, ts, *tail)
+    image = write_checkpoint(ckpt)
+    assert len(image) == 88 and parse_checkpoint(image) == ckpt
+    rec = build_checkpoint_record(ckpt, xl_prev=redo)
+    decoded = decode_record(rec, 0, 0, verify_crc=True)
+    assert parse_checkpoint(decoded.main_data) == ckpt
 
 
 def test_pg_controldata_reads_what_we_write(initdb_control: bytes, pg_base_dir: Path) -> None:
@@ -275,7 +307,7 @@ class Snapshot:
     lsn: int
     tables: dict[str, tuple[int, int]]
     other_db: dict[str, tuple[int, int]] | None
-    next_xid: int  # txid_snapshot_xmax: every xid the primary had handed out is below it
+    next_xid: int  # the primary's next xid at the quiet moment (taken by a txid_current() after `lsn`)
     max_oid: int
     seq_value: int
     prepared: list[str]
@@ -287,7 +319,7 @@ def _snapshot(node: PostgresNode, other_db: bool) -> Snapshot:
         lsn=lsn,
         tables=_table_checksums(node),
         other_db=_table_checksums(node, "db2") if other_db else None,
-        next_xid=int(node.sql("SELECT txid_snapshot_xmax(txid_current_snapshot())")[0][0]),
+        next_xid=int(node.sql("SELECT txid_current()")[0][0]),
         max_oid=int(node.sql("SELECT max(oid::bigint) FROM pg_class")[0][0]),
         seq_value=int(node.sql("SELECT last_value FROM ticket_seq")[0][0]),
         prepared=sorted(r[0] for r in node.sql("SELECT gid FROM pg_prepared_xacts")),
@@ -345,9 +377,9 @@ def _workload_part2(node: PostgresNode) -> None:
     node.execute("BEGIN; UPDATE items SET qty = -1 WHERE id = 3; PREPARE TRANSACTION 'p2'")
 
 
-def _fetch_basebackup(ps: RunningPageServer, lsn: int) -> tuple[bytes, int]:
+def _fetch_basebackup(ps: RunningPageServer, lsn: int, timeline: str = TIMELINE) -> tuple[bytes, int]:
     chunks = list(ps.stub.Basebackup(pageserver_pb2.BasebackupRequest(
-        tenant=common_pb2.TenantId(id=DEFAULT_TENANT), timeline=common_pb2.TimelineId(id=TIMELINE), lsn=lsn),
+        tenant=common_pb2.TenantId(id=DEFAULT_TENANT), timeline=common_pb2.TimelineId(id=timeline), lsn=lsn),
         timeout=300))
     return b"".join(c.data for c in chunks), chunks[0].lsn
 
@@ -359,7 +391,7 @@ def _boot(archive: bytes, where: Path) -> PostgresNode:
     node = PostgresNode(datadir=datadir, port=free_port())
     node.configure({"listen_addresses": node.host, "port": node.port, "unix_socket_directories": "",
                     "max_prepared_transactions": 5, "fsync": "off", "autovacuum": "off",
-                    "log_min_messages": "warning"})
+                    "log_min_messages": "warning", "lock_timeout": "60s"})
     if os.geteuid() == 0:
         pw = pwd.getpwnam(PG_OS_USER)
         for root, dirs, files in os.walk(datadir):
@@ -371,7 +403,7 @@ def _boot(archive: bytes, where: Path) -> PostgresNode:
     return node
 
 
-def _check_compute(compute: PostgresNode, snap: Snapshot, backup_lsn: int) -> None:
+def _check_compute(compute: PostgresNode, snap: Snapshot, backup_lsn: int, checkpoint_lsn: int) -> None:
     assert _table_checksums(compute) == snap.tables
     if snap.other_db is not None:
         assert _table_checksums(compute, "db2") == snap.other_db
@@ -380,8 +412,6 @@ def _check_compute(compute: PostgresNode, snap: Snapshot, backup_lsn: int) -> No
     out = run_as_pg_user([compute.bin("pg_amcheck"), "-h", compute.host, "-p", str(compute.port), "-U", compute.user,
                           "--all", "--install-missing", "--heapallindexed"], check=False)
     assert out.returncode == 0, out.stdout + out.stderr
-    from pgformat.lsn import parse_lsn
-
     assert parse_lsn(compute.sql("SELECT pg_current_wal_lsn()::text")[0][0]) >= snap.lsn >= backup_lsn
     assert sorted(r[0] for r in compute.sql("SELECT gid FROM pg_prepared_xacts")) == snap.prepared
     # New xids, oids, multixacts and sequence values continue past the primary's.
@@ -392,6 +422,16 @@ def _check_compute(compute: PostgresNode, snap: Snapshot, backup_lsn: int) -> No
     assert int(compute.sql("SELECT 'after_boot'::regclass::oid::bigint")[0][0]) > snap.max_oid
     assert int(compute.sql("SELECT nextval('ticket_seq')")[0][0]) > snap.seq_value
     _multixact(compute, "items", 5)
+    # The compute's own WAL continues ours: pg_waldump reads from our checkpoint record on, and a
+    # crash now makes Postgres replay from that record.
+    flushed = compute.sql("SELECT pg_current_wal_flush_lsn()::text")[0][0]
+    dump = run_as_pg_user([compute.bin("pg_waldump"), "-p", compute.waldir, "-s", format_lsn(checkpoint_lsn),
+                           "-e", flushed], check=False)
+    assert dump.returncode == 0, dump.stderr
+    assert "CHECKPOINT_SHUTDOWN" in dump.stdout.splitlines()[0] and "after_boot" not in dump.stderr
+    compute.kill()
+    compute.start()
+    assert compute.sql("SELECT count(*) FROM after_boot")[0][0] == 100
     # The unlogged table is there, empty, as after a crash of the primary.
     assert compute.sql("SELECT count(*) FROM scratch")[0][0] == 0
     compute.execute("INSERT INTO scratch VALUES (1, 'new')")
@@ -402,7 +442,7 @@ def _check_compute(compute: PostgresNode, snap: Snapshot, backup_lsn: int) -> No
         assert compute.sql("SELECT count(*) FROM docs WHERE id < 0")[0][0] == 2
     compute.execute("CHECKPOINT")
     out = run_as_pg_user([compute.bin("pg_amcheck"), "-h", compute.host, "-p", str(compute.port), "-U", compute.user,
-                          "--all", "--heapallindexed"], check=False)
+                          "--all", "--heapallindexed"], check=False, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -421,18 +461,63 @@ def test_compute_boots_from_basebackup_at_two_lsns(pg_factory: PgFactory, tmp_pa
     try:
         summary = import_backup(ps.stub, backup, TIMELINE)
         assert push_wal(ps.stub, primary.waldir, TIMELINE, summary.start_lsn) >= snap2.lsn
-        for i, snap in enumerate((snap1, snap2)):
-            archive, lsn = _fetch_basebackup(ps, snap.lsn)
+        # A branch at L1 (O(1), nothing copied) boots with the same data: its base backup follows
+        # the lineage into the parent for the records since the last checkpoint.
+        _, lsn1 = _fetch_basebackup(ps, snap1.lsn)
+        ps.stub.CreateTimeline(pageserver_pb2.CreateTimelineRequest(
+            tenant=common_pb2.TenantId(id=DEFAULT_TENANT), new_timeline=common_pb2.TimelineId(id=BRANCH),
+            ancestor_timeline=common_pb2.TimelineId(id=TIMELINE), ancestor_lsn=lsn1))
+        for i, (timeline, snap) in enumerate(((TIMELINE, snap1), (TIMELINE, snap2), (BRANCH, snap1))):
+            archive, lsn = _fetch_basebackup(ps, 0 if timeline == BRANCH else snap.lsn, timeline)
             assert snap.lsn - XLOG_BLCKSZ < lsn <= snap.lsn
-            names = tarfile.open(fileobj=io.BytesIO(archive)).getnames()
+            with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+                names = tar.getnames()
+                control = tar.extractfile("global/pg_control")
+                assert control is not None
+                checkpoint_lsn = parse_control_file(control.read()).checkpoint
+            assert lsn <= checkpoint_lsn < lsn + 64
             assert "global/pg_control" == names[-1] and "PG_VERSION" in names
             assert not [n for n in names if n.endswith("_fsm")]
             compute = _boot(archive, Path(tempfile.mkdtemp(prefix=f"compute{i}-", dir=pg_base_dir)))
             computes.append(compute)
-            _check_compute(compute, snap, lsn)
+            _check_compute(compute, snap, lsn, checkpoint_lsn)
             compute.stop()
             computes.pop()
     finally:
         for c in computes:
             c.stop(mode="immediate")
+        ps.close()
+
+
+def test_compute_boots_from_a_freshly_imported_cluster(pg_factory: PgFactory, tmp_path: Path,
+                                                       pg_base_dir: Path) -> None:
+    """What `zctl init` does: initdb, import the stopped cluster, boot a compute at the import LSN
+    (no record since the checkpoint: the checkpoint values come from pg_control)."""
+    from zctl.importer import import_requests, scan_stopped_datadir
+
+    seed = pg_factory("seed", start=False)
+    control = parse_control_file((seed.datadir / "global/pg_control").read_bytes())
+    summary = scan_stopped_datadir(seed.datadir)
+    ps = RunningPageServer(tmp_path / "repo")
+    compute = None
+    try:
+        ps.stub.CreateTimeline(pageserver_pb2.CreateTimelineRequest(
+            tenant=common_pb2.TenantId(id=DEFAULT_TENANT), new_timeline=common_pb2.TimelineId(id=TIMELINE)))
+        ps.stub.Import(import_requests(seed.datadir, DEFAULT_TENANT, TIMELINE, summary))
+        archive, lsn = _fetch_basebackup(ps, 0)
+        assert lsn == summary.start_lsn
+        compute = _boot(archive, Path(tempfile.mkdtemp(prefix="fresh-", dir=pg_base_dir)))
+        assert int(compute.sql("SELECT txid_current()")[0][0]) >= control.checkpoint_copy.next_xid
+        compute.execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 1000)")
+        assert int(compute.sql("SELECT 't'::regclass::oid::bigint")[0][0]) >= control.checkpoint_copy.next_oid
+        assert {r[0] for r in compute.sql("SELECT datname FROM pg_database")} >= {"postgres", "template0", "template1"}
+        out = run_as_pg_user([compute.bin("pg_amcheck"), "-h", compute.host, "-p", str(compute.port), "-U",
+                              compute.user, "--all", "--install-missing", "--heapallindexed"], check=False, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        # The checkpoint record's prev-link is the imported cluster's own shutdown checkpoint.
+        dump = run_as_pg_user([compute.bin("pg_waldump"), "-p", compute.waldir, "-s", format_lsn(lsn), "-n", "1"])
+        assert f"prev {format_lsn(control.checkpoint)}" in dump.stdout
+    finally:
+        if compute is not None:
+            compute.stop(mode="immediate")
         ps.close()

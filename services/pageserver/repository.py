@@ -39,7 +39,7 @@ from pgformat.lsn import format_lsn
 from pgformat.xlogrecord import DecodedRecord, decode_record
 
 from .ingest import IngestPlan, plan_record
-from .keys import KeyKind, RelTag, decode_key, rel_range
+from .keys import KeyKind, RelTag, decode_key, rel_range, relmap_key
 
 log = logging.getLogger(__name__)
 
@@ -445,6 +445,10 @@ class Repository:
                     (tl.id, dst.page_key(blk), lsn, KIND_IMAGE, page),
                 )
             self._set_size(conn, tl, dst, lsn, nblocks)
+        relmap = self.get_file(tl, relmap_key(src_spc, src_db), rec.lsn)
+        if relmap is not None:  # the copied database's mapped catalogs need the template's map
+            conn.execute("INSERT OR REPLACE INTO page_versions VALUES (?, ?, ?, ?, ?)",
+                         (tl.id, relmap_key(dst_spc, dst_db), lsn, KIND_FILE, relmap))
 
     def _cached_size(self, conn: sqlite3.Connection, tl: Timeline, rel: RelTag, lsn: int) -> int | None:
         if rel not in tl.rel_size_cache:
