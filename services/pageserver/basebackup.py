@@ -32,7 +32,7 @@ import io
 import logging
 import tarfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Final
 
@@ -155,11 +155,17 @@ class StartState:
 
 
 def write_basebackup(
-    repo: Repository, tl: Timeline, lsn: int, out: BinaryIO, *, timeline_id: int = 1
+    repo: Repository, tl: Timeline, lsn: int, out: BinaryIO, *, timeline_id: int = 1,
+    on_start: Callable[[BasebackupInfo], None] | None = None,
 ) -> BasebackupInfo:
-    """Write the data directory as of `lsn` to `out` as an uncompressed tar stream."""
+    """Write the data directory as of `lsn` to `out` as an uncompressed tar stream.
+
+    `on_start` hears where the backup stands before the first byte is written.
+    """
     started = time.monotonic()
     start = prepare_start(repo, tl, lsn, timeline_id=timeline_id)
+    if on_start is not None:
+        on_start(start.info)
     ckpt = start.info.checkpoint
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         w = _TarWriter(tar)

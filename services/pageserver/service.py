@@ -116,11 +116,26 @@ class PageServerServicer(pageserver_pb2_grpc.PageServerServicer):
         return self.repo.timeline(tenant.id or DEFAULT_TENANT, timeline.id)
 
     def _lsn(self, tl: Timeline, req_lsn: common_pb2.RequestLsn, context: grpc.ServicerContext | None = None) -> int:
-        if req_lsn.latest or req_lsn.lsn == 0:
-            return tl.last_record_lsn
+        """The LSN to read at (Neon's rules for request LSN + not_modified_since, page_service.rs).
+
+        With a hint the client promises nothing changed between it and the
+        request LSN, so any LSN in between gives the same answer: wait only
+        for the hint, and read at min(request LSN, last ingested).
+        """
+        latest = req_lsn.latest or req_lsn.lsn == 0
+        hint = req_lsn.not_modified_since
+        if hint and not latest and hint > req_lsn.lsn:
+            raise InvalidRequestError(
+                f"not_modified_since {format_lsn(hint)} is after the request LSN {format_lsn(req_lsn.lsn)}")
         timeout = self.lsn_wait_timeout
         if context is not None and context.time_remaining() is not None:
             timeout = min(timeout, max(0.0, context.time_remaining() - 0.05))
+        if hint > tl.last_record_lsn:
+            self.repo.resolve_lsn(tl, hint, timeout)
+        if latest:
+            return tl.last_record_lsn
+        if hint:
+            return self.repo.resolve_lsn(tl, min(req_lsn.lsn, tl.last_record_lsn), timeout)
         return self.repo.resolve_lsn(tl, req_lsn.lsn, timeout)
 
     def timeline_info(self, tl: Timeline) -> pageserver_pb2.TimelineInfo:
@@ -231,21 +246,20 @@ class PageServerServicer(pageserver_pb2_grpc.PageServerServicer):
             lsn = tl.last_record_lsn if request.lsn == 0 else self.repo.resolve_lsn(tl, request.lsn, self.lsn_wait_timeout)
         except _EXPECTED as e:
             context.abort(_status_for(e), str(e))
-        from .basebackup import write_basebackup
+        from .basebackup import BasebackupInfo, write_basebackup
 
-        chunks: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=16)
+        chunks: queue.Queue[bytes | BasebackupInfo | BaseException | None] = queue.Queue(maxsize=16)
         writer = _QueueWriter(chunks)
 
         def produce() -> None:
             try:
-                write_basebackup(self.repo, tl, lsn, writer)
+                write_basebackup(self.repo, tl, lsn, writer, on_start=chunks.put)
                 writer.flush()
                 chunks.put(None)
             except BaseException as e:  # handed to the consumer, which answers with a status
                 chunks.put(e)
 
         threading.Thread(target=produce, name="basebackup", daemon=True).start()
-        first = True
         while True:
             item = chunks.get()
             if item is None:
@@ -255,8 +269,12 @@ class PageServerServicer(pageserver_pb2_grpc.PageServerServicer):
                     context.abort(_status_for(item), str(item))
                 log.error("BUG: base backup failed", exc_info=item)
                 context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(item).__name__}: {item}")
-            yield pageserver_pb2.BasebackupChunk(data=item, lsn=lsn if first else 0)
-            first = False
+            if isinstance(item, BasebackupInfo):
+                # The first message: where the backup stands, before any data.
+                yield pageserver_pb2.BasebackupChunk(lsn=item.lsn, checkpoint_lsn=item.checkpoint_lsn,
+                                                     wal_end_lsn=item.end_lsn)
+            else:
+                yield pageserver_pb2.BasebackupChunk(data=item)
 
     # -- tenants and timelines --------------------------------------------------------
 
@@ -377,7 +395,7 @@ class _QueueWriter(io.RawIOBase):
 
     CHUNK = 1 << 20
 
-    def __init__(self, q: queue.Queue[bytes | BaseException | None]) -> None:
+    def __init__(self, q: queue.Queue[Any]) -> None:
         self._q = q
         self._buf = bytearray()
 
