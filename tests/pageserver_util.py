@@ -26,9 +26,10 @@ def take_base_backup(node: PostgresNode, dest: Path) -> Path:
     return dest
 
 
-def import_backup(stub: pageserver_pb2_grpc.PageServerStub, backup: Path, timeline: str) -> ImportSummary:
+def import_backup(stub: pageserver_pb2_grpc.PageServerStub, backup: Path, timeline: str,
+                  name: str = "") -> ImportSummary:
     stub.CreateTimeline(pageserver_pb2.CreateTimelineRequest(
-        tenant=common_pb2.TenantId(id=DEFAULT_TENANT), new_timeline=common_pb2.TimelineId(id=timeline)))
+        tenant=common_pb2.TenantId(id=DEFAULT_TENANT), new_timeline=common_pb2.TimelineId(id=timeline), name=name))
     summary = scan_backup(backup)
     stub.Import(import_requests(backup, DEFAULT_TENANT, timeline, summary))
     return summary

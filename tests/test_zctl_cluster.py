@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -48,8 +49,15 @@ def test_attach_follow_and_read_pages(repo: Path, pg_factory: PgFactory) -> None
     assert ours == theirs
 
     status = json.loads(zctl(repo, "status", "--json").stdout)
-    assert [s["healthy"] for s in status["services"]] == [True, True, True]
+    assert [(s["name"], s["healthy"]) for s in status["services"]] == [
+        ("redo", True), ("pageserver", True), ("walreceiver", True), ("shim", True)]
     assert status["attachments"][0]["state"] == "ATTACHMENT_STATE_STREAMING"
+    # The libpq shim `zctl start` runs: psql lists the timelines through it.
+    shim_port = json.loads((repo / "config.json").read_text())["ports"]["shim"]
+    listed = subprocess.run(["psql", "-X", "-At", "-h", "127.0.0.1", "-p", str(shim_port), "-U", "postgres",
+                             "-c", "status"], capture_output=True, text=True, timeout=30)
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split("|")[2] for line in listed.stdout.splitlines()] == ["main"]
 
     bad = zctl(repo, "getpage", "--branch", "nosuch", "--rel", "1663/5/1", "--blk", "0", "-o", str(page_file), check=False)
     assert bad.returncode == 1 and "no branch named 'nosuch'" in bad.stderr

@@ -14,7 +14,7 @@ from zctl.postgres import free_port
 def make_repo(path: Path) -> Path:
     """A repository whose services listen on free ports (so tests never collide)."""
     path.mkdir(parents=True, exist_ok=True)
-    ports = {"redo": free_port(), "pageserver": free_port(), "walreceiver": free_port()}
+    ports = {"redo": free_port(), "pageserver": free_port(), "walreceiver": free_port(), "shim": free_port()}
     (path / "config.json").write_text(json.dumps({"host": "127.0.0.1", "ports": ports, "redo_workers": 2}))
     return path
 

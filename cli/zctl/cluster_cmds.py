@@ -75,7 +75,7 @@ def find_branch(stub: pageserver_pb2_grpc.PageServerStub, name: str) -> pageserv
 def cmd_start(args: argparse.Namespace) -> int:
     cluster = _cluster(args)
     console = Console()
-    with console.status("starting redo pool, page server and walreceiver"):
+    with console.status("starting redo pool, page server, walreceiver and libpq shim"):
         try:
             statuses = cluster.start()
         except SupervisorError as e:

@@ -176,9 +176,10 @@ def cmd_init(args: argparse.Namespace) -> int:
                            f"choose a --repo it can reach (e.g. under /tmp or /srv) or `chmod o+x {blocked}`")
     config = cluster.load_config()
     if args.base_port:
-        config.ports = {"redo": args.base_port, "pageserver": args.base_port + 1, "walreceiver": args.base_port + 2}
+        config.ports = {"redo": args.base_port, "pageserver": args.base_port + 1, "walreceiver": args.base_port + 2,
+                        "shim": args.base_port + 3}
     cluster.save_config(config)
-    with console.status("starting the redo pool, page server and walreceiver"):
+    with console.status("starting the redo pool, page server, walreceiver and libpq shim"):
         try:
             cluster.start()
         except SupervisorError as e:
@@ -214,7 +215,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def add_commands(sub: Any) -> None:
     p = sub.add_parser("init", help="create a repository: initdb, branch main, services and compute main")
-    p.add_argument("--base-port", type=int, default=None, help="ports for redo, page server, walreceiver (N, N+1, N+2)")
+    p.add_argument("--base-port", type=int, default=None, help="ports for redo, page server, walreceiver, libpq shim (N .. N+3)")
     p.add_argument("--pg-port", type=int, default=None, help="port of compute main")
     p.set_defaults(func=cmd_init)
 

@@ -5,6 +5,8 @@ and `start` returns only once every service answers gRPC health checks.
 Layout of a repository directory:
 
     config.json          ports and worker counts (written by `zctl start` on first use)
+                         services: redo pool, page server, walreceiver (gRPC) and the
+                         libpq shim (Postgres wire protocol, default port 6400)
     pageserver/          the page server's data
     logs/<service>.log
     pids/<service>.pid
@@ -26,7 +28,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .postgres import pid_alive
 
-SERVICE_ORDER = ("redo", "pageserver", "walreceiver")
+SERVICE_ORDER = ("redo", "pageserver", "walreceiver", "shim")
+DEFAULT_PORTS = {"shim": 6400, "redo": 6401, "pageserver": 6402, "walreceiver": 6403}
 HEALTH_NAMES = {"redo": "zenith.v1.Redo", "pageserver": "zenith.v1.PageServer", "walreceiver": "zenith.v1.WalReceiver"}
 
 
@@ -37,7 +40,7 @@ class SupervisorError(RuntimeError):
 @dataclass
 class ClusterConfig:
     host: str = "127.0.0.1"
-    ports: dict[str, int] = field(default_factory=lambda: {"redo": 6401, "pageserver": 6402, "walreceiver": 6403})
+    ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
     redo_workers: int = max(1, os.cpu_count() or 1)
 
     def address(self, service: str) -> str:
@@ -64,6 +67,8 @@ class LocalCluster:
     def load_config(self) -> ClusterConfig:
         if self.config_path.exists():
             raw = json.loads(self.config_path.read_text())
+            # Repositories made before a service existed get its default port.
+            raw["ports"] = {**DEFAULT_PORTS, **raw.get("ports", {})}
             return ClusterConfig(**raw)
         return ClusterConfig()
 
@@ -89,6 +94,9 @@ class LocalCluster:
             return [py, "-m", "services.walreceiver.main", "--listen", config.address("walreceiver"),
                     "--pageserver", config.address("pageserver"),
                     "--state-file", str(self.repo / "walreceiver" / "attachments.json")]
+        if name == "shim":
+            return [py, "-m", "services.pgshim.main", "--listen", config.address("shim"),
+                    "--pageserver", config.address("pageserver")]
         raise ValueError(name)
 
     # -- process control -------------------------------------------------------------
@@ -121,7 +129,7 @@ class LocalCluster:
         while time.monotonic() < deadline:
             if self.pid(name) is None:
                 raise SupervisorError(f"{name} exited during start-up; see {self._logfile(name)}:\n{self._log_tail(name)}")
-            if health_check(config.address(name), HEALTH_NAMES[name]):
+            if self._healthy(name, config):
                 return
             time.sleep(0.1)
         raise SupervisorError(f"{name} did not become healthy within {timeout:g}s; see {self._logfile(name)}")
@@ -152,9 +160,14 @@ class LocalCluster:
         for name in SERVICE_ORDER:
             pid = self.pid(name)
             out.append(ServiceStatus(name, config.address(name), pid, pid is not None,
-                                     pid is not None and health_check(config.address(name), HEALTH_NAMES[name]),
-                                     str(self._logfile(name))))
+                                     pid is not None and self._healthy(name, config), str(self._logfile(name))))
         return out
+
+    @staticmethod
+    def _healthy(name: str, config: ClusterConfig) -> bool:
+        if name == "shim":
+            return wire_check(config.host, config.ports["shim"])
+        return health_check(config.address(name), HEALTH_NAMES[name])
 
 
 def health_check(address: str, service: str, timeout: float = 1.0) -> bool:
@@ -163,6 +176,18 @@ def health_check(address: str, service: str, timeout: float = 1.0) -> bool:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
     except grpc.RpcError:
+        return False
+
+
+def wire_check(host: str, port: int, timeout: float = 2.0) -> bool:
+    """The libpq shim completes a Postgres protocol startup (it speaks no gRPC health)."""
+    import psycopg
+
+    try:
+        with psycopg.connect(host=host, port=port, user="zctl", dbname="zctl", connect_timeout=int(max(1, timeout)),
+                             autocommit=True):
+            return True
+    except psycopg.Error:
         return False
 
 

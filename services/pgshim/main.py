@@ -1,0 +1,70 @@
+"""`zenith-pgshim`: the page server over the Postgres wire protocol."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .server import ShimConfig, ShimServer
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="zenith-pgshim", description=__doc__)
+    p.add_argument("--listen", default="127.0.0.1:6400", help="host:port (port 0: any free port)")
+    p.add_argument("--pageserver", default="127.0.0.1:6402", help="page server gRPC address host:port")
+    p.add_argument("--password-file", type=Path, default=None,
+                   help="require this password (first line of the file; or env ZENITH_SHIM_PASSWORD); default: trust")
+    p.add_argument("--auth-method", choices=("md5", "password"), default="md5",
+                   help="how clients send the password (password = cleartext; use with TLS)")
+    p.add_argument("--tls-cert", type=Path, default=None, help="certificate (PEM): answer SSLRequest with TLS")
+    p.add_argument("--tls-key", type=Path, default=None, help="private key (PEM) of --tls-cert")
+    p.add_argument("--max-connections", type=int, default=100)
+    p.add_argument("--startup-timeout", type=float, default=10.0,
+                   help="seconds a client has to finish connecting and authenticating")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    args = p.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        p.error("--tls-cert and --tls-key go together")
+    return args
+
+
+def config_from_args(args: argparse.Namespace) -> ShimConfig:
+    host, _, port = args.listen.rpartition(":")
+    password = os.environ.get("ZENITH_SHIM_PASSWORD") or None
+    if args.password_file is not None:
+        lines = args.password_file.read_text().splitlines()
+        if not lines or not lines[0]:
+            raise SystemExit(f"zenith-pgshim: {args.password_file} is empty")
+        password = lines[0]
+    return ShimConfig(pageserver=args.pageserver, host=host or "127.0.0.1", port=int(port), password=password,
+                      auth_method=args.auth_method, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                      max_connections=args.max_connections, startup_timeout=args.startup_timeout)
+
+
+async def serve(config: ShimConfig) -> None:
+    server = ShimServer(config)
+    await server.start()
+    print(f"libpq shim listening on {server.address}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(config_from_args(args)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
