@@ -9,6 +9,7 @@ BASE_BACKUP, libpq's own parsing for every reply.
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import random
@@ -22,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import psycopg
 import pytest
 from conftest import PgFactory
@@ -265,6 +267,39 @@ def test_basebackup_command_streams_the_page_servers_tar(env: ShimEnv) -> None:
     assert ours_tar.getnames() == theirs_tar.getnames()
     relpath = f"base/{env.rel.db_oid}/{env.rel.rel_number}"
     assert ours_tar.extractfile(relpath).read() == theirs_tar.extractfile(relpath).read()  # type: ignore[union-attr]
+
+
+def test_page_server_not_modified_since_rules(env: ShimEnv) -> None:
+    """Neon's rules, at the gRPC level the shim relies on: wait only for the hint, read at min(request, last)."""
+    rel = env.rel
+    key = common_pb2.PageKey(rel_block=common_pb2.RelBlock(rel=rel, blkno=1))
+    future = env.lsn2 + (1 << 24)
+    started = time.monotonic()
+    resp = env.ps.stub.GetPage(pageserver_pb2.GetPageRequest(
+        key=key, lsn=common_pb2.RequestLsn(lsn=future, not_modified_since=env.lsn1), **_grpc_ids()), timeout=30)
+    assert time.monotonic() - started < 2  # no wait for the future request LSN
+    assert resp.read_lsn == env.lsn2 and bytes(resp.page) == get_page(env.ps.stub, TIMELINE, rel, 1, env.lsn2)
+    with pytest.raises(grpc.RpcError) as e:
+        env.ps.stub.GetPage(pageserver_pb2.GetPageRequest(
+            key=key, lsn=common_pb2.RequestLsn(lsn=env.lsn1, not_modified_since=env.lsn2), **_grpc_ids()), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as e:  # a hint beyond what is ingested still waits (bounded)
+        env.ps.stub.GetPage(pageserver_pb2.GetPageRequest(
+            key=key, lsn=common_pb2.RequestLsn(latest=True, not_modified_since=future), **_grpc_ids()), timeout=30)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_basebackup_command_gzip(env: ShimEnv) -> None:
+    conn = pq.PGconn.connect(env.conninfo().encode())
+    conn.send_query(f"basebackup {DEFAULT_TENANT} feature --gzip".encode())
+    res = conn.get_result()
+    assert res is not None and res.status == pq.ExecStatus.COPY_OUT, res and res.error_message
+    data = bytearray()
+    while (got := conn.get_copy_data(0))[0] > 0:
+        data += bytes(got[1])
+    conn.finish()
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(bytes(data)))) as tar:
+        assert "global/pg_control" in tar.getnames()
 
 
 # ------------------------------------------------------------------- pg_basebackup
