@@ -15,6 +15,7 @@ import psycopg
 from rich.console import Console
 
 from .cluster_cmds import CommandError
+from .supervisor import LocalCluster
 
 
 def _zctl(repo: Path, *args: str) -> int:
@@ -74,5 +75,8 @@ def run_demo(repo: Path) -> int:
     for name, c in _computes(repo).items():
         if c["status"] == "running":
             console.print(f"  {name:24} psql -h 127.0.0.1 -p {c['port']} -U postgres postgres")
+    shim_port = LocalCluster(repo).load_config().ports["shim"]
+    console.print(f"  {'libpq shim':24} psql -h 127.0.0.1 -p {shim_port} -c status")
+    console.print(f"  {'':24} pg_basebackup -h 127.0.0.1 -p {shim_port} -D DIR")
     console.print(f"\nStop computes and services with: .venv/bin/zctl --repo {repo} stop")
     return 0

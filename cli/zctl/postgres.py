@@ -72,6 +72,8 @@ def unreachable_ancestor(path: Path) -> Path | None:
         return None
     pg_uid = pwd.getpwnam(PG_OS_USER).pw_uid
     for folder in reversed(Path(path).resolve().parents):
+        if not folder.exists():
+            break  # we create the rest ourselves, traversable
         st = folder.stat()
         if st.st_uid != pg_uid and not st.st_mode & 0o001:
             return folder
