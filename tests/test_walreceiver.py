@@ -184,7 +184,7 @@ class Cluster:
         """Stop the page server hard (RPCs cancelled), then serve the same repository on the same port."""
         port = self.ps.port
         old = self.ps
-        old.server.stop(0).wait()
+        old.endpoint.server.stop(0).wait()
         # The in-process handler of a cancelled Ingest may still be inside its
         # SQLite transaction; a killed process would not be. Let it finish first.
         with old.repo._write_lock:
@@ -590,7 +590,7 @@ def test_service_binary_health_and_sigterm() -> None:
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=15)
             assert proc.returncode == 0, err
-            assert "SIGTERM received" in err
+            assert "signal received; shutting down signal=SIGTERM" in err
         finally:
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGKILL)

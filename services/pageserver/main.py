@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
 from collections.abc import Sequence
-from concurrent import futures
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
+from services.runtime import GrpcEndpoint, ShutdownSignal, configure_logging
 from zproto import pageserver_pb2_grpc
 
 from .repository import DEFAULT_TENANT, LocalRedo, PageRedo, Repository
@@ -36,32 +31,26 @@ class PageServer:
             redo = LocalRedo()
         self.repo = Repository(repo_dir, redo=redo)
         self.repo.ensure_tenant(DEFAULT_TENANT)
-        self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=threads),
-            options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
-        )
         self.servicer = PageServerServicer(self.repo, lsn_wait_timeout=lsn_wait_timeout)
-        pageserver_pb2_grpc.add_PageServerServicer_to_server(self.servicer, self.server)
-        self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(listen)
-        if self.port == 0:
-            raise OSError(f"could not listen on {listen}")
-        self.host = listen.rsplit(":", 1)[0]
+        self.endpoint = GrpcEndpoint(
+            listen, ["zenith.v1.PageServer"],
+            lambda server: pageserver_pb2_grpc.add_PageServerServicer_to_server(self.servicer, server),
+            threads=threads, thread_name="pageserver-grpc")
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return self.endpoint.address
+
+    @property
+    def port(self) -> int:
+        return self.endpoint.port
 
     def start(self) -> None:
-        self.server.start()
-        for name in ("", "zenith.v1.PageServer"):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.endpoint.start()
         log.info("page server listening", extra={"address": self.address})
 
     def stop(self, grace: float = 2.0) -> None:
-        self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+        self.endpoint.stop(grace)
         self.repo.close()
 
 
@@ -73,14 +62,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lsn-wait-timeout", type=float, default=30.0, help="seconds a read waits for its LSN")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
+    shutdown = ShutdownSignal()
     server = PageServer(args.repo, args.listen, args.redo, lsn_wait_timeout=args.lsn_wait_timeout)
     server.start()
     print(f"page server listening on {server.address}", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    shutdown.wait(log)
     server.stop()
     return 0
 

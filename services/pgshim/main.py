@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from services.runtime import configure_logging
 
 from .server import ShimConfig, ShimServer
 
@@ -61,7 +62,7 @@ async def serve(config: ShimConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     asyncio.run(serve(config_from_args(args)))
     return 0
 

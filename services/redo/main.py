@@ -13,38 +13,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 from collections.abc import Sequence
-from types import FrameType
+
+from services.runtime import GrpcEndpoint, ShutdownSignal, configure_logging
+from zproto import redo_pb2_grpc
 
 from .pool import PoolError, RedoPool
-from .server import build_server, set_serving
+from .server import MAX_MESSAGE_BYTES, SERVICE_NAME, RedoServicer
 
 log = logging.getLogger("services.redo")
-
-# LogRecord attributes that are not `extra=` fields.
-_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
-
-
-class KeyValueFormatter(logging.Formatter):
-    """`time level logger: message key=value ...`: the `extra=` fields appended as key=value pairs."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        extras = [f"{k}={v!r}" if isinstance(v, str) and " " in v else f"{k}={v}"
-                  for k, v in record.__dict__.items() if k not in _STANDARD_ATTRS]
-        return f"{line} {' '.join(extras)}" if extras else line
-
-
-def configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(KeyValueFormatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,14 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.workers < 1:
         print("zenith-redo: --workers must be at least 1", file=sys.stderr)
         return 2
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("signal received; shutting down", extra={"signal": signal.Signals(signum).name})
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    shutdown = ShutdownSignal()
 
     pool = RedoPool(args.workers, start_method=args.start_method, test_hooks=args.enable_test_hooks,
                     job_timeout=args.job_timeout)
@@ -84,25 +56,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PoolError as e:
         log.error("cannot start redo workers", extra={"error": str(e)})
         return 1
+    servicer = RedoServicer(pool, test_hooks=args.enable_test_hooks)
     try:
-        server, port, health_servicer = build_server(pool, args.listen, test_hooks=args.enable_test_hooks,
-                                                     max_threads=args.grpc_threads)
+        endpoint = GrpcEndpoint(args.listen, [SERVICE_NAME],
+                                lambda server: redo_pb2_grpc.add_RedoServicer_to_server(servicer, server),
+                                threads=args.grpc_threads, thread_name="redo-grpc", max_message_bytes=MAX_MESSAGE_BYTES)
     except (OSError, RuntimeError) as e:
         log.error("cannot listen", extra={"listen": args.listen, "error": str(e)})
         pool.close()
         return 1
-    server.start()
-    set_serving(health_servicer, True)
-    host = args.listen.rsplit(":", 1)[0]
+    endpoint.start()
     if args.enable_test_hooks:
         log.warning("test hooks enabled: requests can crash workers on purpose")
-    log.info("serving", extra={"listen": f"{host}:{port}", "workers": pool.size, "pids": pool.worker_pids()})
-    print(f"zenith-redo listening on {host}:{port}", flush=True)
-    while not stop.wait(1.0):
-        pass
-    set_serving(health_servicer, False)
+    log.info("serving", extra={"listen": endpoint.address, "workers": pool.size, "pids": pool.worker_pids()})
+    print(f"zenith-redo listening on {endpoint.address}", flush=True)
+    shutdown.wait(log)
     t0 = time.monotonic()
-    server.stop(args.grace).wait()
+    endpoint.stop(args.grace)
     pool.close()
     log.info("stopped", extra={"seconds": round(time.monotonic() - t0, 3)})
     return 0

@@ -12,12 +12,11 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Iterator
 from concurrent import futures
+from collections.abc import Iterator
 from typing import Any, Final
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pgformat.rmgr import rmgr_name
 from zproto import redo_pb2, redo_pb2_grpc
@@ -176,31 +175,3 @@ def _result_item(request_id: int, result: JobResult) -> redo_pb2.ApplyRecordsRes
             request_id=request_id, page=redo_pb2.ApplyRecordsResponse(page=result.page, page_lsn=result.page_lsn),
         )
     return redo_pb2.ApplyRecordsResultItem(request_id=request_id, error=failure_message(result))
-
-
-def build_server(
-    pool: RedoPool, listen: str, *, test_hooks: bool = False, max_threads: int = 32,
-) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """A gRPC server with the Redo and health services, bound to `listen` (not started)."""
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="redo-grpc"),
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ],
-    )
-    redo_pb2_grpc.add_RedoServicer_to_server(RedoServicer(pool, test_hooks=test_hooks), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    port = server.add_insecure_port(listen)
-    if port == 0:
-        raise OSError(f"cannot listen on {listen}")
-    return server, port, health_servicer
-
-
-def set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:
-    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, status)

@@ -21,17 +21,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
 from collections.abc import Sequence
-from concurrent import futures
 from pathlib import Path
-from types import FrameType
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
+from services.runtime import GrpcEndpoint, ShutdownSignal, configure_logging
 from zproto import walreceiver_pb2_grpc
 
 from .receiver import ReceiverOptions
@@ -49,31 +43,24 @@ class WalReceiverServer:
                  options: ReceiverOptions | None = None, threads: int = 16,
                  state_file: Path | None = None) -> None:
         self.servicer = WalReceiverServicer(pageserver, options, state_file)
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads))
-        walreceiver_pb2_grpc.add_WalReceiverServicer_to_server(self.servicer, self.server)
-        self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(listen)
-        if self.port == 0:
-            raise OSError(f"could not listen on {listen}")
-        self.host = listen.rsplit(":", 1)[0]
+        self.endpoint = GrpcEndpoint(
+            listen, [SERVICE_NAME], lambda server: walreceiver_pb2_grpc.add_WalReceiverServicer_to_server(
+                self.servicer, server), threads=threads, thread_name="walreceiver-grpc")
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return self.endpoint.address
 
     def start(self) -> None:
         restored = self.servicer.restore()
-        self.server.start()
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("walreceiver listening on %s (page server %s); %d attachment(s) restored", self.address,
-                 self.servicer.pageserver, restored)
+        self.endpoint.start()
+        log.info("walreceiver listening", extra={"address": self.address, "pageserver": self.servicer.pageserver,
+                                                 "restored_attachments": restored})
 
     def stop(self, grace: float = 2.0) -> None:
-        self.health.enter_graceful_shutdown()
+        self.endpoint.health.enter_graceful_shutdown()
         self.servicer.stop_all()
-        self.server.stop(grace).wait()
+        self.endpoint.stop(grace)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     if args.status_interval <= 0 or args.max_backoff <= 0:
         print("zenith-walreceiver: --status-interval and --max-backoff must be positive", file=sys.stderr)
         return 2
@@ -102,17 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, RuntimeError, StateFileError) as e:
         print(f"zenith-walreceiver: {e}", file=sys.stderr)
         return 1
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("%s received; shutting down", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    shutdown = ShutdownSignal()
     server.start()
     print(f"zenith-walreceiver listening on {server.address}", flush=True)
-    stop.wait()
+    shutdown.wait(log)
     server.stop()
     return 0
 
