@@ -1,4 +1,4 @@
-"""zctl commands that talk to the running services: start/stop/status, attach, lsn, getpage.
+"""zctl commands that talk to the running services: start/stop/status, attach, lsn, getpage, gc.
 
 The CLI only talks gRPC to the services (and libpq to the primary); it never
 reaches into a service's internals.
@@ -221,6 +221,65 @@ def cmd_getpage(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- gc ---------------------------------------------------------------------------------------
+
+# Neon's default gc_horizon: keep the last 64 MiB of WAL history readable.
+DEFAULT_KEEP_BYTES = 64 << 20
+
+
+def parse_size(text: str) -> int:
+    """--keep-bytes: a byte count, optionally with a K/M/G suffix (powers of 1024)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = 1
+    if t and t[-1] in "KMG":
+        scale = 1 << {"K": 10, "M": 20, "G": 30}[t[-1]]
+        t = t[:-1]
+    if not t.isdigit():
+        raise CommandError(f"--keep-bytes must be a byte count like 1048576 or 64M, got {text!r}")
+    return int(t) * scale
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    stub = _pageserver(_cluster(args))
+    tl = find_branch(stub, args.branch)
+    req = pageserver_pb2.GcRequest(tenant=common_pb2.TenantId(id=DEFAULT_TENANT), timeline=tl.timeline)
+    if args.horizon is not None:
+        try:
+            req.horizon_lsn = parse_lsn(args.horizon)
+        except ValueError as e:
+            raise CommandError(f"--horizon: {e}") from None
+    else:
+        req.keep_bytes = parse_size(args.keep_bytes) if args.keep_bytes is not None else DEFAULT_KEEP_BYTES
+    try:
+        r = stub.Gc(req, timeout=3600)
+    except grpc.RpcError as e:
+        raise _rpc_error(e, f"gc of branch {args.branch!r}") from None
+    if args.json:
+        print(json.dumps({
+            "branch": args.branch, "timeline_id": tl.timeline.id,
+            "previous_gc_cutoff_lsn": format_lsn(r.previous_gc_cutoff_lsn),
+            "gc_cutoff_lsn": format_lsn(r.gc_cutoff_lsn),
+            "retained_branch_lsns": [format_lsn(x) for x in r.retained_branch_lsns],
+            "keys_scanned": r.keys_scanned, "versions_removed": r.versions_removed,
+            "images_written": r.images_written, "rel_sizes_removed": r.rel_sizes_removed,
+            "wal_records_removed": r.wal_records_removed, "keys_failed": r.keys_failed,
+            "seconds": round(r.elapsed_seconds, 3)}, indent=2))
+        return 0
+    moved = (f"moved from {format_lsn(r.previous_gc_cutoff_lsn)} to {format_lsn(r.gc_cutoff_lsn)}"
+             if r.gc_cutoff_lsn != r.previous_gc_cutoff_lsn else f"stays at {format_lsn(r.gc_cutoff_lsn)}")
+    print(f"gc of branch {args.branch}: cutoff {moved} (last record {format_lsn(tl.last_record_lsn)})")
+    print(f"  {r.keys_scanned} keys scanned, {r.versions_removed} page versions removed, "
+          f"{r.images_written} images written, {r.rel_sizes_removed} size entries and "
+          f"{r.wal_records_removed} WAL records removed in {r.elapsed_seconds:.2f}s")
+    if r.retained_branch_lsns:
+        print("  kept for child branches at " + ", ".join(format_lsn(x) for x in r.retained_branch_lsns))
+    if r.keys_failed:
+        print(f"  {r.keys_failed} pages could not be rebuilt at the cutoff and were left as they were "
+              f"(see the page server log)")
+    print(f"  reads and branches below {format_lsn(r.gc_cutoff_lsn)} are refused from now on")
+    return 0
+
+
 def add_commands(sub: Any) -> None:
     p = sub.add_parser("start", help="start the redo pool, page server and walreceiver as local processes")
     p.set_defaults(func=cmd_start)
@@ -244,3 +303,12 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--lsn", default=None, metavar="X/X", help="read as of this LSN (default: latest)")
     p.add_argument("-o", "--output", required=True, metavar="FILE")
     p.set_defaults(func=cmd_getpage)
+    p = sub.add_parser("gc", help="garbage-collect a branch's history below a horizon")
+    p.add_argument("--branch", default="main")
+    horizon = p.add_mutually_exclusive_group()
+    horizon.add_argument("--horizon", default=None, metavar="X/X",
+                         help="keep every LSN from this one on (capped at the last record)")
+    horizon.add_argument("--keep-bytes", default=None, metavar="N",
+                         help="keep the last N bytes of WAL history (K/M/G suffixes; default 64M)")
+    p.add_argument("--json", action="store_true", help="print what was done as one JSON object")
+    p.set_defaults(func=cmd_gc)

@@ -63,6 +63,9 @@ def cmd_branch_create(args: argparse.Namespace) -> int:
             tenant=tenant, new_timeline=common_pb2.TimelineId(id=uuid.uuid4().hex),
             ancestor_timeline=parent.timeline, ancestor_lsn=lsn, name=args.name), timeout=30)
     except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.OUT_OF_RANGE:
+            raise CommandError(f"creating branch {args.name!r}: {e.details()}; `zctl branch list` shows each "
+                               f"branch's gc_cutoff_lsn") from None
         raise _rpc_error(e, f"creating branch {args.name!r}") from None
     print(f"branch {args.name} created from {args.parent} at {format_lsn(info.ancestor_lsn)} (timeline {info.timeline.id})")
     return 0
@@ -79,7 +82,8 @@ def _branch_rows(stub: Any) -> list[dict[str, Any]]:
         {"name": names[t.timeline.id], "timeline_id": t.timeline.id,
          "parent": names.get(t.ancestor_timeline.id) if t.ancestor_timeline.id else None,
          "branch_lsn": format_lsn(t.ancestor_lsn) if t.ancestor_timeline.id else None,
-         "start_lsn": format_lsn(t.start_lsn), "last_lsn": format_lsn(t.last_record_lsn)}
+         "start_lsn": format_lsn(t.start_lsn), "last_lsn": format_lsn(t.last_record_lsn),
+         "gc_cutoff_lsn": format_lsn(t.gc_cutoff_lsn)}
         for t in tls
     ]
 
@@ -97,7 +101,8 @@ def cmd_branch_list(args: argparse.Namespace) -> int:
     def add(node: Tree, parent: str | None) -> None:
         for r in sorted(children.get(parent, []), key=lambda r: r["branch_lsn"] or ""):
             at = f" @ {r['branch_lsn']}" if r["branch_lsn"] else ""
-            sub = node.add(f"[bold]{r['name']}[/bold]{at}  last {r['last_lsn']}  [dim]{r['timeline_id']}[/dim]")
+            gc = f"  gc cutoff {r['gc_cutoff_lsn']}" if r["gc_cutoff_lsn"] != format_lsn(0) else ""
+            sub = node.add(f"[bold]{r['name']}[/bold]{at}  last {r['last_lsn']}{gc}  [dim]{r['timeline_id']}[/dim]")
             add(sub, r["name"])
 
     add(tree, None)

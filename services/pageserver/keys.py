@@ -68,6 +68,14 @@ def twophase_key(xid: int) -> bytes:
     return _KEY.pack(KeyKind.TWOPHASE_FILE, 0, 0, 0, 0, xid)
 
 
+# What a version of a key holds (page_versions.kind); at the same LSN, lower kinds sort first,
+# so an image written for an LSN hides the record stored at that LSN.
+KIND_IMAGE: Final = 0  # a full 8192-byte page
+KIND_RECORD_INIT: Final = 1  # a WAL record that initializes the page (will_init): a chain ends here
+KIND_RECORD: Final = 2  # a WAL record to apply on the version before it
+KIND_FILE: Final = 3  # whole-file value (relmapper, two-phase state, checkpoint)
+KIND_DELETED: Final = 4  # the file is gone from this LSN on
+
 CHECKPOINT_KEY: Final = _KEY.pack(KeyKind.CHECKPOINT, 0, 0, 0, 0, 0)
 CONTROL_FILE_KEY: Final = _KEY.pack(KeyKind.CONTROL_FILE, 0, 0, 0, 0, 0)
 

@@ -13,12 +13,18 @@ Tables:
 - wal_records: (timeline, end_lsn) -> raw record bytes, stored once;
 - page_versions: (timeline, key, lsn, kind) -> image or reference to a record
   (`lsn` is the record's end LSN: the value is the state after that record);
-- rel_sizes: (timeline, rel, lsn) -> nblocks (-1: dropped).
+- rel_sizes: (timeline, rel, lsn) -> nblocks (-1: dropped);
+- commit_times: (timeline, end_lsn) -> commit timestamp (find-LSN-by-time).
 
 A GetPage@LSN walks page_versions newest-first from the request LSN until an
 image or a record that initializes the page, descending into the ancestor at
 the branch LSN, then hands base image and records to redo. Long chains are
 cut short by storing the result as an image (a materialized version).
+
+Garbage collection (`gc`) moves a timeline's GC cutoff forward: reads below it
+fail with LsnOutOfRangeError, and every version, size entry and WAL record no
+read at or above the cutoff (or at a child's branch point) needs is deleted;
+see retention.py for what is kept.
 """
 
 from __future__ import annotations
@@ -35,11 +41,28 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from pgformat.constants import BLCKSZ
+from pgformat.controlfile import parse_checkpoint, parse_control_file
+from pgformat.errors import FormatError
 from pgformat.lsn import format_lsn
 from pgformat.xlogrecord import DecodedRecord, decode_record
+from pgredo.errors import RedoError
 
 from .ingest import IngestPlan, plan_record
-from .keys import KeyKind, RelTag, decode_key, rel_range, relmap_key
+from .keys import (
+    CHECKPOINT_KEY,
+    CONTROL_FILE_KEY,
+    KIND_DELETED,
+    KIND_FILE,
+    KIND_IMAGE,
+    KIND_RECORD,
+    KIND_RECORD_INIT,
+    KeyKind,
+    RelTag,
+    decode_key,
+    rel_range,
+    relmap_key,
+)
+from .retention import GcResult, Version, WalWindow, newest_first, plan_key, plan_sizes
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +70,12 @@ DEFAULT_TENANT: Final = "00000000000000000000000000000000"
 MAX_LSN: Final = (1 << 63) - 1  # SQLite integers are signed 64-bit; no real LSN gets near
 ZERO_PAGE: Final = bytes(BLCKSZ)
 
-# page_versions.kind; images sort first among versions at the same LSN.
-KIND_IMAGE: Final = 0
-KIND_RECORD_INIT: Final = 1
-KIND_RECORD: Final = 2
-KIND_FILE: Final = 3  # whole-file value (relmapper, two-phase state, checkpoint)
-KIND_DELETED: Final = 4
-
 # Replaying more than this many records for one GetPage stores the result as an image.
 MATERIALIZE_AFTER: Final = 16
+# GC works through a timeline's keys this many per transaction, so ingest waits at most one batch.
+GC_KEYS_PER_BATCH: Final = 256
+
+__all__ = ["KIND_DELETED", "KIND_FILE", "KIND_IMAGE", "KIND_RECORD", "KIND_RECORD_INIT", "Repository", "Timeline"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants (
@@ -74,6 +94,7 @@ CREATE TABLE IF NOT EXISTS timelines (
     system_id INTEGER NOT NULL DEFAULT 0,
     pg_version INTEGER NOT NULL DEFAULT 15,
     created_at REAL NOT NULL,
+    gc_cutoff_lsn INTEGER NOT NULL DEFAULT 0,
     UNIQUE (tenant, timeline)
 );
 CREATE TABLE IF NOT EXISTS wal_records (
@@ -128,6 +149,10 @@ class LsnTimeoutError(RepositoryError):
     """The requested LSN was not ingested in time (DEADLINE_EXCEEDED)."""
 
 
+class LsnOutOfRangeError(InvalidRequestError):
+    """The LSN is below the timeline's GC cutoff: that history is gone (OUT_OF_RANGE)."""
+
+
 class PageRedo(Protocol):
     """What GetPage needs from redo: base image (or None) + records -> page."""
 
@@ -167,6 +192,8 @@ class Timeline:
     system_id: int
     pg_version: int
     created_at: float
+    # Reads below this LSN are refused; the history below it was garbage-collected.
+    gc_cutoff_lsn: int = 0
     # Ingest-side cache of relation sizes at last_record_lsn (None: dropped / unknown).
     rel_size_cache: dict[RelTag, int | None] = field(default_factory=dict, repr=False)
     lsn_changed: threading.Condition = field(default_factory=threading.Condition, repr=False)
@@ -188,8 +215,10 @@ class Repository:
         self._write_lock = threading.RLock()
         self._timelines: dict[int, Timeline] = {}
         self._by_name: dict[tuple[str, str], int] = {}
+        self._gc_lock = threading.Lock()  # one GC at a time: runs read what earlier batches left
         with self._conn() as conn:
             conn.executescript(_SCHEMA)
+            _migrate(conn)
         self._load_timelines()
 
     # -- connections ---------------------------------------------------------
@@ -232,7 +261,7 @@ class Repository:
     def _load_timelines(self) -> None:
         rows = self._conn().execute(
             "SELECT id, tenant, timeline, name, ancestor_id, ancestor_lsn, start_lsn, last_record_lsn,"
-            " prev_record_lsn, system_id, pg_version, created_at FROM timelines"
+            " prev_record_lsn, system_id, pg_version, created_at, gc_cutoff_lsn FROM timelines"
         ).fetchall()
         for row in rows:
             tl = Timeline(*row)
@@ -277,42 +306,54 @@ class Repository:
         timeline = timeline or uuid.uuid4().hex
         _check_hex_id(timeline, "timeline")
         self._check_tenant(tenant)
-        with self._write() as conn:
-            if (tenant, timeline) in self._by_name:
-                raise AlreadyExistsError(f"timeline {timeline} already exists in tenant {tenant}")
-            if name is not None and any(
-                t.tenant == tenant and t.name == name for t in self._timelines.values()
-            ):
-                raise AlreadyExistsError(f"a timeline named {name!r} already exists in tenant {tenant}")
-            ancestor_id = None
-            if ancestor is not None:
-                parent = self.timeline(tenant, ancestor)
-                lsn = parent.last_record_lsn if not ancestor_lsn else ancestor_lsn
-                if lsn > parent.last_record_lsn:
-                    raise InvalidRequestError(
-                        f"branch point {format_lsn(lsn)} is beyond the last record of the parent "
-                        f"({format_lsn(parent.last_record_lsn)})"
-                    )
-                if lsn < parent.start_lsn:
-                    raise InvalidRequestError(
-                        f"branch point {format_lsn(lsn)} is before the parent's start ({format_lsn(parent.start_lsn)})"
-                    )
-                ancestor_id, ancestor_lsn = parent.id, lsn
-                start_lsn = lsn
-                prev_record_lsn = self._prev_record_at(parent, lsn)
-                system_id, pg_version = parent.system_id, parent.pg_version
-            now = time.time()
-            cur = conn.execute(
-                "INSERT INTO timelines (tenant, timeline, name, ancestor_id, ancestor_lsn, start_lsn,"
-                " last_record_lsn, prev_record_lsn, system_id, pg_version, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (tenant, timeline, name, ancestor_id, ancestor_lsn or 0, start_lsn, start_lsn,
-                 prev_record_lsn, system_id, pg_version, now),
-            )
-            tl = Timeline(int(cur.lastrowid or 0), tenant, timeline, name, ancestor_id, ancestor_lsn or 0,
-                          start_lsn, start_lsn, prev_record_lsn, system_id, pg_version, now)
-        self._timelines[tl.id] = tl
-        self._by_name[(tenant, timeline)] = tl.id
+        # The write lock spans the commit and the registration in memory: a GC of the parent
+        # that moves its cutoff next sees this child's branch point.
+        with self._write_lock:
+            with self._write() as conn:
+                if (tenant, timeline) in self._by_name:
+                    raise AlreadyExistsError(f"timeline {timeline} already exists in tenant {tenant}")
+                if name is not None and any(
+                    t.tenant == tenant and t.name == name for t in self._timelines.values()
+                ):
+                    raise AlreadyExistsError(f"a timeline named {name!r} already exists in tenant {tenant}")
+                ancestor_id = None
+                if ancestor is not None:
+                    parent = self.timeline(tenant, ancestor)
+                    lsn = parent.last_record_lsn if not ancestor_lsn else ancestor_lsn
+                    if lsn > parent.last_record_lsn:
+                        raise InvalidRequestError(
+                            f"branch point {format_lsn(lsn)} is beyond the last record of the parent "
+                            f"({format_lsn(parent.last_record_lsn)})"
+                        )
+                    if lsn < parent.start_lsn:
+                        raise InvalidRequestError(
+                            f"branch point {format_lsn(lsn)} is before the parent's start "
+                            f"({format_lsn(parent.start_lsn)})"
+                        )
+                    if lsn < parent.gc_cutoff_lsn:
+                        # Checked under the write lock GC takes to move the cutoff: no GC can
+                        # slip in between and remove what the new branch point needs.
+                        raise LsnOutOfRangeError(
+                            f"branch point {format_lsn(lsn)} is below the GC cutoff {format_lsn(parent.gc_cutoff_lsn)} "
+                            f"of {_describe(parent)}: the history before the cutoff was garbage-collected; "
+                            f"branch at {format_lsn(parent.gc_cutoff_lsn)} or later"
+                        )
+                    ancestor_id, ancestor_lsn = parent.id, lsn
+                    start_lsn = lsn
+                    prev_record_lsn = self._prev_record_at(parent, lsn)
+                    system_id, pg_version = parent.system_id, parent.pg_version
+                now = time.time()
+                cur = conn.execute(
+                    "INSERT INTO timelines (tenant, timeline, name, ancestor_id, ancestor_lsn, start_lsn,"
+                    " last_record_lsn, prev_record_lsn, system_id, pg_version, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (tenant, timeline, name, ancestor_id, ancestor_lsn or 0, start_lsn, start_lsn,
+                     prev_record_lsn, system_id, pg_version, now),
+                )
+                tl = Timeline(int(cur.lastrowid or 0), tenant, timeline, name, ancestor_id, ancestor_lsn or 0,
+                              start_lsn, start_lsn, prev_record_lsn, system_id, pg_version, now)
+            self._timelines[tl.id] = tl
+            self._by_name[(tenant, timeline)] = tl.id
         return tl
 
     def _prev_record_at(self, tl: Timeline, lsn: int) -> int:
@@ -497,15 +538,34 @@ class Repository:
                 tl.lsn_changed.wait(left)
 
     def resolve_lsn(self, tl: Timeline, lsn: int | None, timeout: float = 30.0) -> int:
-        """`None` means latest; otherwise wait until ingested; below the start is an error."""
+        """`None` means latest; otherwise wait until ingested; below the start or the GC cutoff is an error."""
         if lsn is None:
             return tl.last_record_lsn
         if lsn < tl.start_lsn and tl.ancestor_id is None:
             raise InvalidRequestError(
                 f"LSN {format_lsn(lsn)} is before the start of timeline {tl.timeline} ({format_lsn(tl.start_lsn)})"
             )
+        self.check_gc_cutoff(tl, lsn)
         self.wait_for_lsn(tl, lsn, timeout)
         return lsn
+
+    def check_gc_cutoff(self, tl: Timeline, lsn: int) -> None:
+        """LsnOutOfRangeError if a read at `lsn` needs history GC removed.
+
+        Below a branch's start a read is served by the ancestor at that LSN
+        (not at the branch point), so the ancestor's cutoff applies too.
+        """
+        t: Timeline | None = tl
+        while t is not None:
+            if lsn < t.gc_cutoff_lsn:
+                where = "" if t is tl else f" (read through its ancestor {_describe(t)})"
+                raise LsnOutOfRangeError(
+                    f"LSN {format_lsn(lsn)} is below the GC cutoff {format_lsn(t.gc_cutoff_lsn)} of "
+                    f"{_describe(tl)}{where}: that history was garbage-collected"
+                )
+            if lsn >= t.start_lsn:
+                return
+            t = self.ancestor_of(t)
 
     def rel_size(self, tl: Timeline, rel: RelTag, lsn: int) -> int | None:
         """Blocks in the relation fork as of `lsn`, or None if it does not exist then."""
@@ -585,12 +645,13 @@ class Repository:
         return {k: v for k, v in found.items() if v is not None}
 
     def get_page(self, tl: Timeline, key: bytes, lsn: int, wait: bool = True, timeout: float = 30.0) -> tuple[bytes, int]:
-        """The page `key` as of `lsn`: (8192 bytes, LSN of its last change)."""
+        """The page `key` as of `lsn`: (8192 bytes, its pd_lsn; for SLRU pages the LSN of its last change)."""
         if wait:
             self.wait_for_lsn(tl, lsn, timeout)
         conn = self._conn()
         chain: list[tuple[int, int, int, bytes | None]] = []  # (tl id, lsn, kind, data), newest first
         base: bytes | None = None
+        base_lsn = 0
         done = False
         for t, upto in self._lineage(tl, lsn):
             for vlsn, kind, data in conn.execute(
@@ -599,7 +660,7 @@ class Repository:
                 (t.id, key, upto),
             ):
                 if kind == KIND_IMAGE:
-                    base = bytes(data)
+                    base, base_lsn = bytes(data), vlsn
                     done = True
                     break
                 chain.append((t.id, vlsn, kind, None))
@@ -610,13 +671,16 @@ class Repository:
                 break
         if not chain:
             if base is not None:
-                return base, _page_lsn(base)
+                # pd_lsn for relation pages; SLRU pages have no LSN of their own.
+                return base, _page_lsn(base) if key[0] == KeyKind.REL_PAGE else base_lsn
             return self._missing_page(tl, key, lsn), 0
         records = [self._load_record(conn, tid, vlsn) for tid, vlsn, _, _ in reversed(chain)]
         page = self.redo.redo(key, base, records)
         if len(records) > MATERIALIZE_AFTER:
             self._materialize(chain[0][0], key, chain[0][1], page)
-        return page, records[-1].end_lsn
+        # pd_lsn, as Postgres sets it (a record need not bump it: heap_xlog_visible leaves the heap page's
+        # LSN alone without checksums); SLRU pages have none: the last record applied.
+        return page, _page_lsn(page) if key[0] == KeyKind.REL_PAGE else records[-1].end_lsn
 
     def _load_record(self, conn: sqlite3.Connection, tid: int, end_lsn: int) -> DecodedRecord:
         row = conn.execute("SELECT start_lsn, raw FROM wal_records WHERE tl = ? AND end_lsn = ?", (tid, end_lsn)).fetchone()
@@ -673,6 +737,148 @@ class Repository:
                 after = int(rows[-1][1])
 
 
+    # -- garbage collection --------------------------------------------------------------
+
+    def gc(self, tl: Timeline, horizon_lsn: int) -> GcResult:
+        """Move the GC cutoff of `tl` up to min(horizon, last record LSN) and delete what no read needs.
+
+        Kept: everything above the cutoff; every key's value as of the cutoff
+        (written as an image when it was a chain of records); the chain of
+        every child branch point below the cutoff; the newest relation size
+        at or below each of those LSNs; the WAL records a base backup there
+        scans (from the redo point of the checkpoint in force) and the ones
+        kept record versions point at. commit_times rows are all kept (a
+        few bytes per commit): a timestamp then still resolves to its LSN,
+        and branching there fails with the GC-cutoff error, not "no commit".
+
+        Restartable rather than one transaction, so ingest is held up for one
+        batch at a time, not the whole run: the new cutoff is made durable
+        first (reads below it are refused from then on), then keys are
+        handled GC_KEYS_PER_BATCH per transaction, each writing its images and
+        deleting its versions together, then relation sizes, then WAL
+        records. A crash anywhere leaves every read at or above the cutoff
+        intact; running GC again (any horizon) finishes the job.
+        """
+        started = time.monotonic()
+        with self._gc_lock:
+            # The cutoff moves under the write lock, the one branch creation checks it under:
+            # the children seen here are all the children that will ever read below it.
+            with self._write_lock:
+                previous = tl.gc_cutoff_lsn
+                cutoff = max(previous, min(horizon_lsn, tl.last_record_lsn))
+                if cutoff != previous:
+                    with self._write() as conn:
+                        conn.execute("UPDATE timelines SET gc_cutoff_lsn = ? WHERE id = ?", (cutoff, tl.id))
+                    tl.gc_cutoff_lsn = cutoff
+                branch_points = sorted({c.ancestor_lsn for c in self._timelines.values()
+                                        if c.ancestor_id == tl.id and c.ancestor_lsn < cutoff}, reverse=True)
+            result = GcResult(tl.timeline, previous, cutoff, retained_lsns=sorted(branch_points))
+            if cutoff > 0:
+                kept_records = self._gc_keys(tl, cutoff, branch_points, result)
+                self._gc_sizes(tl, cutoff, branch_points, result)
+                self._gc_wal(tl, cutoff, branch_points, kept_records, result)
+        result.seconds = time.monotonic() - started
+        log.info("gc of %s: cutoff %s -> %s, %d keys, %d versions removed, %d images written, %d sizes and "
+                 "%d WAL records removed, %d branch points kept, %.2fs", _describe(tl), format_lsn(previous),
+                 format_lsn(cutoff), result.keys_scanned, result.versions_removed, result.images_written,
+                 result.rel_sizes_removed, result.wal_records_removed, len(branch_points), result.seconds)
+        return result
+
+    def _gc_keys(self, tl: Timeline, cutoff: int, branch_points: list[int], result: GcResult) -> set[int]:
+        """Images at the cutoff and deletions, key by key; returns the LSNs of the record versions kept."""
+        kept_records: set[int] = set()
+        root = tl.ancestor_id is None
+        after = b""
+        while True:
+            keys = [bytes(r[0]) for r in self._conn().execute(
+                "SELECT DISTINCT key FROM page_versions WHERE tl = ? AND key > ? AND lsn <= ? ORDER BY key LIMIT ?",
+                (tl.id, after, cutoff, GC_KEYS_PER_BATCH))]
+            if not keys:
+                return kept_records
+            sizes: dict[RelTag, int | None] = {}
+            with self._write() as conn:
+                for key in keys:
+                    versions = [Version(int(lsn), int(kind)) for lsn, kind in conn.execute(
+                        "SELECT lsn, kind FROM page_versions WHERE tl = ? AND key = ? AND lsn <= ?"
+                        " ORDER BY lsn DESC, kind ASC", (tl.id, key, cutoff))]
+                    live = self._exists_at(tl, key, cutoff, sizes)
+                    plan = plan_key(versions, cutoff, branch_points, live_at_cutoff=live, root=root)
+                    result.keys_scanned += 1
+                    if plan.image_lsn is not None:
+                        try:
+                            page, _ = self.get_page(tl, key, cutoff, wait=False)
+                        except (RepositoryError, RedoError, FormatError) as e:
+                            # Unreadable at the cutoff already: leave the key as it is, say so.
+                            log.warning("gc of %s: key %s left as it was: %s", _describe(tl), key.hex(), e)
+                            result.keys_failed += 1
+                            kept_records.update(v.lsn for v in versions if v.kind in (KIND_RECORD, KIND_RECORD_INIT))
+                            continue
+                        conn.execute("INSERT OR REPLACE INTO page_versions VALUES (?, ?, ?, ?, ?)",
+                                     (tl.id, key, plan.image_lsn, KIND_IMAGE, page))
+                        result.images_written += 1
+                    conn.executemany("DELETE FROM page_versions WHERE tl = ? AND key = ? AND lsn = ? AND kind = ?",
+                                     [(tl.id, key, v.lsn, v.kind) for v in plan.delete])
+                    result.versions_removed += len(plan.delete)
+                    kept_records.update(plan.kept_records)
+            if len(keys) < GC_KEYS_PER_BATCH:
+                return kept_records
+            after = keys[-1]
+
+    def _exists_at(self, tl: Timeline, key: bytes, lsn: int, sizes: dict[RelTag, int | None]) -> bool:
+        """False for a page of a relation fork that does not exist at `lsn` (dropped): nothing reads it.
+
+        Blocks beyond a truncation are still treated as live: a VM page extended
+        again later (vm_extend is not WAL-logged) is redone on top of them.
+        """
+        kind, a, b, c, fork, _ = decode_key(key)
+        if kind != KeyKind.REL_PAGE:
+            return True
+        rel = RelTag(a, b, c, fork)
+        if rel not in sizes:
+            sizes[rel] = self.rel_size(tl, rel, lsn)
+        return sizes[rel] is not None
+
+    def _gc_sizes(self, tl: Timeline, cutoff: int, branch_points: list[int], result: GcResult) -> None:
+        with self._write() as conn:
+            by_rel: dict[bytes, list[tuple[int, int]]] = {}
+            for rel, lsn, nblocks in conn.execute(
+                    "SELECT rel, lsn, nblocks FROM rel_sizes WHERE tl = ? AND lsn <= ? ORDER BY rel, lsn DESC",
+                    (tl.id, cutoff)):
+                by_rel.setdefault(bytes(rel), []).append((int(lsn), int(nblocks)))
+            for rel, entries in by_rel.items():
+                doomed = plan_sizes(entries, cutoff, branch_points, root=tl.ancestor_id is None)
+                conn.executemany("DELETE FROM rel_sizes WHERE tl = ? AND rel = ? AND lsn = ?",
+                                 [(tl.id, rel, lsn) for lsn in doomed])
+                result.rel_sizes_removed += len(doomed)
+
+    def _gc_wal(self, tl: Timeline, cutoff: int, branch_points: list[int], kept_records: set[int],
+                result: GcResult) -> None:
+        """Delete the WAL records below the cutoff that no kept version and no base backup needs.
+
+        A base backup at L scans the records from the redo point of the
+        checkpoint in force at L (basebackup.prepare_start); checkpoints after
+        the cutoff start their redo after the one in force at the cutoff, so
+        one window per retained LSN covers every L at or above the cutoff.
+        """
+        windows = [WalWindow(min(self._checkpoint_redo_at(tl, lsn), lsn), lsn) for lsn in (cutoff, *branch_points)]
+        with self._write() as conn:
+            doomed = [(tl.id, end) for start, end in conn.execute(
+                "SELECT start_lsn, end_lsn FROM wal_records WHERE tl = ? AND end_lsn <= ? AND start_lsn < ?",
+                (tl.id, cutoff, windows[0].start))
+                if end not in kept_records and not any(w.holds(start, end) for w in windows)]
+            conn.executemany("DELETE FROM wal_records WHERE tl = ? AND end_lsn = ?", doomed)
+            result.wal_records_removed = len(doomed)
+
+    def _checkpoint_redo_at(self, tl: Timeline, lsn: int) -> int:
+        """Redo LSN of the checkpoint in force at `lsn` (what a base backup there starts scanning from)."""
+        image = self.get_file(tl, CHECKPOINT_KEY, lsn)
+        if image is not None:
+            return parse_checkpoint(image).redo
+        control = self.get_file(tl, CONTROL_FILE_KEY, lsn)
+        if control is not None:
+            return parse_control_file(control, verify_crc=False).checkpoint_copy.redo
+        return lsn  # no pg_control: no base backup of this timeline, nothing to scan
+
 class ImportWriter:
     """Adds a base image's pages, sizes and files inside one import transaction."""
 
@@ -701,6 +907,18 @@ class ImportWriter:
                 "INSERT OR REPLACE INTO page_versions VALUES (?, ?, ?, ?, ?)",
                 (self._tl.id, key, self._lsn, kind, value),
             )
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a repository written by an older version up to the current schema."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(timelines)")}
+    if "gc_cutoff_lsn" not in columns:
+        conn.execute("ALTER TABLE timelines ADD COLUMN gc_cutoff_lsn INTEGER NOT NULL DEFAULT 0")
+        log.info("repository schema: added timelines.gc_cutoff_lsn")
+
+
+def _describe(tl: Timeline) -> str:
+    return f"timeline {tl.name!r} ({tl.timeline})" if tl.name else f"timeline {tl.timeline}"
 
 
 def _page_lsn(page: bytes) -> int:

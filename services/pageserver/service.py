@@ -3,6 +3,7 @@
 Every error is a typed exception mapped to one status code here:
 NOT_FOUND (unknown tenant, timeline, relation), INVALID_ARGUMENT (malformed
 request), DEADLINE_EXCEEDED (the request LSN was not ingested in time),
+OUT_OF_RANGE (the request LSN or branch point is below the GC cutoff),
 ALREADY_EXISTS, FAILED_PRECONDITION (redo could not build the page).
 """
 
@@ -29,6 +30,7 @@ from .repository import (
     DEFAULT_TENANT,
     AlreadyExistsError,
     InvalidRequestError,
+    LsnOutOfRangeError,
     LsnTimeoutError,
     NotFoundError,
     Repository,
@@ -56,6 +58,8 @@ def _status_for(e: Exception) -> grpc.StatusCode:
         return grpc.StatusCode.NOT_FOUND
     if isinstance(e, AlreadyExistsError):
         return grpc.StatusCode.ALREADY_EXISTS
+    if isinstance(e, LsnOutOfRangeError):
+        return grpc.StatusCode.OUT_OF_RANGE
     if isinstance(e, (InvalidRequestError, FormatError)):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(e, LsnTimeoutError):
@@ -149,7 +153,7 @@ class PageServerServicer(pageserver_pb2_grpc.PageServerServicer):
             prev_record_lsn=tl.prev_record_lsn,
             durable_lsn=tl.durable_lsn,
             start_lsn=tl.start_lsn,
-            gc_cutoff_lsn=0,
+            gc_cutoff_lsn=tl.gc_cutoff_lsn,
             pg_version=tl.pg_version,
             system_identifier=tl.system_id,
             state=pageserver_pb2.TIMELINE_STATE_ACTIVE,
@@ -315,6 +319,26 @@ class PageServerServicer(pageserver_pb2_grpc.PageServerServicer):
 
     def GetTimeline(self, request: Any, context: grpc.ServicerContext) -> Any:
         return _handle(context, lambda: self.timeline_info(self._timeline(request.tenant, request.timeline)))
+
+    def Gc(self, request: Any, context: grpc.ServicerContext) -> Any:
+        def run() -> Any:
+            tl = self._timeline(request.tenant, request.timeline)
+            which = request.WhichOneof("horizon")
+            if which == "horizon_lsn":
+                horizon = request.horizon_lsn
+            elif which == "keep_bytes":
+                horizon = max(0, tl.last_record_lsn - request.keep_bytes)
+            else:
+                raise InvalidRequestError("Gc needs horizon_lsn or keep_bytes")
+            r = self.repo.gc(tl, horizon)
+            return pageserver_pb2.GcResponse(
+                gc_cutoff_lsn=r.cutoff, previous_gc_cutoff_lsn=r.previous_cutoff,
+                retained_branch_lsns=r.retained_lsns, keys_scanned=r.keys_scanned,
+                versions_removed=r.versions_removed, images_written=r.images_written,
+                rel_sizes_removed=r.rel_sizes_removed, wal_records_removed=r.wal_records_removed,
+                keys_failed=r.keys_failed, elapsed_seconds=r.seconds)
+
+        return _handle(context, run)
 
     # -- import and ingest ----------------------------------------------------------------
 
