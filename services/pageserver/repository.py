@@ -62,7 +62,7 @@ from .keys import (
     rel_range,
     relmap_key,
 )
-from .retention import GcResult, Version, WalWindow, newest_first, plan_key, plan_sizes
+from .retention import GcResult, Version, WalWindow, plan_key, plan_sizes
 
 log = logging.getLogger(__name__)
 
