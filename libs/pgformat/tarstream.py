@@ -188,7 +188,7 @@ class TarStreamParser:
             raise TarFormatError(f"unsupported tar member type {typeflag!r} for {name!r}")
         if not name:
             raise TarFormatError("tar member has an empty name")
-        start = MemberStart(name.rstrip("/") if kind == "dir" else name, size, _number(header[100:108], "mode"),
+        start = MemberStart(name.rstrip("/") if kind in ("dir", "symlink") else name, size, _number(header[100:108], "mode"),
                             mtime, kind, linkname)
         if size == 0:
             return [start, MemberEnd()]
