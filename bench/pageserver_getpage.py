@@ -19,7 +19,6 @@ import argparse
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,9 +26,11 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from benchutil import percentile, scratch_primary  # noqa: E402
+
 from pageserver_util import import_backup, push_wal, rel_key, take_base_backup  # noqa: E402
 
-from zctl.postgres import PostgresNode, free_port, make_pg_owned_dir  # noqa: E402
+from zctl.postgres import free_port  # noqa: E402
 from zctl.supervisor import health_check  # noqa: E402
 from zproto import common_pb2, pageserver_pb2, pageserver_pb2_grpc  # noqa: E402
 
@@ -43,10 +44,6 @@ def rss_mb(pid: int) -> float:
             return int(line.split()[1]) / 1024
     return 0.0
 
-
-def percentile(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(len(values) * p))]
 
 
 def unary(stub: pageserver_pb2_grpc.PageServerStub, rel: common_pb2.RelTag, blocks: list[int], lsn: int | None) -> tuple[list[float], float]:
@@ -80,54 +77,45 @@ def main() -> None:
     ap.add_argument("--scale", type=int, default=10)
     ap.add_argument("--pages", type=int, default=2000, help="pages read per measurement")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="zenith-bench-", dir="/tmp") as tmp:
-        work = make_pg_owned_dir(Path(tmp))
-        node = PostgresNode(work / "pg" / "data", free_port())
-        make_pg_owned_dir(node.datadir.parent)
-        node.initdb()
-        node.configure({"autovacuum": "off", "max_wal_size": "4GB"})
-        node.start()
+    with scratch_primary() as (node, work):
+        node.execute("CREATE EXTENSION pageinspect")
+        node.pgbench("-i", "-s", str(args.scale), "-q")
+        backup = take_base_backup(node, work / "backup")
+        db_mb = node.sql("SELECT pg_database_size('postgres')")[0][0] / 1e6
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "services.pageserver.main", "--repo", str(work / "repo"),
+                                 "--listen", f"127.0.0.1:{port}", "--log-level", "warning"])
         try:
-            node.execute("CREATE EXTENSION pageinspect")
-            node.pgbench("-i", "-s", str(args.scale), "-q")
-            backup = take_base_backup(node, work / "backup")
-            db_mb = node.sql("SELECT pg_database_size('postgres')")[0][0] / 1e6
-            port = free_port()
-            proc = subprocess.Popen([sys.executable, "-m", "services.pageserver.main", "--repo", str(work / "repo"),
-                                     "--listen", f"127.0.0.1:{port}", "--log-level", "warning"])
-            try:
-                while not health_check(f"127.0.0.1:{port}", "zenith.v1.PageServer"):
-                    time.sleep(0.1)
-                stub = pageserver_pb2_grpc.PageServerStub(grpc.insecure_channel(
-                    f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)]))
-                rss_start = rss_mb(proc.pid)
-                import_backup(stub, backup, TIMELINE)
-                rss_import = rss_mb(proc.pid)
-                node.pgbench("-c", "4", "-j", "2", "-t", "1000", "-n")
-                old_lsn = node.current_lsn()
-                node.pgbench("-c", "4", "-j", "2", "-t", "1000", "-n")
-                push_wal(stub, node.waldir, TIMELINE, 0, node.current_lsn())
-                rss_ingest = rss_mb(proc.pid)
+            while not health_check(f"127.0.0.1:{port}", "zenith.v1.PageServer"):
+                time.sleep(0.1)
+            stub = pageserver_pb2_grpc.PageServerStub(grpc.insecure_channel(
+                f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)]))
+            rss_start = rss_mb(proc.pid)
+            import_backup(stub, backup, TIMELINE)
+            rss_import = rss_mb(proc.pid)
+            node.pgbench("-c", "4", "-j", "2", "-t", "1000", "-n")
+            old_lsn = node.current_lsn()
+            node.pgbench("-c", "4", "-j", "2", "-t", "1000", "-n")
+            push_wal(stub, node.waldir, TIMELINE, 0, node.current_lsn())
+            rss_ingest = rss_mb(proc.pid)
 
-                rel = rel_key(node, "pgbench_accounts")
-                nblocks = node.sql("SELECT pg_relation_size('pgbench_accounts') / 8192")[0][0]
-                step = max(1, nblocks // args.pages)
-                blocks = list(range(0, nblocks, step))[: args.pages]
-                lat_latest, rate_latest = unary(stub, rel, blocks, None)
-                lat_old, rate_old = unary(stub, rel, blocks, old_lsn)
-                rate_stream = streamed(stub, rel, blocks)
-                rss_reads = rss_mb(proc.pid)
+            rel = rel_key(node, "pgbench_accounts")
+            nblocks = node.sql("SELECT pg_relation_size('pgbench_accounts') / 8192")[0][0]
+            step = max(1, nblocks // args.pages)
+            blocks = list(range(0, nblocks, step))[: args.pages]
+            lat_latest, rate_latest = unary(stub, rel, blocks, None)
+            lat_old, rate_old = unary(stub, rel, blocks, old_lsn)
+            rate_stream = streamed(stub, rel, blocks)
+            rss_reads = rss_mb(proc.pid)
 
-                with node.connect() as conn:
-                    t0 = time.perf_counter()
-                    for blk in blocks:
-                        conn.execute("SELECT get_raw_page('pgbench_accounts', %s)", (blk,)).fetchone()
-                    anchor_rate = len(blocks) / (time.perf_counter() - t0)
-            finally:
-                proc.terminate()
-                proc.wait()
+            with node.connect() as conn:
+                t0 = time.perf_counter()
+                for blk in blocks:
+                    conn.execute("SELECT get_raw_page('pgbench_accounts', %s)", (blk,)).fetchone()
+                anchor_rate = len(blocks) / (time.perf_counter() - t0)
         finally:
-            node.stop()
+            proc.terminate()
+            proc.wait()
 
     ms = 1000
     print(f"database {db_mb:.0f} MB (pgbench scale {args.scale}); {len(blocks)} pages of pgbench_accounts per run")

@@ -18,29 +18,25 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from benchutil import percentile, scratch_primary  # noqa: E402
+
 from pageserver_util import import_backup, push_wal, rel_key, take_base_backup  # noqa: E402
 from psycopg import pq  # noqa: E402
 from shim_util import PageServerProcess, RunningShim  # noqa: E402
 
 from pgformat import pagestream as ps  # noqa: E402
-from zctl.postgres import PostgresNode, free_port, make_pg_owned_dir  # noqa: E402
 from zproto import common_pb2, pageserver_pb2  # noqa: E402
 
 TIMELINE = "c" * 32
 TENANT = "0" * 32
 WINDOW = 32
 
-
-def percentile(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(len(values) * p))]
 
 
 class Pagestream:
@@ -85,84 +81,75 @@ def main() -> None:
     ap.add_argument("--scale", type=int, default=10)
     ap.add_argument("--pages", type=int, default=4000, help="pages read per measurement")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="zenith-bench-", dir="/tmp") as tmp:
-        work = make_pg_owned_dir(Path(tmp))
-        node = PostgresNode(work / "pg" / "data", free_port())
-        make_pg_owned_dir(node.datadir.parent)
-        node.initdb()
-        node.configure({"autovacuum": "off", "max_wal_size": "4GB"})
-        node.start()
+    with scratch_primary() as (node, work):
+        node.pgbench("-i", "-s", str(args.scale), "-q")
+        backup = take_base_backup(node, work / "backup")
+        server = PageServerProcess(work / "repo")
+        shim = None
         try:
-            node.pgbench("-i", "-s", str(args.scale), "-q")
-            backup = take_base_backup(node, work / "backup")
-            server = PageServerProcess(work / "repo")
-            shim = None
-            try:
-                stub = server.stub
-                import_backup(stub, backup, TIMELINE)
-                node.pgbench("-c", "4", "-j", "2", "-t", "1000", "-n")
-                lsn = push_wal(stub, node.waldir, TIMELINE, 0, node.current_lsn())
-                shim = RunningShim(server.address)
-                rel = rel_key(node, "pgbench_accounts")
-                nblocks = node.sql("SELECT pg_relation_size('pgbench_accounts') / 8192")[0][0]
-                blocks = list(range(0, nblocks, max(1, nblocks // args.pages)))[: args.pages]
-                ids = dict(tenant=common_pb2.TenantId(id=TENANT), timeline=common_pb2.TimelineId(id=TIMELINE))
+            stub = server.stub
+            import_backup(stub, backup, TIMELINE)
+            node.pgbench("-c", "4", "-j", "2", "-t", "1000", "-n")
+            lsn = push_wal(stub, node.waldir, TIMELINE, 0, node.current_lsn())
+            shim = RunningShim(server.address)
+            rel = rel_key(node, "pgbench_accounts")
+            nblocks = node.sql("SELECT pg_relation_size('pgbench_accounts') / 8192")[0][0]
+            blocks = list(range(0, nblocks, max(1, nblocks // args.pages)))[: args.pages]
+            ids = dict(tenant=common_pb2.TenantId(id=TENANT), timeline=common_pb2.TimelineId(id=TIMELINE))
 
-                def grpc_get(blk: int) -> bytes:
-                    return bytes(stub.GetPage(pageserver_pb2.GetPageRequest(
-                        key=common_pb2.PageKey(rel_block=common_pb2.RelBlock(rel=rel, blkno=blk)),
-                        lsn=common_pb2.RequestLsn(lsn=lsn), **ids)).page)
+            def grpc_get(blk: int) -> bytes:
+                return bytes(stub.GetPage(pageserver_pb2.GetPageRequest(
+                    key=common_pb2.PageKey(rel_block=common_pb2.RelBlock(rel=rel, blkno=blk)),
+                    lsn=common_pb2.RequestLsn(lsn=lsn), **ids)).page)
 
-                stream = Pagestream(shim.host, shim.port)
+            stream = Pagestream(shim.host, shim.port)
 
-                def pagestream_get(blk: int) -> bytes:
-                    stream.send(rel, blk, lsn)
-                    return stream.receive()
+            def pagestream_get(blk: int) -> bytes:
+                stream.send(rel, blk, lsn)
+                return stream.receive()
 
-                for blk in blocks:  # warm the page server's cache; check both paths agree
-                    assert grpc_get(blk) == pagestream_get(blk)
-                lat_grpc, _ = timed_each(blocks, grpc_get)
-                lat_ps, _ = timed_each(blocks, pagestream_get)
+            for blk in blocks:  # warm the page server's cache; check both paths agree
+                assert grpc_get(blk) == pagestream_get(blk)
+            lat_grpc, _ = timed_each(blocks, grpc_get)
+            lat_ps, _ = timed_each(blocks, pagestream_get)
 
-                def batches():  # type: ignore[no-untyped-def]
-                    for i in range(0, len(blocks), WINDOW):
-                        yield pageserver_pb2.GetPagesRequest(pages=[pageserver_pb2.PageRequestItem(
-                            request_id=b, key=common_pb2.PageKey(rel_block=common_pb2.RelBlock(rel=rel, blkno=b)),
-                            lsn=common_pb2.RequestLsn(lsn=lsn)) for b in blocks[i:i + WINDOW]], **ids)
+            def batches():  # type: ignore[no-untyped-def]
+                for i in range(0, len(blocks), WINDOW):
+                    yield pageserver_pb2.GetPagesRequest(pages=[pageserver_pb2.PageRequestItem(
+                        request_id=b, key=common_pb2.PageKey(rel_block=common_pb2.RelBlock(rel=rel, blkno=b)),
+                        lsn=common_pb2.RequestLsn(lsn=lsn)) for b in blocks[i:i + WINDOW]], **ids)
 
-                t0 = time.perf_counter()
-                n = sum(len(r.pages) for r in stub.GetPages(batches()))
-                rate_grpc_stream = n / (time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            n = sum(len(r.pages) for r in stub.GetPages(batches()))
+            rate_grpc_stream = n / (time.perf_counter() - t0)
 
-                t0 = time.perf_counter()
-                inflight = 0
-                for blk in blocks:
-                    stream.send(rel, blk, lsn)
-                    inflight += 1
-                    if inflight == WINDOW:
-                        stream.receive()
-                        inflight -= 1
-                while inflight:
+            t0 = time.perf_counter()
+            inflight = 0
+            for blk in blocks:
+                stream.send(rel, blk, lsn)
+                inflight += 1
+                if inflight == WINDOW:
                     stream.receive()
                     inflight -= 1
-                rate_ps_pipe = len(blocks) / (time.perf_counter() - t0)
+            while inflight:
+                stream.receive()
+                inflight -= 1
+            rate_ps_pipe = len(blocks) / (time.perf_counter() - t0)
 
-                # Bursts, as a compute's prefetch sends them: 32 requests, one flush, 32 answers.
-                t0 = time.perf_counter()
-                for i in range(0, len(blocks), WINDOW):
-                    burst = blocks[i:i + WINDOW]
-                    for blk in burst:
-                        stream.send(rel, blk, lsn)
-                    for _ in burst:
-                        stream.receive()
-                rate_ps_burst = len(blocks) / (time.perf_counter() - t0)
-                stream.close()
-            finally:
-                if shim is not None:
-                    shim.close()
-                server.close()
+            # Bursts, as a compute's prefetch sends them: 32 requests, one flush, 32 answers.
+            t0 = time.perf_counter()
+            for i in range(0, len(blocks), WINDOW):
+                burst = blocks[i:i + WINDOW]
+                for blk in burst:
+                    stream.send(rel, blk, lsn)
+                for _ in burst:
+                    stream.receive()
+            rate_ps_burst = len(blocks) / (time.perf_counter() - t0)
+            stream.close()
         finally:
-            node.stop()
+            if shim is not None:
+                shim.close()
+            server.close()
 
     ms = 1000
     print(f"pgbench scale {args.scale}; {len(blocks)} pages of pgbench_accounts per run, cache warm")

@@ -251,16 +251,25 @@ def test_cancel_request_stops_a_waiting_read(env: ShimEnv) -> None:
     client.conn.finish()
 
 
-def test_basebackup_command_streams_the_page_servers_tar(env: ShimEnv) -> None:
+def _copy_out(env: ShimEnv, command: str) -> bytes:
+    """Run a COPY OUT command through libpq; its data, after checking it completed."""
     conn = pq.PGconn.connect(env.conninfo().encode())
-    conn.send_query(f"basebackup {DEFAULT_TENANT} {TIMELINE} {format_lsn(env.lsn1)}".encode())
-    res = conn.get_result()
-    assert res is not None and res.status == pq.ExecStatus.COPY_OUT, res and res.error_message
-    data = bytearray()
-    while (got := conn.get_copy_data(0))[0] > 0:
-        data += bytes(got[1])
-    assert conn.get_result().status == pq.ExecStatus.COMMAND_OK  # type: ignore[union-attr]
-    conn.finish()
+    try:
+        conn.send_query(command.encode())
+        res = conn.get_result()
+        assert res is not None and res.status == pq.ExecStatus.COPY_OUT, res and res.error_message
+        data = bytearray()
+        while (got := conn.get_copy_data(0))[0] > 0:
+            data += bytes(got[1])
+        res = conn.get_result()
+        assert res is not None and res.status == pq.ExecStatus.COMMAND_OK, res and res.error_message
+        return bytes(data)
+    finally:
+        conn.finish()
+
+
+def test_basebackup_command_streams_the_page_servers_tar(env: ShimEnv) -> None:
+    data = _copy_out(env, f"basebackup {DEFAULT_TENANT} {TIMELINE} {format_lsn(env.lsn1)}")
     theirs = b"".join(c.data for c in env.ps.stub.Basebackup(pageserver_pb2.BasebackupRequest(
         lsn=env.lsn1, **_grpc_ids()), timeout=120))
     ours_tar, theirs_tar = (tarfile.open(fileobj=io.BytesIO(bytes(b))) for b in (data, theirs))
@@ -290,14 +299,7 @@ def test_page_server_not_modified_since_rules(env: ShimEnv) -> None:
 
 
 def test_basebackup_command_gzip(env: ShimEnv) -> None:
-    conn = pq.PGconn.connect(env.conninfo().encode())
-    conn.send_query(f"basebackup {DEFAULT_TENANT} feature --gzip".encode())
-    res = conn.get_result()
-    assert res is not None and res.status == pq.ExecStatus.COPY_OUT, res and res.error_message
-    data = bytearray()
-    while (got := conn.get_copy_data(0))[0] > 0:
-        data += bytes(got[1])
-    conn.finish()
+    data = _copy_out(env, f"basebackup {DEFAULT_TENANT} feature --gzip")
     with tarfile.open(fileobj=io.BytesIO(gzip.decompress(bytes(data)))) as tar:
         assert "global/pg_control" in tar.getnames()
 

@@ -39,27 +39,18 @@ def _new_checksum(algorithm: str) -> Any:
     return hashlib.new(algorithm.lower())
 
 
+_JSON_ESCAPES: Final = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r",
+                        "\t": "\\t"}
+
+
 def _escape_json(s: str) -> str:
-    """Postgres's escape_json (src/backend/utils/adt/json.c)."""
+    """Postgres's escape_json (src/backend/utils/adt/json.c): short escapes, \\u00XX for other controls."""
     out = ['"']
     for ch in s:
-        code = ord(ch)
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch == "\b":
-            out.append("\\b")
-        elif ch == "\f":
-            out.append("\\f")
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\r":
-            out.append("\\r")
-        elif ch == "\t":
-            out.append("\\t")
-        elif code < 0x20:
-            out.append(f"\\u{code:04x}")
+        if ch in _JSON_ESCAPES:
+            out.append(_JSON_ESCAPES[ch])
+        elif ord(ch) < 0x20:
+            out.append(f"\\u{ord(ch):04x}")
         else:
             out.append(ch)
     out.append('"')

@@ -224,7 +224,7 @@ class _Body:
     def __init__(self, data: bytes, what: str) -> None:
         self.data, self.pos, self.what = data, 0, what
 
-    def _take(self, n: int) -> bytes:
+    def take(self, n: int) -> bytes:
         if n < 0 or self.pos + n > len(self.data):
             raise ProtocolError(f"truncated {self.what} message")
         b = self.data[self.pos:self.pos + n]
@@ -232,13 +232,20 @@ class _Body:
         return b
 
     def byte(self) -> bytes:
-        return self._take(1)
+        return self.take(1)
 
     def int16(self) -> int:
-        return struct.unpack("!h", self._take(2))[0]
+        return struct.unpack("!h", self.take(2))[0]
 
     def int32(self) -> int:
-        return struct.unpack("!i", self._take(4))[0]
+        return struct.unpack("!i", self.take(4))[0]
+
+    def count(self, what: str) -> int:
+        """An int16 element count, which must not be negative."""
+        n = self.int16()
+        if n < 0:
+            raise ProtocolError(f"negative {what} count in {self.what} message")
+        return n
 
     def cstring(self) -> str:
         end = self.data.find(b"\0", self.pos)
@@ -281,10 +288,7 @@ class Parse:
 def parse_parse(body: bytes) -> Parse:
     b = _Body(body, "Parse")
     name, query = b.cstring(), b.cstring()
-    n = b.int16()
-    if n < 0:
-        raise ProtocolError("negative parameter count in Parse")
-    types = tuple(b.int32() for _ in range(n))
+    types = tuple(b.int32() for _ in range(b.count("parameter")))
     b.done()
     return Parse(name, query, types)
 
@@ -303,21 +307,12 @@ class Bind:
 def parse_bind(body: bytes) -> Bind:
     b = _Body(body, "Bind")
     portal, stmt = b.cstring(), b.cstring()
-    nfmt = b.int16()
-    if nfmt < 0:
-        raise ProtocolError("negative format count in Bind")
-    fmts = tuple(b.int16() for _ in range(nfmt))
-    nparams = b.int16()
-    if nparams < 0:
-        raise ProtocolError("negative parameter count in Bind")
+    fmts = tuple(b.int16() for _ in range(b.count("format")))
     params: list[bytes | None] = []
-    for _ in range(nparams):
+    for _ in range(b.count("parameter")):
         n = b.int32()
-        params.append(None if n == -1 else b._take(n))
-    nres = b.int16()
-    if nres < 0:
-        raise ProtocolError("negative result format count in Bind")
-    res = tuple(b.int16() for _ in range(nres))
+        params.append(None if n == -1 else b.take(n))
+    res = tuple(b.int16() for _ in range(b.count("result format")))
     b.done()
     return Bind(portal, stmt, fmts, tuple(params), res)
 
