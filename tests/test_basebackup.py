@@ -521,3 +521,45 @@ def test_compute_boots_from_a_freshly_imported_cluster(pg_factory: PgFactory, tm
         if compute is not None:
             compute.stop(mode="immediate")
         ps.close()
+
+
+def test_compute_keeps_data_checksums(pg_base_dir: Path, tmp_path: Path) -> None:
+    """A primary with data checksums: the backup's pages carry valid checksums (pg_checksums --check
+    on the stopped compute is the oracle) and the compute runs with checksums on."""
+    from pgformat.checksum import page_checksums
+
+    primary = PostgresNode(datadir=make_pg_owned_dir(Path(tempfile.mkdtemp(prefix="cksum-", dir=pg_base_dir))) / "p",
+                           port=free_port())
+    primary.initdb(["--data-checksums"])
+    primary.configure({"autovacuum": "off", "wal_keep_size": "256MB"})
+    primary.start()
+    ps = RunningPageServer(tmp_path / "repo")
+    compute = None
+    try:
+        primary.execute("CREATE TABLE t (id int PRIMARY KEY, s text); INSERT INTO t SELECT i, md5(i::text) FROM generate_series(1, 5000) i")
+        backup = take_base_backup(primary, pg_base_dir / f"cksum-backup-{tmp_path.name}")
+        # Changes after the backup: pages the page server rebuilds from WAL records, stale pd_checksum and all.
+        primary.execute("UPDATE t SET s = s || 'x' WHERE id % 3 = 0; DELETE FROM t WHERE id % 7 = 0")
+        primary.execute("VACUUM t")
+        expected = _table_checksums(primary)
+        primary.sql("SELECT pg_switch_wal()")
+        summary = import_backup(ps.stub, backup, TIMELINE)
+        push_wal(ps.stub, primary.waldir, TIMELINE, summary.start_lsn)
+        archive, _ = _fetch_basebackup(ps, 0)
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            rel = primary.sql("SELECT pg_relation_filepath('t')")[0][0]
+            data = tar.extractfile(rel).read()  # type: ignore[union-attr]
+        pages = [data[i:i + 8192] for i in range(0, len(data), 8192)]
+        assert [struct.unpack_from("<H", p, 8)[0] for p in pages] == page_checksums(pages, 0)
+        compute = _boot(archive, Path(tempfile.mkdtemp(prefix="cksum-compute-", dir=pg_base_dir)))
+        assert compute.sql("SHOW data_checksums")[0][0] == "on"
+        assert _table_checksums(compute) == expected
+        compute.stop()
+        out = run_as_pg_user([compute.bin("pg_checksums"), "--check", "-D", compute.datadir], check=False)
+        assert out.returncode == 0 and "Bad checksums:  0" in out.stdout, out.stdout + out.stderr
+        compute = None
+    finally:
+        if compute is not None:
+            compute.stop(mode="immediate")
+        ps.close()
+        primary.stop(mode="immediate")

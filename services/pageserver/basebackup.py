@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import logging
 import tarfile
 import time
@@ -38,6 +39,7 @@ from typing import BinaryIO, Final
 
 import google_crc32c
 
+from pgformat.checksum import with_checksums
 from pgformat.constants import BLCKSZ, FSM_FORKNUM, INIT_FORKNUM, MAIN_FORKNUM, maxalign
 from pgformat.controlfile import (
     DB_SHUTDOWNED,
@@ -176,7 +178,7 @@ def write_basebackup(
         w.file("pg_hba.conf", PG_HBA_CONF)
         w.file("pg_ident.conf", PG_IDENT_CONF)
         w.file("postgresql.auto.conf", POSTGRESQL_AUTO_CONF)
-        nrels = _write_relations(repo, tl, lsn, w)
+        nrels = _write_relations(repo, tl, lsn, w, checksums=bool(start.control_data.data_checksum_version))
         _write_slrus(repo, tl, lsn, ckpt, start.control_data.track_commit_timestamp, w)
         _write_twophase(repo, tl, lsn, w)
         for path, image in start.wal:
@@ -220,9 +222,6 @@ def prepare_start(repo: Repository, tl: Timeline, lsn: int, *, timeline_id: int 
     ckpt = dataclasses.replace(ckpt, redo=record_lsn)
     wal = build_wal_segments(insert_lsn, [build_checkpoint_record(ckpt, xl_prev)], timeline_id,
                              control.system_identifier, control.xlog_seg_size)
-    if control.data_checksum_version:
-        # Pages rebuilt from WAL carry stale pd_checksum values; we do not recompute them yet.
-        log.warning("the primary has data checksums; the compute starts with them off")
     new_control = dataclasses.replace(
         control,
         state=DB_SHUTDOWNED,
@@ -234,7 +233,6 @@ def prepare_start(repo: Repository, tl: Timeline, lsn: int, *, timeline_id: int 
         backup_start_point=0,
         backup_end_point=0,
         backup_end_required=False,
-        data_checksum_version=0,
     )
     info = BasebackupInfo(insert_lsn, record_lsn, wal.end_lsn, ckpt)
     segments = [(f"pg_wal/{segment_file_name(timeline_id, s.start_lsn, control.xlog_seg_size)}", s.data)
@@ -245,7 +243,7 @@ def prepare_start(repo: Repository, tl: Timeline, lsn: int, *, timeline_id: int 
 # -- relations ------------------------------------------------------------------------
 
 
-def _write_relations(repo: Repository, tl: Timeline, lsn: int, w: _TarWriter) -> int:
+def _write_relations(repo: Repository, tl: Timeline, lsn: int, w: _TarWriter, *, checksums: bool) -> int:
     rels = repo.list_rels(tl, lsn)
     unlogged = {(r.spc, r.db, r.rel) for r in rels if r.fork == INIT_FORKNUM}
     dbs = sorted({(r.spc, r.db) for r in rels if r.spc != GLOBALTABLESPACE_OID})
@@ -280,10 +278,10 @@ def _write_relations(repo: Repository, tl: Timeline, lsn: int, w: _TarWriter) ->
         nblocks = repo.rel_size(tl, rel, lsn) or 0
         if rel.fork == INIT_FORKNUM:
             pages = list(repo.rel_pages(tl, rel, lsn))  # init forks are a page or two
-            _write_fork(w, rel, nblocks, iter(pages))
-            _write_fork(w, dataclasses.replace(rel, fork=MAIN_FORKNUM), nblocks, iter(pages))
+            _write_fork(w, rel, nblocks, iter(pages), checksums)
+            _write_fork(w, dataclasses.replace(rel, fork=MAIN_FORKNUM), nblocks, iter(pages), checksums)
         else:
-            _write_fork(w, rel, nblocks, repo.rel_pages(tl, rel, lsn))
+            _write_fork(w, rel, nblocks, repo.rel_pages(tl, rel, lsn), checksums)
     return len(rels)
 
 
@@ -293,13 +291,26 @@ def _db_path(spc: int, db: int) -> str:
     return f"pg_tblspc/{spc}/{TABLESPACE_VERSION_DIRECTORY}/{db}"
 
 
-def _write_fork(w: _TarWriter, rel: RelTag, nblocks: int, pages: Iterator[bytes]) -> None:
-    """The fork's segment files: RELSEG_SIZE blocks each; an empty fork is one empty file."""
+def _write_fork(w: _TarWriter, rel: RelTag, nblocks: int, pages: Iterator[bytes], checksums: bool) -> None:
+    """The fork's segment files: RELSEG_SIZE blocks each; an empty fork is one empty file.
+
+    Pages rebuilt from WAL carry whatever pd_checksum their last image had, so
+    with data checksums on every page gets its checksum computed here.
+    """
+    if checksums:
+        pages = _checksummed(pages)
     nsegs = max(1, -(-nblocks // RELSEG_SIZE))
     for segno in range(nsegs):
         count = min(RELSEG_SIZE, nblocks - segno * RELSEG_SIZE)
         w.stream(relation_path(rel.spc, rel.db, rel.rel, rel.fork, segno), count * BLCKSZ,
                  (next(pages) for _ in range(count)))
+
+
+def _checksummed(pages: Iterator[bytes], batch: int = 256) -> Iterator[bytes]:
+    blkno = 0
+    while chunk := list(itertools.islice(pages, batch)):
+        yield from with_checksums(chunk, blkno)
+        blkno += len(chunk)
 
 
 # -- SLRUs ---------------------------------------------------------------------------------
