@@ -1,4 +1,4 @@
-"""What every service process does the same way (no service's internals here).
+"""What every service process (and zctl's foreground commands) does the same way; no service's internals.
 
 - `configure_logging`: one line per event, `extra=` fields appended as key=value;
 - `GrpcEndpoint`: a gRPC server bound to its listen address, with the standard
@@ -94,6 +94,10 @@ class ShutdownSignal:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.name = signal.Signals(signum).name
         self._event.set()
+
+    def wait_for(self, timeout: float) -> bool:
+        """True once a signal has arrived (waits at most `timeout` seconds)."""
+        return self._event.wait(timeout)
 
     def wait(self, log: logging.Logger) -> None:
         while not self._event.wait(1.0):

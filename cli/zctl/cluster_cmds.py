@@ -38,7 +38,8 @@ class CommandError(RuntimeError):
 
 
 def _cluster(args: argparse.Namespace) -> LocalCluster:
-    return LocalCluster(Path(args.repo))
+    remote = {"pageserver": getattr(args, "pageserver", None), "walreceiver": getattr(args, "walreceiver", None)}
+    return LocalCluster(Path(args.repo), remote)
 
 
 def _pageserver(cluster: LocalCluster) -> pageserver_pb2_grpc.PageServerStub:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import socket
+import sys
+import time
 import uuid
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -15,6 +19,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 from pgformat.lsn import LsnFormatError, format_lsn, parse_lsn
+from services.runtime import ShutdownSignal
 from zproto import common_pb2, pageserver_pb2
 
 from .cluster_cmds import DEFAULT_TENANT, CommandError, _cluster, _pageserver, _rpc_error, _walreceiver, find_branch
@@ -169,6 +174,94 @@ def cmd_pg_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def import_new_cluster(stub: Any, workdir: Path, branch: str, console: Console) -> tuple[str, Any]:
+    """initdb a fresh cluster in `workdir`, import it into the page server as a new root branch."""
+    seed = PostgresNode(datadir=make_pg_owned_dir(workdir) / "seed", port=0)
+    try:
+        with console.status("initdb"):
+            seed.initdb()
+        summary = scan_stopped_datadir(seed.datadir)
+        timeline = uuid.uuid4().hex
+        try:
+            stub.CreateTimeline(pageserver_pb2.CreateTimelineRequest(
+                tenant=common_pb2.TenantId(id=DEFAULT_TENANT), new_timeline=common_pb2.TimelineId(id=timeline),
+                name=branch), timeout=10)
+            with console.status(f"importing the new cluster as branch {branch}"):
+                stub.Import(import_requests(seed.datadir, DEFAULT_TENANT, timeline, summary), timeout=600)
+        except grpc.RpcError as e:
+            raise _rpc_error(e, "importing the new cluster") from None
+    finally:
+        shutil.rmtree(seed.datadir.parent, ignore_errors=True)
+    return timeline, summary
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    """Give a page server running elsewhere its first branch, once: what `zctl init` does, minus the services."""
+    cluster = _cluster(args)
+    stub = _pageserver(cluster)
+    console = Console()
+    _wait_for(cluster, ["pageserver"], args.wait)
+    try:
+        existing = find_branch(stub, args.branch)
+        console.print(f"branch {args.branch} exists ({existing.timeline.id}); nothing to do")
+        return 0
+    except CommandError:
+        pass
+    blocked = unreachable_ancestor(cluster.repo.resolve() / "tmp")
+    if blocked is not None:
+        raise CommandError(f"Postgres runs as the '{PG_OS_USER}' OS user, which cannot enter {blocked}")
+    timeline, summary = import_new_cluster(stub, cluster.repo / "tmp", args.branch, console)
+    console.print(f"branch [bold]{args.branch}[/bold] ({timeline}) created at {format_lsn(summary.start_lsn)}")
+    return 0
+
+
+def _wait_for(cluster: Any, services: list[str], timeout: float) -> None:
+    """Wait until the named gRPC services answer health checks (containers start in any order)."""
+    from .supervisor import HEALTH_NAMES, health_check
+
+    config = cluster.load_config()
+    deadline = time.monotonic() + timeout
+    for name in services:
+        while not health_check(config.address(name), HEALTH_NAMES[name]):
+            if time.monotonic() > deadline:
+                raise CommandError(f"{name} at {config.address(name)} is not serving after {timeout:g}s")
+            time.sleep(0.5)
+
+
+def cmd_pg_run(args: argparse.Namespace) -> int:
+    """A compute in the foreground (a container's main process): start, then supervise until SIGTERM."""
+    cluster = _cluster(args)
+    _wait_for(cluster, ["pageserver"] if args.lsn else ["pageserver", "walreceiver"], args.wait)
+    computes = Computes(cluster.repo, _pageserver(cluster), _walreceiver(cluster))
+    branch = find_branch(computes.pageserver, args.branch)
+    try:
+        if computes.exists(args.name):
+            computes.destroy(args.name)  # a container restart starts over from the page server
+        computes.create(args.name, args.branch, branch.timeline.id, parse_lsn(args.lsn) if args.lsn else None,
+                        args.port, listen_addresses=args.listen_addresses, advertise_host=args.advertise_host)
+        spec, lsn = computes.start(args.name)
+    except ComputeError as e:
+        raise CommandError(str(e)) from None
+    print(f"compute {spec.name} running on branch {spec.branch} from {format_lsn(lsn)}, port {spec.port}", flush=True)
+    shutdown = ShutdownSignal()
+    while not shutdown.wait_for(1.0):
+        if not computes.is_running(spec):
+            raise CommandError(f"postgres of compute {spec.name} exited; see {computes.node(spec).logfile}")
+    computes.stop(spec.name)
+    print(f"compute {spec.name} stopped ({shutdown.name})", flush=True)
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 if the gRPC service at ADDRESS reports SERVING (for container health checks)."""
+    from .supervisor import health_check
+
+    if health_check(args.address, args.service, timeout=args.timeout):
+        return 0
+    print(f"zctl: {args.address} ({args.service or 'server'}) is not serving", file=sys.stderr)
+    return 1
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     """New repository: initdb, import it as branch main, start the services and compute main."""
     cluster = _cluster(args)
@@ -189,23 +282,8 @@ def cmd_init(args: argparse.Namespace) -> int:
             cluster.start()
         except SupervisorError as e:
             raise CommandError(str(e)) from None
-    seed = PostgresNode(datadir=make_pg_owned_dir(cluster.repo / "tmp") / "seed", port=0)
-    try:
-        with console.status("initdb"):
-            seed.initdb()
-        summary = scan_stopped_datadir(seed.datadir)
-        stub = _pageserver(cluster)
-        timeline = uuid.uuid4().hex
-        try:
-            stub.CreateTimeline(pageserver_pb2.CreateTimelineRequest(
-                tenant=common_pb2.TenantId(id=DEFAULT_TENANT), new_timeline=common_pb2.TimelineId(id=timeline),
-                name="main"), timeout=10)
-            with console.status("importing the new cluster as branch main"):
-                stub.Import(import_requests(seed.datadir, DEFAULT_TENANT, timeline, summary), timeout=600)
-        except grpc.RpcError as e:
-            raise _rpc_error(e, "importing the new cluster") from None
-    finally:
-        shutil.rmtree(seed.datadir.parent, ignore_errors=True)
+    stub = _pageserver(cluster)
+    timeline, summary = import_new_cluster(stub, cluster.repo / "tmp", "main", console)
     console.print(f"branch [bold]main[/bold] created at {format_lsn(summary.start_lsn)} ({summary.pages} pages)")
     computes = Computes(cluster.repo, stub, _walreceiver(cluster))
     try:
@@ -223,6 +301,17 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--base-port", type=int, default=None, help="ports for redo, page server, walreceiver, libpq shim (N .. N+3)")
     p.add_argument("--pg-port", type=int, default=None, help="port of compute main")
     p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("bootstrap", help="create the first branch on a page server running elsewhere "
+                                         "(initdb + import; does nothing if the branch exists)")
+    p.add_argument("--branch", default="main")
+    p.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the page server to serve")
+    p.set_defaults(func=cmd_bootstrap)
+    p = sub.add_parser("health", help="exit 0 if a gRPC service reports SERVING (container health checks)")
+    p.add_argument("address", metavar="HOST:PORT")
+    p.add_argument("--service", default="", help="health service name (default: the whole server)")
+    p.add_argument("--timeout", type=float, default=2.0)
+    p.set_defaults(func=cmd_health)
 
     branch = sub.add_parser("branch", help="branches: copy-on-write copies as of any LSN").add_subparsers(
         dest="branch_command", required=True)
@@ -249,6 +338,17 @@ def add_commands(sub: Any) -> None:
     p = pg.add_parser("stop", help="stop a compute (its data stays in the page server)")
     p.add_argument("name")
     p.set_defaults(func=cmd_pg_stop)
+    p = pg.add_parser("run", help="create (or re-create) and run a compute in the foreground until SIGTERM "
+                                  "(for containers)")
+    p.add_argument("name")
+    p.add_argument("--branch", default="main")
+    p.add_argument("--lsn", default=None, metavar="X/X", help="read-only at this LSN")
+    p.add_argument("--port", type=int, default=5432)
+    p.add_argument("--listen-addresses", default="*", help="Postgres listen_addresses (default: all)")
+    p.add_argument("--advertise-host", default=socket.gethostname(),
+                   help="host name the walreceiver connects to (default: this host's name)")
+    p.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the services to serve")
+    p.set_defaults(func=cmd_pg_run)
     p = pg.add_parser("list", help="list computes")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_pg_list)

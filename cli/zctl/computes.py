@@ -58,6 +58,12 @@ class ComputeSpec:
     port: int
     lsn: str | None  # read-only at this LSN; None = writable at the branch's head
     created_at: float
+    listen_addresses: str = "127.0.0.1"
+    advertise_host: str = "127.0.0.1"  # where the walreceiver reaches this compute
+
+    @property
+    def loopback_only(self) -> bool:
+        return self.listen_addresses in ("127.0.0.1", "localhost")
 
 
 class Computes:
@@ -78,6 +84,9 @@ class Computes:
             raise ComputeError(f"no compute named {name!r}; create it with `zctl pg create {name} --branch B`")
         return ComputeSpec(**json.loads(path.read_text()))
 
+    def exists(self, name: str) -> bool:
+        return (self._dir(name) / "compute.json").exists()
+
     def list(self) -> list[ComputeSpec]:
         if not self.root.exists():
             return []
@@ -90,7 +99,8 @@ class Computes:
         pid = self.node(spec).postmaster_pid()
         return pid is not None and pid_alive(pid)
 
-    def create(self, name: str, branch: str, timeline: str, lsn: int | None, port: int | None) -> ComputeSpec:
+    def create(self, name: str, branch: str, timeline: str, lsn: int | None, port: int | None, *,
+               listen_addresses: str = "127.0.0.1", advertise_host: str = "127.0.0.1") -> ComputeSpec:
         if not name or "/" in name or name.startswith("."):
             raise ComputeError(f"invalid compute name {name!r}")
         if (self._dir(name) / "compute.json").exists():
@@ -102,7 +112,8 @@ class Computes:
                 port += 1
         elif port in used:
             raise ComputeError(f"port {port} is already used by another compute")
-        spec = ComputeSpec(name, branch, timeline, port, format_lsn(lsn) if lsn is not None else None, time.time())
+        spec = ComputeSpec(name, branch, timeline, port, format_lsn(lsn) if lsn is not None else None, time.time(),
+                           listen_addresses, advertise_host)
         write_file_atomically(self._dir(name) / "compute.json", json.dumps(asdict(spec), indent=2).encode())
         return spec
 
@@ -148,7 +159,7 @@ class Computes:
 
     def _configure(self, spec: ComputeSpec, node: PostgresNode) -> None:
         gucs: dict[str, object] = {
-            "listen_addresses": node.host,
+            "listen_addresses": spec.listen_addresses,
             "port": spec.port,
             "unix_socket_directories": "",
             "wal_level": "replica",
@@ -166,9 +177,11 @@ class Computes:
             (node.datadir / "standby.signal").touch()
         node.configure(gucs, filename="compute.conf")
         hba = node.datadir / "pg_hba.conf"
-        hba.write_text(
-            "local all all trust\nhost all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\n"
-        )
+        hba_lines = ["local all all trust", "host all all 127.0.0.1/32 trust", "host replication all 127.0.0.1/32 trust"]
+        if not spec.loopback_only:
+            # A compute in a container network: its peers (walreceiver, clients) are on the same subnets.
+            hba_lines += ["host all all samenet trust", "host replication all samenet trust"]
+        hba.write_text("\n".join(hba_lines) + "\n")
         _chown_tree(node.datadir)
 
     def _attach_walreceiver(self, spec: ComputeSpec, node: PostgresNode, lsn: int) -> None:
@@ -182,7 +195,8 @@ class Computes:
         try:
             self.walreceiver.Attach(walreceiver_pb2.AttachRequest(
                 tenant=tenant, timeline=timeline,
-                primary_conninfo=f"{node.connstr()} application_name={walreceiver_application_name(spec.timeline)}",
+                primary_conninfo=(f"host={spec.advertise_host} port={spec.port} user={node.user} dbname=postgres "
+                                  f"application_name={walreceiver_application_name(spec.timeline)}"),
                 slot_name=replication_slot_name(spec.timeline), create_slot=True, start_lsn=lsn), timeout=30)
         except grpc.RpcError as e:
             node.stop(mode="immediate")

@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log debug output")
     p.add_argument("--repo", default=os.environ.get("ZENITH_REPO", "./.zenith"), metavar="DIR",
                    help="repository directory (default: $ZENITH_REPO or ./.zenith)")
+    p.add_argument("--pageserver", default=os.environ.get("ZENITH_PAGESERVER"), metavar="HOST:PORT",
+                   help="a page server running elsewhere (default: $ZENITH_PAGESERVER, else the repository's own)")
+    p.add_argument("--walreceiver", default=os.environ.get("ZENITH_WALRECEIVER"), metavar="HOST:PORT",
+                   help="a walreceiver running elsewhere (default: $ZENITH_WALRECEIVER, else the repository's own)")
     sub = p.add_subparsers(dest="command", required=True)
     cluster_cmds.add_commands(sub)
     compute_cmds.add_commands(sub)

@@ -43,8 +43,11 @@ class ClusterConfig:
     ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
     redo_workers: int = max(1, os.cpu_count() or 1)
 
+    # Services that run elsewhere (containers, other hosts): service -> host:port. Not saved.
+    remote: dict[str, str] = field(default_factory=dict)
+
     def address(self, service: str) -> str:
-        return f"{self.host}:{self.ports[service]}"
+        return self.remote.get(service) or f"{self.host}:{self.ports[service]}"
 
 
 @dataclass
@@ -58,9 +61,10 @@ class ServiceStatus:
 
 
 class LocalCluster:
-    def __init__(self, repo: Path) -> None:
+    def __init__(self, repo: Path, remote: dict[str, str] | None = None) -> None:
         self.repo = repo
         self.config_path = repo / "config.json"
+        self.remote = {k: v for k, v in (remote or {}).items() if v}
 
     # -- configuration -------------------------------------------------------------
 
@@ -69,12 +73,15 @@ class LocalCluster:
             raw = json.loads(self.config_path.read_text())
             # Repositories made before a service existed get its default port.
             raw["ports"] = {**DEFAULT_PORTS, **raw.get("ports", {})}
-            return ClusterConfig(**raw)
-        return ClusterConfig()
+            raw.pop("remote", None)
+            return ClusterConfig(**raw, remote=dict(self.remote))
+        return ClusterConfig(remote=dict(self.remote))
 
     def save_config(self, config: ClusterConfig) -> None:
         self.repo.mkdir(parents=True, exist_ok=True)
-        write_file_atomically(self.config_path, json.dumps(asdict(config), indent=2).encode())
+        saved = asdict(config)
+        saved.pop("remote")
+        write_file_atomically(self.config_path, json.dumps(saved, indent=2).encode())
 
     def _pidfile(self, name: str) -> Path:
         return self.repo / "pids" / f"{name}.pid"

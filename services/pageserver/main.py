@@ -54,14 +54,18 @@ class PageServer:
         self.repo.close()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zenith-pageserver", description=__doc__)
     p.add_argument("--repo", required=True, type=Path, help="repository directory")
     p.add_argument("--listen", default="127.0.0.1:6402", help="host:port (port 0: any free port)")
     p.add_argument("--redo", default=None, help="redo service address (default: redo in this process)")
     p.add_argument("--lsn-wait-timeout", type=float, default=30.0, help="seconds a read waits for its LSN")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     shutdown = ShutdownSignal()
     server = PageServer(args.repo, args.listen, args.redo, lsn_wait_timeout=args.lsn_wait_timeout)

@@ -35,14 +35,20 @@ def page_key_proto(key: bytes) -> common_pb2.PageKey:
     raise ValueError(f"key kind {kind} has no redo")
 
 
+def redo_channel_options() -> list[tuple[str, object]]:
+    """Round-robin over every address the name resolves to: `dns:///redo:6401` reaches each replica of a
+    scaled redo service (`docker compose up --scale redo=N`), not just the first."""
+    return [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20),
+            ("grpc.lb_policy_name", "round_robin")]
+
+
 class RemoteRedo:
     """PageRedo over gRPC to `services.redo`."""
 
     def __init__(self, address: str, timeout: float = 60.0) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)])
+        self._channel = grpc.insecure_channel(address, options=redo_channel_options())
         self._stub = redo_pb2_grpc.RedoStub(self._channel)
 
     def redo(self, key: bytes, base: bytes | None, records: Sequence[DecodedRecord]) -> bytes:

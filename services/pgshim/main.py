@@ -15,7 +15,7 @@ from services.runtime import configure_logging
 from .server import ShimConfig, ShimServer
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zenith-pgshim", description=__doc__)
     p.add_argument("--listen", default="127.0.0.1:6400", help="host:port (port 0: any free port)")
     p.add_argument("--pageserver", default="127.0.0.1:6402", help="page server gRPC address host:port")
@@ -29,6 +29,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--startup-timeout", type=float, default=10.0,
                    help="seconds a client has to finish connecting and authenticating")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if (args.tls_cert is None) != (args.tls_key is None):
         p.error("--tls-cert and --tls-key go together")
