@@ -37,3 +37,21 @@ class WalCrcError(WalRecordError):
 
 class WalEndOfData(WalRecordError):
     """Zeroes where a record should start: the end of written WAL in a file."""
+
+
+class TarFormatError(FormatError):
+    """A tar stream that is not a well-formed archive, or a member a tar header cannot hold.
+
+    `offset` is the position in the stream (bytes fed so far) where the
+    problem was found; None for errors of the writer side.
+    """
+
+    def __init__(self, reason: str, offset: int | None = None) -> None:
+        self.reason = reason
+        self.offset = offset
+        where = "" if offset is None else f" at offset {offset}"
+        super().__init__(f"invalid tar archive{where}: {reason}")
+
+
+class ManifestError(FormatError):
+    """Input a backup manifest cannot hold, or the builder's calls out of order."""

@@ -256,8 +256,7 @@ async def send_base_backup(session: Session, settings: BaseBackupSettings) -> No
             for event in parser.feed(chunk.data):
                 writer.handle(event)
             await writer.drain()
-        for event in parser.close():
-            writer.handle(event)
+        parser.close()  # raises unless the archive ended properly
         await writer.drain(force=True)
         if settings.progress:
             session.send(wire.copy_data(b"p" + writer.sent.to_bytes(8, "big")))
