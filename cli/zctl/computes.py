@@ -13,24 +13,22 @@ computes/<name>/pgdata (owned by the postgres OS user).
 
 from __future__ import annotations
 
-import io
+import contextlib
 import json
 import os
 import pwd
 import shutil
-import tarfile
+import subprocess
 import time
 from dataclasses import asdict, dataclass
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 
 from pgformat.lsn import format_lsn, parse_lsn
 from zproto import common_pb2, pageserver_pb2, pageserver_pb2_grpc, walreceiver_pb2, walreceiver_pb2_grpc
 
-from .postgres import PG_OS_USER, PostgresNode, free_port, make_pg_owned_dir, pid_alive
+from .postgres import PG_OS_USER, PostgresNode, free_port, make_pg_owned_dir, pg_user_argv, pid_alive
 from .supervisor import write_file_atomically
 
 DEFAULT_TENANT = "0" * 32
@@ -139,23 +137,39 @@ class Computes:
         return spec, lsn
 
     def _fetch_basebackup(self, spec: ComputeSpec, datadir: Path) -> int:
+        """Stream the page server's tar into the data directory: the system's tar extracts it as the
+        postgres user while it arrives (a base backup can be far larger than memory)."""
         if datadir.exists():
             shutil.rmtree(datadir)
         make_pg_owned_dir(datadir.parent)
-        datadir.mkdir(mode=0o700)
+        make_pg_owned_dir(datadir).chmod(0o700)
         request = pageserver_pb2.BasebackupRequest(
             tenant=common_pb2.TenantId(id=DEFAULT_TENANT), timeline=common_pb2.TimelineId(id=spec.timeline),
             lsn=parse_lsn(spec.lsn) if spec.lsn else 0)
-        stream = _ChunkStream(self.pageserver.Basebackup(request, timeout=3600))
+        tar = subprocess.Popen(pg_user_argv(["tar", "-x", "-f", "-", "-C", datadir]), stdin=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+        assert tar.stdin is not None and tar.stderr is not None
+        lsn = 0
         try:
-            # Extract while it streams: a base backup can be far larger than memory.
-            with tarfile.open(fileobj=stream, mode="r|") as tar:
-                tar.extractall(datadir, filter="data")
+            for chunk in self.pageserver.Basebackup(request, timeout=3600):
+                if chunk.lsn:
+                    lsn = chunk.lsn
+                if chunk.data:
+                    tar.stdin.write(chunk.data)
         except grpc.RpcError as e:
+            tar.kill()
             raise ComputeError(f"base backup of branch {spec.branch!r} failed: {e.details()}") from None
-        _chown_tree(datadir)
+        except BrokenPipeError:
+            pass  # tar failed: its exit status says why
+        finally:
+            with contextlib.suppress(BrokenPipeError):
+                tar.stdin.close()
+            err = tar.stderr.read().decode(errors="replace")
+            tar.wait()
+        if tar.returncode != 0:
+            raise ComputeError(f"extracting the base backup of branch {spec.branch!r} failed: {err.strip()}")
         datadir.chmod(0o700)
-        return stream.lsn
+        return lsn
 
     def _configure(self, spec: ComputeSpec, node: PostgresNode) -> None:
         gucs: dict[str, object] = {
@@ -233,32 +247,6 @@ class Computes:
         if self.is_running(spec):
             raise ComputeError(f"compute {name!r} is running; stop it first")
         shutil.rmtree(self._dir(name))
-
-
-class _ChunkStream(io.RawIOBase):
-    """A readable file over the BasebackupChunk stream; `lsn` is set from the first chunk."""
-
-    def __init__(self, chunks: Iterator[pageserver_pb2.BasebackupChunk]) -> None:
-        self._chunks = chunks
-        self._buf = b""
-        self._pos = 0
-        self.lsn = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        while self._pos >= len(self._buf):
-            chunk = next(self._chunks, None)
-            if chunk is None:
-                return 0
-            if chunk.lsn:
-                self.lsn = chunk.lsn
-            self._buf, self._pos = chunk.data, 0
-        n = min(len(b), len(self._buf) - self._pos)
-        b[:n] = self._buf[self._pos : self._pos + n]
-        self._pos += n
-        return n
 
 
 def _chown_tree(path: Path) -> None:

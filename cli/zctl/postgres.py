@@ -80,11 +80,15 @@ def unreachable_ancestor(path: Path) -> Path | None:
     return None
 
 
+def pg_user_argv(argv: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """`argv`, run as the postgres OS user when we are root."""
+    cmd = [str(a) for a in argv]
+    return ["runuser", "-u", PG_OS_USER, "--", *cmd] if _running_as_root() else cmd
+
+
 def run_as_pg_user(argv: Sequence[str | os.PathLike[str]], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     """Run a Postgres binary, as the postgres OS user when we are root."""
-    cmd = [str(a) for a in argv]
-    if _running_as_root():
-        cmd = ["runuser", "-u", PG_OS_USER, "--", *cmd]
+    cmd = pg_user_argv(argv)
     kwargs.setdefault("check", True)
     kwargs.setdefault("text", True)
     kwargs.setdefault("capture_output", True)
