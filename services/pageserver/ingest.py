@@ -17,7 +17,6 @@ import struct
 from dataclasses import dataclass, field
 from typing import Final
 
-from pgformat import fsm
 from pgformat.constants import BLCKSZ, FSM_FORKNUM, MAIN_FORKNUM, VISIBILITYMAP_FORKNUM
 from pgformat.rmgr import (
     RM_DBASE_ID,
@@ -69,6 +68,11 @@ _RELMAP_UPDATE = struct.Struct("<IIi")
 # visibilitymap.c: two bits per heap block, map after the MAXALIGNed page header.
 _VM_MAPSIZE: Final = BLCKSZ - 24
 VM_HEAPBLOCKS_PER_PAGE: Final = _VM_MAPSIZE * 4
+# freespace.c / fsm_internals.h
+_FSM_NODES_PER_PAGE: Final = BLCKSZ - 24 - 4
+_FSM_NON_LEAF_NODES_PER_PAGE: Final = BLCKSZ // 2 - 1
+FSM_SLOTS_PER_PAGE: Final = _FSM_NODES_PER_PAGE - _FSM_NON_LEAF_NODES_PER_PAGE
+FSM_TREE_DEPTH: Final = 3
 
 
 class IngestError(ValueError):
@@ -85,9 +89,6 @@ class IngestPlan:
     extends: list[tuple[RelTag, int]] = field(default_factory=list)
     creates: list[RelTag] = field(default_factory=list)
     truncates: list[tuple[RelTag, int]] = field(default_factory=list)
-    # Pages the record changes without referencing them (VM bits, map pages past a truncation):
-    # changed only if they exist when the record is applied, as Postgres's redo does.
-    implied: list[tuple[RelTag, int]] = field(default_factory=list)
     # (spc, db, relfilenode): every fork goes.
     drops: list[tuple[int, int, int]] = field(default_factory=list)
     db_drops: list[tuple[int, int]] = field(default_factory=list)
@@ -109,6 +110,23 @@ def vm_blocks_after_truncate(heap_nblocks: int) -> int:
     return blk + (1 if remainder else 0)
 
 
+def _fsm_logical_to_physical(logpageno: int) -> int:
+    """fsm_logical_to_physical for a bottom-level (level 0) FSM page."""
+    pages = 0
+    leafno = logpageno
+    for _ in range(FSM_TREE_DEPTH):
+        pages += leafno + 1
+        leafno //= FSM_SLOTS_PER_PAGE
+    return pages - 1
+
+
+def fsm_blocks_after_truncate(heap_nblocks: int) -> int:
+    """FreeSpaceMapPrepareTruncateRel: FSM pages kept when the heap shrinks to heap_nblocks."""
+    logpageno, slot = divmod(heap_nblocks, FSM_SLOTS_PER_PAGE)
+    physical = _fsm_logical_to_physical(logpageno)
+    return physical if slot == 0 else physical + 1
+
+
 def plan_record(rec: DecodedRecord, track_commit_ts: bool = True) -> IngestPlan:
     plan = IngestPlan()
     for b in rec.blocks:
@@ -116,7 +134,8 @@ def plan_record(rec: DecodedRecord, track_commit_ts: bool = True) -> IngestPlan:
         plan.pages.append((rel.page_key(b.blkno), b.will_init or b.apply_image))
         plan.extends.append((rel, b.blkno + 1))
     for tag in implied_tags(rec):
-        plan.implied.append((RelTag(tag.rnode.spc, tag.rnode.db, tag.rnode.rel, tag.forknum), tag.blkno))
+        rel = RelTag(tag.rnode.spc, tag.rnode.db, tag.rnode.rel, tag.forknum)
+        plan.pages.append((rel.page_key(tag.blkno), False))
     for stag in slru_tags_for_record(rec, track_commit_ts):
         plan.pages.append((slru_page_key(stag.kind, stag.segno, stag.pageno), slru_record_will_init(stag, rec)))
 
@@ -152,7 +171,7 @@ def _plan_smgr(rec: DecodedRecord, info: int, data: bytes, plan: IngestPlan) -> 
         if flags & SMGR_TRUNCATE_HEAP:
             plan.truncates.append((RelTag(spc, db, rel, MAIN_FORKNUM), blkno))
         if flags & SMGR_TRUNCATE_FSM:
-            plan.truncates.append((RelTag(spc, db, rel, FSM_FORKNUM), fsm.blocks_after_truncate(blkno)))
+            plan.truncates.append((RelTag(spc, db, rel, FSM_FORKNUM), fsm_blocks_after_truncate(blkno)))
         if flags & SMGR_TRUNCATE_VM:
             plan.truncates.append((RelTag(spc, db, rel, VISIBILITYMAP_FORKNUM), vm_blocks_after_truncate(blkno)))
 
