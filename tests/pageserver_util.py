@@ -107,3 +107,32 @@ class RunningPageServer:
     def close(self) -> None:
         self.channel.close()
         self.server.stop(grace=0.5)
+
+
+# -- a table whose free space map has two bottom-level pages ----------------------------------
+
+# One ~630-byte row a page (fillfactor 10 leaves room for one), so heap block = row number - 1,
+# and every page has the same free space: the FSM holds one category in every used slot.
+FSM_TABLE_ROWS = 4200  # > SlotsPerFSMPage (4069): two bottom-level FSM pages
+FSM_TABLE_KEEP = 3000  # heap blocks a later VACUUM keeps: a cut inside the first bottom-level page
+
+
+def create_fsm_table(node: PostgresNode, name: str) -> None:
+    """The table, every page recorded in the FSM by VACUUM (which also sets the upper levels)."""
+    node.execute(f"CREATE TABLE {name} (id int, pad text) WITH (fillfactor = 10, autovacuum_enabled = off)")
+    node.execute(f"INSERT INTO {name} SELECT g, repeat('x', 600) FROM generate_series(1, {FSM_TABLE_ROWS}) g")
+    node.sql(f"VACUUM {name}")
+    assert node.sql(f"SELECT pg_relation_size('{name}') / 8192")[0][0] == FSM_TABLE_ROWS
+
+
+def truncate_fsm_table(node: PostgresNode, name: str) -> None:
+    """Empty the heap pages from FSM_TABLE_KEEP on; VACUUM then truncates the heap (XLOG_SMGR_TRUNCATE)."""
+    node.execute(f"DELETE FROM {name} WHERE (ctid::text::point)[0] >= {FSM_TABLE_KEEP}")
+    node.sql(f"VACUUM {name}")
+    assert node.sql(f"SELECT pg_relation_size('{name}') / 8192")[0][0] == FSM_TABLE_KEEP
+
+
+def raw_fsm_pages(node: PostgresNode, name: str) -> list[bytes]:
+    """Every page of the table's FSM fork, as the primary's buffer manager has it (pageinspect)."""
+    nblocks = node.sql(f"SELECT pg_relation_size('{name}', 'fsm') / 8192")[0][0]
+    return [bytes(node.sql("SELECT get_raw_page(%s, 'fsm', %s)", (name, blk))[0][0]) for blk in range(nblocks)]

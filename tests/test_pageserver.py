@@ -14,18 +14,23 @@ import grpc
 import pytest
 from conftest import PgFactory
 from pageserver_util import (
+    FSM_TABLE_KEEP,
     RunningPageServer,
+    create_fsm_table,
     current_lsn,
     get_page,
     import_backup,
     push_wal,
+    raw_fsm_pages,
     rel_key,
     take_base_backup,
+    truncate_fsm_table,
     user_relations,
 )
 
 from pgformat.bufmask import mask_for_rmgr
 from pgformat.constants import BLCKSZ
+from pgformat.fsm import fsm_nodes, fsm_slots
 from services.pageserver.repository import DEFAULT_TENANT
 from zproto import common_pb2, pageserver_pb2
 
@@ -324,6 +329,45 @@ def test_truncation_clears_visibility_map_bits_past_the_new_end(primary, tmp_pat
         theirs = bytes(primary.sql("SELECT get_raw_page('shrink', 'vm', 0)")[0][0])
         assert ours[24:] == theirs[24:]  # the map itself, byte for byte
         assert any(ours[24:]) and not any(ours[24 + heap_blocks // 4 + 1:])
+    finally:
+        ps.close()
+
+
+def test_truncation_cuts_the_free_space_map(primary, tmp_path: Path, pg_base_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """VACUUM truncating a heap cuts the FSM fork and clears the kept last page's tail (smgr_redo).
+
+    The FSM is not WAL-logged: the page server's copy is what the base backup
+    had, and only the truncation's implied changes move it. The table's FSM is
+    imported with two bottom-level pages; the cut falls inside the first one.
+    """
+    create_fsm_table(primary, "spacious")
+    backup = take_base_backup(primary, pg_base_dir / f"backup-{tmp_path.name}")
+    truncate_fsm_table(primary, "spacious")
+    theirs = raw_fsm_pages(primary, "spacious")
+    primary.sql("SELECT pg_switch_wal()")
+    end = current_lsn(primary)
+    ps = RunningPageServer(tmp_path / "repo")
+    try:
+        import_backup(ps.stub, backup, TIMELINE)
+        rel = rel_key(primary, "spacious")
+        fsm = common_pb2.RelTag(spc_oid=rel.spc_oid, db_oid=rel.db_oid, rel_number=rel.rel_number, fork=1)
+
+        def fsm_size() -> int:
+            return int(ps.stub.RelSize(pageserver_pb2.RelSizeRequest(
+                tenant=common_pb2.TenantId(id=DEFAULT_TENANT), timeline=common_pb2.TimelineId(id=TIMELINE),
+                rel=fsm, lsn=common_pb2.RequestLsn(latest=True))).nblocks)
+
+        assert fsm_size() == 4
+        leaf = 2  # the bottom-level page of heap blocks 0..4068
+        assert any(fsm_slots(get_page(ps.stub, TIMELINE, fsm, leaf))[FSM_TABLE_KEEP:])  # imported, before the cut
+        push_wal(ps.stub, primary.waldir, TIMELINE, 0, end)
+        assert fsm_size() == len(theirs) == 3
+        ours = [get_page(ps.stub, TIMELINE, fsm, blk) for blk in range(3)]
+        assert not any(fsm_slots(ours[leaf])[FSM_TABLE_KEEP:])
+        # The whole tree of each page equals the primary's (see test_fsm.py for why the primary,
+        # whose VACUUM leaves the kept slots alone, is the oracle for the page server's copy).
+        for blk in range(3):
+            assert fsm_nodes(ours[blk]) == fsm_nodes(theirs[blk]), blk
     finally:
         ps.close()
 

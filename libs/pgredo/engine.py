@@ -10,8 +10,9 @@ src/backend/access/transam/xlogutils.c decides, per block reference:
 
 Each rmgr module registers one `BlockRedo` per rmgr id: a function that
 applies a record's effect on one of its block references. A record can also
-touch a page it did not register (heap records clear visibility-map bits):
-an rmgr may register an `ImpliedRedo` for those.
+touch a page it did not register (heap records clear visibility-map bits, a
+heap truncation trims the last VM and FSM pages): an rmgr may register an
+`ImpliedRedo` for those.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ class BufferTag:
 # Applies `rec`'s change to the page of `block` in place. Returns False when
 # Postgres would not set the page LSN (rare; see the rmgr's comments).
 BlockRedo = Callable[[DecodedRecord, DecodedBlock, bytearray], "bool | None"]
-# Applies a record's effect on a page it did not register; returns False when
-# the record does not affect that page after all.
+# Applies a record's effect on a page it did not register (an all-zero page when
+# there is no base); returns False when Postgres would not set the page LSN.
 ImpliedRedo = Callable[[DecodedRecord, BufferTag, bytearray], bool]
 # Lists the pages a record changes without registering them (the page server
 # files the record under those keys too).
@@ -103,7 +104,12 @@ def apply_record(tag: BufferTag, page: bytearray | None, rec: DecodedRecord) -> 
         if entry is None:
             raise RedoFailedError(rec.lsn, rec.rmid, rec.info, f"record does not reference block {tag}")
         if page is None:
-            raise RedoFailedError(rec.lsn, rec.rmid, rec.info, f"no base page for implied change to {tag}")
+            if tag not in entry[0](rec):
+                raise RedoFailedError(rec.lsn, rec.rmid, rec.info, f"no base page, and the record does not change {tag}")
+            # A map page the page server never saw (Postgres creates VM and FSM pages
+            # without WAL): Postgres reads a missing or new map page as zeroes too
+            # (vm_readbuf, fsm_readbuf), and the implied changes only clear bits.
+            page = bytearray(BLCKSZ)
         if page_get_lsn(page) >= rec.end_lsn:
             return page
         if entry[1](rec, tag, page):

@@ -1,10 +1,11 @@
 """What one WAL record means for the page server's keys and metadata.
 
 `plan_record` turns a decoded record into an `IngestPlan`: the page keys it
-changes (registered blocks, visibility-map pages it clears without
-registering them, SLRU pages), relation creations, extensions, truncations
-and drops, database creation and drop, relmapper and two-phase files, and the
-checkpoint. No I/O here: the repository applies the plan.
+changes (registered blocks, visibility-map and free-space-map pages it changes
+without registering them -- see pgredo.heap and pgredo.storage -- SLRU pages),
+relation creations, extensions, truncations and drops, database creation and
+drop, relmapper and two-phase files, and the checkpoint. No I/O here: the
+repository applies the plan.
 
 Record layouts: catalog/storage_xlog.h, commands/dbcommands_xlog.h,
 utils/relmapper.h, access/xact.h; the effects follow smgr_redo,
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from pgformat.constants import BLCKSZ, FSM_FORKNUM, MAIN_FORKNUM, VISIBILITYMAP_FORKNUM
+from pgformat.fsm import fsm_blocks_after_truncate
 from pgformat.rmgr import (
     RM_DBASE_ID,
     RM_RELMAP_ID,
@@ -68,11 +70,6 @@ _RELMAP_UPDATE = struct.Struct("<IIi")
 # visibilitymap.c: two bits per heap block, map after the MAXALIGNed page header.
 _VM_MAPSIZE: Final = BLCKSZ - 24
 VM_HEAPBLOCKS_PER_PAGE: Final = _VM_MAPSIZE * 4
-# freespace.c / fsm_internals.h
-_FSM_NODES_PER_PAGE: Final = BLCKSZ - 24 - 4
-_FSM_NON_LEAF_NODES_PER_PAGE: Final = BLCKSZ // 2 - 1
-FSM_SLOTS_PER_PAGE: Final = _FSM_NODES_PER_PAGE - _FSM_NON_LEAF_NODES_PER_PAGE
-FSM_TREE_DEPTH: Final = 3
 
 
 class IngestError(ValueError):
@@ -108,23 +105,6 @@ def vm_blocks_after_truncate(heap_nblocks: int) -> int:
     """visibilitymap_prepare_truncate: VM pages kept when the heap shrinks to heap_nblocks."""
     blk, remainder = divmod(heap_nblocks, VM_HEAPBLOCKS_PER_PAGE)
     return blk + (1 if remainder else 0)
-
-
-def _fsm_logical_to_physical(logpageno: int) -> int:
-    """fsm_logical_to_physical for a bottom-level (level 0) FSM page."""
-    pages = 0
-    leafno = logpageno
-    for _ in range(FSM_TREE_DEPTH):
-        pages += leafno + 1
-        leafno //= FSM_SLOTS_PER_PAGE
-    return pages - 1
-
-
-def fsm_blocks_after_truncate(heap_nblocks: int) -> int:
-    """FreeSpaceMapPrepareTruncateRel: FSM pages kept when the heap shrinks to heap_nblocks."""
-    logpageno, slot = divmod(heap_nblocks, FSM_SLOTS_PER_PAGE)
-    physical = _fsm_logical_to_physical(logpageno)
-    return physical if slot == 0 else physical + 1
 
 
 def plan_record(rec: DecodedRecord, track_commit_ts: bool = True) -> IngestPlan:

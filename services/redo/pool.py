@@ -379,7 +379,9 @@ def run_job(key: PageKey, base: bytes | None, records: Sequence[WireRecord]) -> 
                 f"rel {tag.rnode} fork {fork} blk {blkno}",
                 lsn, rec.rmid, rec.info,
             )
-        if i == 0 and base is None and (block is None or not (block.will_init or block.apply_image)):
+        # A page changed only by implied records may start from zeroes (a map page made
+        # without WAL; see pgredo.engine.apply_record); a registered block may not.
+        if i == 0 and base is None and block is not None and not (block.will_init or block.apply_image):
             return _failure(
                 INVALID_ARGUMENT,
                 f"no base image, and the first record at {format_lsn(lsn)} ({record_label(rec.rmid, rec.info)}) "
