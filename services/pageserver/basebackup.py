@@ -28,10 +28,8 @@ Files are read and streamed one page at a time; nothing is staged on disk.
 from __future__ import annotations
 
 import dataclasses
-import io
 import itertools
 import logging
-import tarfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -56,6 +54,7 @@ from pgformat.datadir import (
     TABLESPACE_VERSION_DIRECTORY,
     relation_path,
 )
+from pgformat.tarstream import TAR_END, tar_padding, ustar_header
 from pgformat.walbuild import build_checkpoint_record, build_wal_segments, record_start_for
 from pgformat.xlogreader import segment_file_name
 from pgformat.xlogrecord import DecodedRecord
@@ -169,21 +168,21 @@ def write_basebackup(
     if on_start is not None:
         on_start(start.info)
     ckpt = start.info.checkpoint
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        w = _TarWriter(tar)
-        w.file("PG_VERSION", PG_VERSION_FILE)
-        for d in DATA_DIRECTORY_SUBDIRS:
-            w.dir(d)
-        w.file("postgresql.conf", POSTGRESQL_CONF)
-        w.file("pg_hba.conf", PG_HBA_CONF)
-        w.file("pg_ident.conf", PG_IDENT_CONF)
-        w.file("postgresql.auto.conf", POSTGRESQL_AUTO_CONF)
-        nrels = _write_relations(repo, tl, lsn, w, checksums=bool(start.control_data.data_checksum_version))
-        _write_slrus(repo, tl, lsn, ckpt, start.control_data.track_commit_timestamp, w)
-        _write_twophase(repo, tl, lsn, w)
-        for path, image in start.wal:
-            w.file(path, image)
-        w.file("global/pg_control", start.control)
+    w = _TarWriter(out)
+    w.file("PG_VERSION", PG_VERSION_FILE)
+    for d in DATA_DIRECTORY_SUBDIRS:
+        w.dir(d)
+    w.file("postgresql.conf", POSTGRESQL_CONF)
+    w.file("pg_hba.conf", PG_HBA_CONF)
+    w.file("pg_ident.conf", PG_IDENT_CONF)
+    w.file("postgresql.auto.conf", POSTGRESQL_AUTO_CONF)
+    nrels = _write_relations(repo, tl, lsn, w, checksums=bool(start.control_data.data_checksum_version))
+    _write_slrus(repo, tl, lsn, ckpt, start.control_data.track_commit_timestamp, w)
+    _write_twophase(repo, tl, lsn, w)
+    for path, image in start.wal:
+        w.file(path, image)
+    w.file("global/pg_control", start.control)
+    w.close()
     log.info("base backup written", extra={
         "timeline": tl.timeline, "lsn": f"{start.info.lsn:X}", "checkpoint": f"{start.info.checkpoint_lsn:X}",
         "relations": nrels, "bytes": w.bytes, "seconds": round(time.monotonic() - started, 2)})
@@ -403,10 +402,11 @@ def twophase_file(state: bytes, xid: int) -> bytes:
 
 
 class _TarWriter:
-    """Entries of a data directory: 0700 directories, 0600 files, each directory once."""
+    """Entries of a data directory as a ustar stream (the headers Postgres's own server writes, which is
+    what pg_basebackup reads): 0700 directories, 0600 files, each directory once."""
 
-    def __init__(self, tar: tarfile.TarFile) -> None:
-        self._tar = tar
+    def __init__(self, out: BinaryIO) -> None:
+        self._out = out
         self._dirs: set[str] = set()
         self._mtime = int(time.time())
         self.bytes = 0
@@ -415,47 +415,21 @@ class _TarWriter:
         if path in self._dirs:
             return
         self._dirs.add(path)
-        info = tarfile.TarInfo(path)
-        info.type = tarfile.DIRTYPE
-        info.mode = 0o700
-        info.mtime = self._mtime
-        self._tar.addfile(info)
+        self._out.write(ustar_header(path, 0, mode=0o700, mtime=self._mtime, kind="dir"))
 
     def file(self, path: str, data: bytes) -> None:
-        self.stream(path, len(data), iter((data,)))
+        self.stream(path, len(data), (data,))
 
     def stream(self, path: str, size: int, chunks: Iterable[bytes]) -> None:
-        info = tarfile.TarInfo(path)
-        info.size = size
-        info.mode = 0o600
-        info.mtime = self._mtime
-        self._tar.addfile(info, _ChunkReader(iter(chunks)))
+        self._out.write(ustar_header(path, size, mode=0o600, mtime=self._mtime))
+        written = 0
+        for chunk in chunks:
+            self._out.write(chunk)
+            written += len(chunk)
+        if written != size:
+            raise BasebackupError(f"{path}: wrote {written} bytes, announced {size}")
+        self._out.write(tar_padding(size))
         self.bytes += size
 
-
-class _ChunkReader(io.RawIOBase):
-    """A read-only file over an iterator of byte strings (what tarfile copies from)."""
-
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        self._chunks = chunks
-        self._chunk = memoryview(b"")
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        parts: list[bytes] = []
-        want = size
-        while want != 0:
-            if not self._chunk:
-                nxt = next(self._chunks, None)
-                if nxt is None:
-                    break
-                self._chunk = memoryview(nxt)
-                continue
-            take = len(self._chunk) if want < 0 else min(want, len(self._chunk))
-            parts.append(bytes(self._chunk[:take]))
-            self._chunk = self._chunk[take:]
-            if want > 0:
-                want -= take
-        return b"".join(parts)
+    def close(self) -> None:
+        self._out.write(TAR_END)
