@@ -48,11 +48,16 @@ class GrpcEndpoint:
 
     def __init__(self, listen: str, service_names: Sequence[str], register: Callable[[grpc.Server], None], *,
                  threads: int = 16, thread_name: str = "grpc",
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_connection_age: float = 0.0) -> None:
+        options: list[tuple[str, int]] = [("grpc.max_receive_message_length", max_message_bytes),
+                                          ("grpc.max_send_message_length", max_message_bytes)]
+        if max_connection_age > 0:
+            # GOAWAY after this long (in-flight calls get as long again to finish): clients reconnect and
+            # re-resolve the name, so replicas added behind one DNS name start getting their share.
+            age_ms = int(max_connection_age * 1000)
+            options += [("grpc.max_connection_age_ms", age_ms), ("grpc.max_connection_age_grace_ms", age_ms)]
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=thread_name),
-            options=[("grpc.max_receive_message_length", max_message_bytes),
-                     ("grpc.max_send_message_length", max_message_bytes)])
+            futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=thread_name), options=options)
         register(self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -90,10 +91,18 @@ def test_addresses_ports_volumes_and_dependencies_agree(compose: dict[str, Any])
         for volume in service.get("volumes", []):
             assert volume.split(":")[0] in compose["volumes"], f"{name}: volume {volume} is not declared"
         for mapping in service.get("ports", []):
-            assert int(mapping.split(":")[1]) == listening[name], f"{name} publishes a port it does not listen on"
+            # HOST_IP:HOST_PORT:CONTAINER_PORT; the services trust their network, so loopback only.
+            host_ip, _host_port, container_port = mapping.split(":")
+            assert host_ip == "127.0.0.1", f"{name} publishes {mapping} beyond loopback"
+            assert int(container_port) == listening[name], f"{name} publishes a port it does not listen on"
     assert "container_name" not in services["redo"] and "ports" not in services["redo"], "redo must scale"
     assert "dns:///redo:6401" in services["pageserver"]["command"]  # round-robin over every redo replica
     assert services["compute"]["hostname"] in services["compute"]["command"]  # --advertise-host
+    # zctl pg run leaves the postmaster to PID 1 (pg_ctl daemonizes it), and its clean stop waits for
+    # the page server to hold the shutdown checkpoint: an init, and more than Docker's 10 s to stop.
+    assert services["compute"].get("init") is True
+    grace = re.fullmatch(r"(\d+)s", services["compute"].get("stop_grace_period", "10s"))
+    assert grace and int(grace.group(1)) >= 40
 
 
 def test_dockerfile_copies_what_exists_and_installs_postgres() -> None:
@@ -106,11 +115,20 @@ def test_dockerfile_copies_what_exists_and_installs_postgres() -> None:
     assert "postgresql-15" in text and "pip install" in text and "grpc_tools.protoc" in text
 
 
-def test_docker_compose_config_where_available() -> None:
+def _compose_cli() -> list[str] | None:
+    """`docker compose` (the v2 plugin) or Debian's `docker-compose`; neither needs an engine for `config`."""
     docker = shutil.which("docker")
-    if docker is None or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
-        pytest.skip("the docker compose plugin is not installed here")
-    out = subprocess.run([docker, "compose", "-f", str(COMPOSE), "config", "--quiet"], capture_output=True, text=True)
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+        return [docker, "compose"]
+    v1 = shutil.which("docker-compose")
+    return [v1] if v1 else None
+
+
+def test_docker_compose_config_where_available() -> None:
+    cli = _compose_cli()
+    if cli is None:
+        pytest.skip("neither the docker compose plugin nor docker-compose is installed here")
+    out = subprocess.run([*cli, "-f", str(COMPOSE), "config", "--quiet"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
 
 
@@ -196,3 +214,50 @@ def test_redo_replicas_share_the_page_servers_load() -> None:
             endpoint.stop(0)
         for pool in pools:
             pool.close()
+
+
+def test_redo_recycles_connections_so_clients_re_resolve() -> None:
+    """`--max-connection-age`: the redo server closes each connection after that age (GOAWAY); the
+    client reconnects, which is when a `dns:///` target is resolved again and new replicas join."""
+    import threading
+
+    import grpc
+
+    from services.pageserver.redo_client import RemoteRedo
+    from zproto import redo_pb2
+
+    proc = subprocess.Popen([sys.executable, "-m", "services.redo.main", "--listen", "127.0.0.1:0", "--workers", "1",
+                             "--max-connection-age", "1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "listening on" in line, line
+        client = RemoteRedo("dns:///" + line.split()[-1])
+        states: list[grpc.ChannelConnectivity] = []
+        changed = threading.Event()
+
+        def watch(state: grpc.ChannelConnectivity) -> None:
+            states.append(state)
+            changed.set()
+
+        client._channel.subscribe(watch, try_to_connect=True)
+        try:  # any answer will do: it is the connection we watch
+            client._stub.ApplyRecords(redo_pb2.ApplyRecordsRequest(), timeout=10)
+        except grpc.RpcError as e:
+            assert e.code() != grpc.StatusCode.UNAVAILABLE, e
+
+        def recycled() -> bool:
+            ready = [i for i, st in enumerate(states) if st == grpc.ChannelConnectivity.READY]
+            # After GOAWAY the round-robin policy reconnects at once (and asks for re-resolution).
+            return bool(ready) and grpc.ChannelConnectivity.CONNECTING in states[ready[0]:]
+
+        deadline = time.monotonic() + 10
+        while not recycled():
+            assert time.monotonic() < deadline, f"the connection was never recycled: {states}"
+            changed.wait(0.5)
+            changed.clear()
+        client.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+

@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a worker may spend on one job before it is killed and replaced")
     p.add_argument("--start-method", choices=("spawn", "forkserver"), default="spawn",
                    help="how worker processes are started")
+    p.add_argument("--max-connection-age", type=float, default=0.0, metavar="SECONDS",
+                   help="close each client connection after this long (clients reconnect and re-resolve the "
+                        "service name: how a page server finds redo replicas added later); 0: never")
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight RPCs get at shutdown")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--enable-test-hooks", action="store_true", help=argparse.SUPPRESS)
@@ -60,7 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         endpoint = GrpcEndpoint(args.listen, [SERVICE_NAME],
                                 lambda server: redo_pb2_grpc.add_RedoServicer_to_server(servicer, server),
-                                threads=args.grpc_threads, thread_name="redo-grpc", max_message_bytes=MAX_MESSAGE_BYTES)
+                                threads=args.grpc_threads, thread_name="redo-grpc", max_message_bytes=MAX_MESSAGE_BYTES,
+                                max_connection_age=args.max_connection_age)
     except (OSError, RuntimeError) as e:
         log.error("cannot listen", extra={"listen": args.listen, "error": str(e)})
         pool.close()
