@@ -723,12 +723,12 @@ class Repository:
             end = min(nblocks, start + batch)
             newest: dict[bytes, tuple[int, bytes | None]] = {}
             for t, upto in lineage:
+                # One range scan, newest first per key (the primary key's order); most keys have one version.
                 for key, kind, data in conn.execute(
-                    "SELECT key, kind, data FROM page_versions p WHERE tl = ? AND key >= ? AND key < ? AND lsn = "
-                    "(SELECT max(lsn) FROM page_versions WHERE tl = p.tl AND key = p.key AND lsn <= ?)"
-                    " ORDER BY key, kind", (t.id, rel.page_key(start), rel.page_key(end), upto),
+                    "SELECT key, kind, data FROM page_versions WHERE tl = ? AND key >= ? AND key < ? AND lsn <= ?"
+                    " ORDER BY key, lsn DESC, kind", (t.id, rel.page_key(start), rel.page_key(end), upto),
                 ):
-                    newest.setdefault(bytes(key), (kind, data))  # the nearest timeline, then the lowest kind wins
+                    newest.setdefault(key, (kind, data))  # the nearest timeline, then the newest, lowest kind wins
             for blk in range(start, end):
                 key = rel.page_key(blk)
                 found = newest.get(key)
