@@ -18,6 +18,7 @@ PageIndexTupleOverwrite), so do these functions; the caller decides.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Final, NamedTuple, Sequence
 
 from pgformat.constants import BLCKSZ, maxalign
@@ -334,54 +335,38 @@ def page_set_lsn(page: bytearray, lsn: int) -> None:
     _LSN.pack_into(page, _OFF_LSN, (lsn >> 32) & 0xFFFFFFFF, lsn & 0xFFFFFFFF)
 
 
-def page_get_checksum(page: bytearray) -> int:
-    """pd_checksum."""
-    return int(_u16_from(page, _OFF_CHECKSUM)[0])
+# The plain integer fields, one (struct, offset) each; every field gets a getter
+# page_get_<field> and a setter page_set_<field> made here rather than written out.
 
 
-def page_set_checksum(page: bytearray, checksum: int) -> None:
-    """Store pd_checksum."""
-    _u16_into(page, _OFF_CHECKSUM, checksum)
+def _header_field(fmt: struct.Struct, offset: int, field: str, doc: str) -> tuple[
+    Callable[[bytearray], int], Callable[[bytearray, int], None]
+]:
+    unpack_from, pack_into = fmt.unpack_from, fmt.pack_into
+
+    def get(page: bytearray) -> int:
+        return int(unpack_from(page, offset)[0])
+
+    def put(page: bytearray, value: int) -> None:
+        pack_into(page, offset, value)
+
+    _name(get, f"page_get_{field}", f"{doc}.")
+    _name(put, f"page_set_{field}", f"Store {doc}.")
+    return get, put
 
 
-def page_get_flags(page: bytearray) -> int:
-    """pd_flags."""
-    return int(_u16_from(page, _OFF_FLAGS)[0])
+def _name(fn: Callable[..., object], name: str, doc: str) -> None:
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = doc
 
 
-def page_set_flags(page: bytearray, flags: int) -> None:
-    """Store pd_flags."""
-    _u16_into(page, _OFF_FLAGS, flags)
-
-
-def page_get_lower(page: bytearray) -> int:
-    """pd_lower."""
-    return int(_u16_from(page, _OFF_LOWER)[0])
-
-
-def page_set_lower(page: bytearray, lower: int) -> None:
-    """Store pd_lower."""
-    _u16_into(page, _OFF_LOWER, lower)
-
-
-def page_get_upper(page: bytearray) -> int:
-    """pd_upper."""
-    return int(_u16_from(page, _OFF_UPPER)[0])
-
-
-def page_set_upper(page: bytearray, upper: int) -> None:
-    """Store pd_upper."""
-    _u16_into(page, _OFF_UPPER, upper)
-
-
-def page_get_special(page: bytearray) -> int:
-    """pd_special (an offset; see :func:`page_get_special_pointer` for the bytes)."""
-    return int(_u16_from(page, _OFF_SPECIAL)[0])
-
-
-def page_set_special(page: bytearray, special: int) -> None:
-    """Store pd_special."""
-    _u16_into(page, _OFF_SPECIAL, special)
+page_get_checksum, page_set_checksum = _header_field(_U16, _OFF_CHECKSUM, "checksum", "pd_checksum")
+page_get_flags, page_set_flags = _header_field(_U16, _OFF_FLAGS, "flags", "pd_flags")
+page_get_lower, page_set_lower = _header_field(_U16, _OFF_LOWER, "lower", "pd_lower")
+page_get_upper, page_set_upper = _header_field(_U16, _OFF_UPPER, "upper", "pd_upper")
+# pd_special is an offset; see page_get_special_pointer for the bytes.
+page_get_special, page_set_special = _header_field(_U16, _OFF_SPECIAL, "special", "pd_special")
+page_get_prune_xid, page_set_prune_xid = _header_field(_U32, _OFF_PRUNE_XID, "prune_xid", "pd_prune_xid")
 
 
 def page_get_page_size(page: bytearray) -> int:
@@ -408,16 +393,6 @@ def page_get_special_pointer(page: bytearray) -> memoryview:
     return memoryview(page)[special:]
 
 
-def page_get_prune_xid(page: bytearray) -> int:
-    """pd_prune_xid."""
-    return int(_u32_from(page, _OFF_PRUNE_XID)[0])
-
-
-def page_set_prune_xid(page: bytearray, xid: int) -> None:
-    """Store pd_prune_xid."""
-    _u32_into(page, _OFF_PRUNE_XID, xid)
-
-
 def _transaction_id_precedes(id1: int, id2: int) -> bool:
     # transam.c TransactionIdPrecedes: modulo-2^32 unless either is special.
     if id1 < 3 or id2 < 3:
@@ -438,49 +413,33 @@ def page_clear_prunable(page: bytearray) -> None:
     page_set_prune_xid(page, 0)
 
 
-def page_has_free_line_pointers(page: bytearray) -> bool:
-    """PageHasFreeLinePointers."""
-    return bool(page_get_flags(page) & PD_HAS_FREE_LINES)
+# The pd_flags bits: a test, a set and a clear each, named after the bufpage.h macros
+# (PageIsFull, PageSetFull, PageClearFull; PageHasFreeLinePointers, ...).
 
 
-def page_set_has_free_line_pointers(page: bytearray) -> None:
-    """PageSetHasFreeLinePointers."""
-    page_set_flags(page, page_get_flags(page) | PD_HAS_FREE_LINES)
+def _flag_bit(bit: int, field: str, macro: str, is_prefix: bool = True) -> tuple[
+    Callable[[bytearray], bool], Callable[[bytearray], None], Callable[[bytearray], None]
+]:
+    def is_set(page: bytearray) -> bool:
+        return bool(_u16_from(page, _OFF_FLAGS)[0] & bit)
+
+    def set_bit(page: bytearray) -> None:
+        _u16_into(page, _OFF_FLAGS, _u16_from(page, _OFF_FLAGS)[0] | bit)
+
+    def clear_bit(page: bytearray) -> None:
+        _u16_into(page, _OFF_FLAGS, _u16_from(page, _OFF_FLAGS)[0] & ~bit)
+
+    is_ = ("is_", "Is") if is_prefix else ("", "")  # page_is_full but page_has_free_line_pointers
+    _name(is_set, f"page_{is_[0]}{field}", f"Page{is_[1]}{macro}.")
+    _name(set_bit, f"page_set_{field}", f"PageSet{macro}.")
+    _name(clear_bit, f"page_clear_{field}", f"PageClear{macro}.")
+    return is_set, set_bit, clear_bit
 
 
-def page_clear_has_free_line_pointers(page: bytearray) -> None:
-    """PageClearHasFreeLinePointers."""
-    page_set_flags(page, page_get_flags(page) & ~PD_HAS_FREE_LINES)
-
-
-def page_is_full(page: bytearray) -> bool:
-    """PageIsFull."""
-    return bool(page_get_flags(page) & PD_PAGE_FULL)
-
-
-def page_set_full(page: bytearray) -> None:
-    """PageSetFull."""
-    page_set_flags(page, page_get_flags(page) | PD_PAGE_FULL)
-
-
-def page_clear_full(page: bytearray) -> None:
-    """PageClearFull."""
-    page_set_flags(page, page_get_flags(page) & ~PD_PAGE_FULL)
-
-
-def page_is_all_visible(page: bytearray) -> bool:
-    """PageIsAllVisible."""
-    return bool(page_get_flags(page) & PD_ALL_VISIBLE)
-
-
-def page_set_all_visible(page: bytearray) -> None:
-    """PageSetAllVisible."""
-    page_set_flags(page, page_get_flags(page) | PD_ALL_VISIBLE)
-
-
-def page_clear_all_visible(page: bytearray) -> None:
-    """PageClearAllVisible."""
-    page_set_flags(page, page_get_flags(page) & ~PD_ALL_VISIBLE)
+page_has_free_line_pointers, page_set_has_free_line_pointers, page_clear_has_free_line_pointers = _flag_bit(
+    PD_HAS_FREE_LINES, "has_free_line_pointers", "HasFreeLinePointers", is_prefix=False)
+page_is_full, page_set_full, page_clear_full = _flag_bit(PD_PAGE_FULL, "full", "Full")
+page_is_all_visible, page_set_all_visible, page_clear_all_visible = _flag_bit(PD_ALL_VISIBLE, "all_visible", "AllVisible")
 
 
 def page_is_new(page: bytearray) -> bool:
