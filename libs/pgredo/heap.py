@@ -714,56 +714,46 @@ def heap2_block_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -
 # --- implied visibility-map clears -------------------------------------------------
 
 
+# Records that clear VM bits of their block 0's heap page: (rmid, opcode) -> (byte of
+# the flags field in the main data, the flag that says PD_ALL_VISIBLE or the all-frozen
+# bit was cleared, the VM bits to clear). The flags byte sits at offsetof(..., flags) of
+# xl_heap_insert (2), xl_heap_delete (7), xl_heap_lock (7), xl_heap_multi_insert (0)
+# and xl_heap_lock_updated (7) in heapam_xlog.h.
+_VM_CLEARING: Final = {
+    (RM_HEAP_ID, XLOG_HEAP_INSERT): (2, XLH_INSERT_ALL_VISIBLE_CLEARED, VISIBILITYMAP_VALID_BITS),
+    (RM_HEAP_ID, XLOG_HEAP_DELETE): (7, XLH_DELETE_ALL_VISIBLE_CLEARED, VISIBILITYMAP_VALID_BITS),
+    (RM_HEAP_ID, XLOG_HEAP_LOCK): (7, XLH_LOCK_ALL_FROZEN_CLEARED, VISIBILITYMAP_ALL_FROZEN),
+    (RM_HEAP2_ID, XLOG_HEAP2_MULTI_INSERT): (0, XLH_INSERT_ALL_VISIBLE_CLEARED, VISIBILITYMAP_VALID_BITS),
+    (RM_HEAP2_ID, XLOG_HEAP2_LOCK_UPDATED): (7, XLH_LOCK_ALL_FROZEN_CLEARED, VISIBILITYMAP_ALL_FROZEN),
+}
+
+
+def _flag_set(md: bytes, byte: int, flag: int) -> bool:
+    """Whether the main data's flags byte at `byte` has `flag` (False if the data is too short)."""
+    return len(md) > byte and bool(md[byte] & flag)
+
+
 def _vm_clears(rec: DecodedRecord) -> list[tuple[RelFileNode, int, int]]:
     """(relation, heap block, VM flags) of every visibilitymap_clear the redo of `rec` does."""
     md = rec.main_data
     op = rec.info & XLOG_HEAP_OPMASK
-    out: list[tuple[RelFileNode, int, int]] = []
-    if rec.rmid == RM_HEAP_ID:
-        if op == XLOG_HEAP_INSERT:
-            if len(md) < 3 or not md[2] & XLH_INSERT_ALL_VISIBLE_CLEARED:
-                return out
-            bits = VISIBILITYMAP_VALID_BITS
-        elif op == XLOG_HEAP_DELETE:
-            if len(md) < 8 or not md[7] & XLH_DELETE_ALL_VISIBLE_CLEARED:
-                return out
-            bits = VISIBILITYMAP_VALID_BITS
-        elif op == XLOG_HEAP_LOCK:
-            if len(md) < 8 or not md[7] & XLH_LOCK_ALL_FROZEN_CLEARED:
-                return out
-            bits = VISIBILITYMAP_ALL_FROZEN
-        elif op in (XLOG_HEAP_UPDATE, XLOG_HEAP_HOT_UPDATE):
-            if len(md) < 8:
-                return out
-            flags = md[7]
-            new = rec.block(0)
-            if new is None:
-                return out
-            if flags & XLH_UPDATE_OLD_ALL_VISIBLE_CLEARED:
-                old = rec.block(1) or new
-                out.append((old.rnode, old.blkno, VISIBILITYMAP_VALID_BITS))
-            if flags & XLH_UPDATE_NEW_ALL_VISIBLE_CLEARED:
-                out.append((new.rnode, new.blkno, VISIBILITYMAP_VALID_BITS))
+    if rec.rmid == RM_HEAP_ID and op in (XLOG_HEAP_UPDATE, XLOG_HEAP_HOT_UPDATE):
+        # xl_heap_update.flags (byte 7) says which of the old and new pages was cleared.
+        out: list[tuple[RelFileNode, int, int]] = []
+        new = rec.block(0)
+        if new is None:
             return out
-        else:
-            return out
-    elif rec.rmid == RM_HEAP2_ID:
-        if op == XLOG_HEAP2_MULTI_INSERT:
-            if len(md) < 1 or not md[0] & XLH_INSERT_ALL_VISIBLE_CLEARED:
-                return out
-            bits = VISIBILITYMAP_VALID_BITS
-        elif op == XLOG_HEAP2_LOCK_UPDATED:
-            if len(md) < 8 or not md[7] & XLH_LOCK_ALL_FROZEN_CLEARED:
-                return out
-            bits = VISIBILITYMAP_ALL_FROZEN
-        else:
-            return out
-    else:
+        if _flag_set(md, 7, XLH_UPDATE_OLD_ALL_VISIBLE_CLEARED):
+            old = rec.block(1) or new
+            out.append((old.rnode, old.blkno, VISIBILITYMAP_VALID_BITS))
+        if _flag_set(md, 7, XLH_UPDATE_NEW_ALL_VISIBLE_CLEARED):
+            out.append((new.rnode, new.blkno, VISIBILITYMAP_VALID_BITS))
         return out
+    rule = _VM_CLEARING.get((rec.rmid, op))
+    if rule is None or not _flag_set(md, rule[0], rule[1]):
+        return []
     blk = rec.block(0)
-    if blk is not None:
-        out.append((blk.rnode, blk.blkno, bits))
-    return out
+    return [] if blk is None else [(blk.rnode, blk.blkno, rule[2])]
 
 
 def heap_implied_tags(rec: DecodedRecord) -> list[BufferTag]:
