@@ -155,6 +155,15 @@ def _bad_offset(off: int, dp: int, tagpos: int) -> PglzError:
     )
 
 
+def _repeated(pattern: bytearray, length: int) -> bytearray:
+    """What a tag whose copy overlaps its own output (offset < length) appends.
+
+    PG copies byte by byte, so the last `offset` bytes (`pattern`) repeat.
+    """
+    reps, rest = divmod(length, len(pattern))
+    return pattern * reps + pattern[:rest]
+
+
 # A control group reads at most 1 + 8 * 3 input bytes and writes at most
 # 8 * PGLZ_MAX_MATCH output bytes.
 _GROUP_MAX_IN = 1 + 8 * 3
@@ -208,15 +217,7 @@ def pglz_decompress(
             else:
                 sp += 2
             start = dp - off
-            if off >= length:
-                out += out[start : start + length]
-            else:
-                # Overlapping copy: the last `off` bytes repeat.
-                pattern = out[start:dp]
-                reps, rest = divmod(length, off)
-                out += pattern * reps
-                if rest:
-                    out += pattern[:rest]
+            out += out[start : start + length] if off >= length else _repeated(out[start:dp], length)
             dp += length
 
     # Careful loop, item by item as PG15 does, for the last groups.
@@ -253,14 +254,7 @@ def pglz_decompress(
             if length > rawsize - dp:
                 length = rawsize - dp
             start = dp - off
-            if off >= length:
-                out += out[start : start + length]
-            else:
-                pattern = out[start:dp]
-                reps, rest = divmod(length, off)
-                out += pattern * reps
-                if rest:
-                    out += pattern[:rest]
+            out += out[start : start + length] if off >= length else _repeated(out[start:dp], length)
             dp += length
 
     if check_complete:
