@@ -12,17 +12,15 @@ from collections import Counter
 
 import psycopg
 import pytest
-from conftest import PgFactory
-from walcorpus import WalCorpus, assert_rmgr_verified, capture_corpus, decoded_records
+from walcorpus import CHECKED_WAL_GUCS, assert_rmgr_verified, corpus_fixtures
 
 from pgformat.constants import BLCKSZ
 from pgformat.page import new_page, page_add_item_extended, page_get_item, page_get_max_offset_number
 from pgformat.rmgr import RM_BTREE_ID, record_type_name
 from pgformat.xlogrecord import DecodedRecord
 from pgredo import btree
-from pgredo.verify import VerifyReport, verify_records
+from pgredo.verify import VerifyReport
 from zctl.postgres import PostgresNode
-from zctl.waldump import iter_file_records
 
 # 500-byte keys (below TOAST_INDEX_TARGET, so never compressed) sharing a long
 # prefix: suffix truncation keeps pivots wide too, so ~15 tuples fit a page at
@@ -109,13 +107,6 @@ EXPECTED_CHECKED = {
 # REUSE_PAGE registers no block: there is no page to check, only the record.
 EXPECTED_PRESENT = EXPECTED_CHECKED | {"REUSE_PAGE"}
 
-GUCS: dict[str, object] = {
-    "wal_consistency_checking": "all",
-    "wal_compression": "lz4",
-    "autovacuum": "off",
-}
-
-
 def run_btree_workload(node: PostgresNode) -> None:
     for stmt in WORKLOAD:
         if stmt.startswith("!"):
@@ -125,22 +116,7 @@ def run_btree_workload(node: PostgresNode) -> None:
             node.execute(stmt)
 
 
-@pytest.fixture(scope="module")
-def btree_corpus(pg_session_factory: PgFactory, tmp_path_factory: pytest.TempPathFactory) -> WalCorpus:
-    node = pg_session_factory(**GUCS)
-    start = node.current_lsn()
-    run_btree_workload(node)
-    return capture_corpus(node, tmp_path_factory.mktemp("wal-btree") / "pg_wal", start)
-
-
-@pytest.fixture(scope="module")
-def btree_records(btree_corpus: WalCorpus) -> list[DecodedRecord]:
-    return decoded_records(btree_corpus)
-
-
-@pytest.fixture(scope="module")
-def btree_report(btree_records: list[DecodedRecord]) -> VerifyReport:
-    return verify_records(btree_records)
+btree_corpus, btree_records, btree_report = corpus_fixtures("btree_", run_btree_workload, CHECKED_WAL_GUCS)
 
 
 def test_btree_redo_matches_consistency_images(

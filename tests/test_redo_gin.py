@@ -33,8 +33,7 @@ import struct
 from collections import Counter
 
 import pytest
-from conftest import PgFactory
-from walcorpus import WalCorpus, assert_rmgr_verified, capture_corpus
+from walcorpus import CHECKED_WAL_GUCS, assert_rmgr_verified, corpus_fixtures, execute_all
 
 from pgformat.bufmask import gin_mask
 from pgformat.constants import BLCKSZ
@@ -42,9 +41,7 @@ from pgformat.rmgr import RM_GIN_ID, record_type_name
 from pgformat.xlogrecord import DecodedRecord
 from pgredo import gin
 from pgredo.errors import RedoError, RedoFailedError, UnsupportedRecordError
-from pgredo.verify import VerifyReport, verify_records
-from zctl.postgres import PostgresNode
-from zctl.waldump import iter_file_records
+from pgredo.verify import VerifyReport
 
 # Loading rows the GIN workloads then index is heap work, not what this test
 # checks: it runs without consistency images to keep the WAL small.
@@ -105,34 +102,8 @@ EXPECTED_CHECKED = {
 # VACUUM_PAGE is only a forced full-page image: nothing to redo or compare.
 EXPECTED_PRESENT = EXPECTED_CHECKED | {"VACUUM_PAGE"}
 
-GUCS: dict[str, object] = {
-    "wal_consistency_checking": "all",
-    "wal_compression": "lz4",
-    "autovacuum": "off",
-}
-
-
-def run_gin_workload(node: PostgresNode) -> None:
-    for stmt in WORKLOAD:
-        node.execute(stmt)
-
-
-@pytest.fixture(scope="module")
-def gin_corpus(pg_session_factory: PgFactory, tmp_path_factory: pytest.TempPathFactory) -> WalCorpus:
-    node = pg_session_factory(**GUCS)
-    start = node.current_lsn()
-    run_gin_workload(node)
-    return capture_corpus(node, tmp_path_factory.mktemp("wal-gin") / "pg_wal", start)
-
-
-@pytest.fixture(scope="module")
-def gin_records(gin_corpus: WalCorpus) -> list[DecodedRecord]:
-    return [raw.decode() for raw in iter_file_records([gin_corpus.waldir]) if raw.lsn >= gin_corpus.start_lsn]
-
-
-@pytest.fixture(scope="module")
-def gin_report(gin_records: list[DecodedRecord]) -> VerifyReport:
-    return verify_records(gin_records)
+gin_corpus, gin_records, gin_report = corpus_fixtures(
+    "gin_", lambda node: execute_all(node, WORKLOAD), CHECKED_WAL_GUCS)
 
 
 def test_gin_redo_matches_consistency_images(

@@ -15,7 +15,16 @@ from collections import Counter
 
 import pytest
 from conftest import PgFactory
-from walcorpus import WalCorpus, assert_rmgr_verified, capture_corpus, decoded_records
+from walcorpus import (
+    CHECKED_WAL_GUCS,
+    NO_CHECKPOINT_GUCS,
+    WalCorpus,
+    assert_rmgr_verified,
+    corpus_fixture,
+    corpus_fixtures,
+    decoded_records,
+    execute_all,
+)
 
 from pgformat.bufmask import gist_mask, mask_for_rmgr, spg_mask
 from pgformat.constants import BLCKSZ
@@ -25,8 +34,7 @@ from pgformat.xlogrecord import DecodedRecord
 from pgredo import gist, spgist
 from pgredo.errors import UnsupportedRecordError
 from pgredo.verify import VerifyReport, verify_records
-from zctl.postgres import PostgresError, PostgresNode
-from zctl.waldump import iter_file_records
+from zctl.postgres import PostgresError
 
 # Deterministic, well-spread coordinates (no random(): the WAL must not vary run to run).
 _X = "((i::int8 * 7919) % 10007)::float8 / 10"
@@ -161,48 +169,13 @@ SPGIST_CHECKED = {
     "VACUUM_LEAF", "VACUUM_ROOT", "VACUUM_REDIRECT",
 }
 
-GUCS: dict[str, object] = {
-    "wal_consistency_checking": "all",
-    "wal_compression": "lz4",
-    "autovacuum": "off",
-    # No checkpoint mid-workload: after one, first touches carry applied
-    # full-page images and nothing would be left to check (VACUUM_LEAF).
-    "max_wal_size": "8GB",
-    "checkpoint_timeout": "1h",
-}
-
-
-def run_workload(node: PostgresNode, workload: list[str]) -> None:
-    for stmt in workload:
-        node.execute(stmt)
-
-
-@pytest.fixture(scope="module")
-def gist_spgist_corpus(pg_session_factory: PgFactory, tmp_path_factory: pytest.TempPathFactory) -> WalCorpus:
-    node = pg_session_factory(**GUCS)
-    start = node.current_lsn()
-    run_workload(node, GIST_WORKLOAD)
-    run_workload(node, SPGIST_WORKLOAD)
-    node.execute("CHECKPOINT")
-    return capture_corpus(node, tmp_path_factory.mktemp("wal-gist") / "pg_wal", start)
-
-
-@pytest.fixture(scope="module")
-def assign_lsn_corpus(pg_session_factory: PgFactory, tmp_path_factory: pytest.TempPathFactory) -> WalCorpus:
-    node = pg_session_factory(**GUCS, wal_level="minimal", max_wal_senders=0)
-    start = node.current_lsn()
-    run_workload(node, ASSIGN_LSN_WORKLOAD)
-    return capture_corpus(node, tmp_path_factory.mktemp("wal-gist-min") / "pg_wal", start)
-
-
-@pytest.fixture(scope="module")
-def records(gist_spgist_corpus: WalCorpus) -> list[DecodedRecord]:
-    return decoded_records(gist_spgist_corpus)
-
-
-@pytest.fixture(scope="module")
-def report(records: list[DecodedRecord]) -> VerifyReport:
-    return verify_records(records)
+# Without a checkpoint mid-workload VACUUM_LEAF's pages are left to check.
+GUCS = {**CHECKED_WAL_GUCS, **NO_CHECKPOINT_GUCS}
+corpus, records, report = corpus_fixtures(
+    "", lambda node: execute_all(node, GIST_WORKLOAD, SPGIST_WORKLOAD, ["CHECKPOINT"]), GUCS)
+assign_lsn_corpus = corpus_fixture(
+    "assign_lsn_corpus", lambda node: execute_all(node, ASSIGN_LSN_WORKLOAD),
+    {**GUCS, "wal_level": "minimal", "max_wal_senders": 0})
 
 
 def test_gist_redo_matches_consistency_images(records: list[DecodedRecord], report: VerifyReport) -> None:
@@ -278,7 +251,7 @@ def test_postgres_own_redo_of_gist_delete_fails_its_consistency_check(pg_factory
     node = pg_factory(**GUCS)
     first = GIST_WORKLOAD.index("CREATE TABLE gmv (id int, p point)")
     node.execute("CHECKPOINT")
-    run_workload(node, GIST_WORKLOAD[first:])
+    execute_all(node, GIST_WORKLOAD[first:])
     node.stop(mode="immediate")
     with pytest.raises(PostgresError):
         node.start(timeout=30)

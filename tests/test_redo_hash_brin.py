@@ -16,8 +16,7 @@ import struct
 from collections import Counter
 
 import pytest
-from conftest import PgFactory
-from walcorpus import WalCorpus, assert_rmgr_verified, capture_corpus, decoded_records
+from walcorpus import CHECKED_WAL_GUCS, NO_CHECKPOINT_GUCS, assert_rmgr_verified, corpus_fixtures, execute_all
 
 from pgformat.bufmask import brin_mask, hash_mask, mask_for_rmgr
 from pgformat.constants import BLCKSZ
@@ -26,9 +25,7 @@ from pgformat.rmgr import RM_BRIN_ID, RM_HASH_ID, XLOG_BRIN_INIT_PAGE, XLR_RMGR_
 from pgformat.xlogrecord import DecodedRecord
 from pgredo import brin, hashidx
 from pgredo.errors import RedoError, RedoFailedError, UnsupportedRecordError
-from pgredo.verify import VerifyReport, verify_records
-from zctl.postgres import PostgresNode
-from zctl.waldump import iter_file_records
+from pgredo.verify import VerifyReport
 
 _KILL_SCAN = "SET enable_seqscan = off; SET enable_bitmapscan = off; "
 
@@ -120,39 +117,8 @@ BRIN_CHECKED = {
     "REVMAP_EXTEND", "DESUMMARIZE",
 }
 
-GUCS: dict[str, object] = {
-    "wal_consistency_checking": "all",
-    "wal_compression": "lz4",
-    "autovacuum": "off",
-    # No checkpoint mid-workload: after one, first touches carry applied
-    # full-page images and nothing would be left to check.
-    "max_wal_size": "8GB",
-    "checkpoint_timeout": "1h",
-}
-
-
-def run_workload(node: PostgresNode, workload: list[str]) -> None:
-    for stmt in workload:
-        node.execute(stmt)
-
-
-@pytest.fixture(scope="module")
-def hash_brin_corpus(pg_session_factory: PgFactory, tmp_path_factory: pytest.TempPathFactory) -> WalCorpus:
-    node = pg_session_factory(**GUCS)
-    start = node.current_lsn()
-    run_workload(node, HASH_WORKLOAD)
-    run_workload(node, BRIN_WORKLOAD)
-    return capture_corpus(node, tmp_path_factory.mktemp("wal-hash-brin") / "pg_wal", start)
-
-
-@pytest.fixture(scope="module")
-def records(hash_brin_corpus: WalCorpus) -> list[DecodedRecord]:
-    return decoded_records(hash_brin_corpus)
-
-
-@pytest.fixture(scope="module")
-def report(records: list[DecodedRecord]) -> VerifyReport:
-    return verify_records(records)
+GUCS = {**CHECKED_WAL_GUCS, **NO_CHECKPOINT_GUCS}
+corpus, records, report = corpus_fixtures("", lambda node: execute_all(node, HASH_WORKLOAD, BRIN_WORKLOAD), GUCS)
 
 
 def test_hash_redo_matches_consistency_images(records: list[DecodedRecord], report: VerifyReport) -> None:

@@ -10,14 +10,19 @@ import re
 import shutil
 import subprocess
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import PgFactory
 
 from pgformat.rmgr import record_type_name, rmgr_name
 from pgformat.xlogreader import segment_file_name
 from pgformat.xlogrecord import DecodedRecord
 from pgredo.engine import BufferTag
-from pgredo.verify import VerifyReport
+from pgredo.verify import VerifyReport, verify_records
 from zctl.postgres import PostgresNode
 from zctl.waldump import iter_file_records
 
@@ -89,6 +94,55 @@ def capture_corpus(node: PostgresNode, dest: Path, start_lsn: int) -> WalCorpus:
     node.stop()
     shutil.copytree(node.waldir, dest, ignore=shutil.ignore_patterns("archive_status"))
     return WalCorpus(dest, start_lsn, end_lsn)
+
+
+# -- the per-rmgr corpora (test_redo_<rmgr>.py) ------------------------------------------
+
+# Every block reference carries Postgres's own after-redo image; no autovacuum noise.
+CHECKED_WAL_GUCS: dict[str, object] = {
+    "wal_consistency_checking": "all",
+    "wal_compression": "lz4",
+    "autovacuum": "off",
+}
+# No checkpoint mid-workload: after one, first touches carry applied full-page
+# images and nothing would be left to check.
+NO_CHECKPOINT_GUCS: dict[str, object] = {"max_wal_size": "8GB", "checkpoint_timeout": "1h"}
+
+
+def execute_all(node: PostgresNode, *workloads: list[str]) -> None:
+    for workload in workloads:
+        for stmt in workload:
+            node.execute(stmt)
+
+
+def corpus_fixture(name: str, run: Callable[[PostgresNode], None], gucs: Mapping[str, object]) -> Any:
+    """A module-scoped fixture `name`: the WAL a fresh node with `gucs` writes while `run` runs."""
+
+    @pytest.fixture(scope="module", name=name)
+    def corpus(pg_session_factory: PgFactory, tmp_path_factory: pytest.TempPathFactory) -> WalCorpus:
+        node = pg_session_factory(**gucs)
+        start = node.current_lsn()
+        run(node)
+        return capture_corpus(node, tmp_path_factory.mktemp(f"wal-{name}") / "pg_wal", start)
+
+    return corpus
+
+
+def corpus_fixtures(prefix: str, run: Callable[[PostgresNode], None], gucs: Mapping[str, object]) -> tuple[Any, Any, Any]:
+    """Module-scoped fixtures `<prefix>corpus` (see corpus_fixture), `<prefix>records`
+    (its records, decoded) and `<prefix>report` (verify_records over them).
+    Assign them to module names so pytest finds them."""
+    corpus_name, records_name = f"{prefix}corpus", f"{prefix}records"
+
+    @pytest.fixture(scope="module", name=records_name)
+    def records(request: pytest.FixtureRequest) -> list[DecodedRecord]:
+        return decoded_records(request.getfixturevalue(corpus_name))
+
+    @pytest.fixture(scope="module", name=f"{prefix}report")
+    def report(request: pytest.FixtureRequest) -> VerifyReport:
+        return verify_records(request.getfixturevalue(records_name))
+
+    return corpus_fixture(corpus_name, run, gucs), records, report
 
 
 # -- pg_waldump as the oracle --------------------------------------------------
