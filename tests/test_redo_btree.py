@@ -12,9 +12,8 @@ from collections import Counter
 
 import psycopg
 import pytest
-from walcorpus import CHECKED_WAL_GUCS, assert_rmgr_verified, corpus_fixtures
+from walcorpus import CHECKED_WAL_GUCS, assert_rmgr_verified, assert_unknown_info_unsupported, corpus_fixtures
 
-from pgformat.constants import BLCKSZ
 from pgformat.page import new_page, page_add_item_extended, page_get_item, page_get_max_offset_number
 from pgformat.rmgr import RM_BTREE_ID, record_type_name
 from pgformat.xlogrecord import DecodedRecord
@@ -207,12 +206,5 @@ def test_reuse_page_registers_no_block(btree_records: list[DecodedRecord]) -> No
 
 
 def test_unknown_btree_info_is_unsupported(btree_records: list[DecodedRecord]) -> None:
-    from pgredo.errors import UnsupportedRecordError
-
-    rec = next(r for r in btree_records if r.rmid == RM_BTREE_ID and r.blocks)
-    fake = DecodedRecord(rec.lsn, rec.end_lsn, type(rec.header)(
-        rec.header.tot_len, rec.header.xid, rec.header.prev, 0xF0, rec.header.rmid, rec.header.crc),
-        rec.blocks, rec.main_data)
-    with pytest.raises(UnsupportedRecordError):
-        btree.btree_redo(fake, rec.blocks[0], bytearray(BLCKSZ))
+    assert_unknown_info_unsupported(btree_records, RM_BTREE_ID, 0xF0, btree.btree_redo)
 

@@ -33,14 +33,14 @@ import struct
 from collections import Counter
 
 import pytest
-from walcorpus import CHECKED_WAL_GUCS, assert_rmgr_verified, corpus_fixtures, execute_all
+from walcorpus import CHECKED_WAL_GUCS, assert_rmgr_verified, assert_unknown_info_unsupported, corpus_fixtures, execute_all
 
 from pgformat.bufmask import gin_mask
 from pgformat.constants import BLCKSZ
 from pgformat.rmgr import RM_GIN_ID, record_type_name
 from pgformat.xlogrecord import DecodedRecord
 from pgredo import gin
-from pgredo.errors import RedoError, RedoFailedError, UnsupportedRecordError
+from pgredo.errors import RedoError, RedoFailedError
 from pgredo.verify import VerifyReport
 
 # Loading rows the GIN workloads then index is heap work, not what this test
@@ -320,12 +320,7 @@ def test_gin_mask_deleted_page() -> None:
 
 
 def test_unknown_gin_info_is_unsupported(gin_records: list[DecodedRecord]) -> None:
-    rec = next(r for r in gin_records if r.rmid == RM_GIN_ID and r.blocks)
-    fake = DecodedRecord(rec.lsn, rec.end_lsn, type(rec.header)(
-        rec.header.tot_len, rec.header.xid, rec.header.prev, 0xA0, rec.header.rmid, rec.header.crc),
-        rec.blocks, rec.main_data)
-    with pytest.raises(UnsupportedRecordError):
-        gin.gin_redo(fake, rec.blocks[0], bytearray(BLCKSZ))
+    assert_unknown_info_unsupported(gin_records, RM_GIN_ID, 0xA0, gin.gin_redo)
 
 
 def test_split_halves_need_their_images(gin_records: list[DecodedRecord]) -> None:

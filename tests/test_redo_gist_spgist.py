@@ -20,6 +20,7 @@ from walcorpus import (
     NO_CHECKPOINT_GUCS,
     WalCorpus,
     assert_rmgr_verified,
+    assert_unknown_info_unsupported,
     corpus_fixture,
     corpus_fixtures,
     decoded_records,
@@ -32,7 +33,6 @@ from pgformat.page import new_page, page_add_item_extended
 from pgformat.rmgr import RM_GIST_ID, RM_SPGIST_ID, record_type_name
 from pgformat.xlogrecord import DecodedRecord
 from pgredo import gist, spgist
-from pgredo.errors import UnsupportedRecordError
 from pgredo.verify import VerifyReport, verify_records
 from zctl.postgres import PostgresError
 
@@ -327,10 +327,5 @@ def test_spg_update_node_link() -> None:
 
 
 def test_unknown_info_is_unsupported(records: list[DecodedRecord]) -> None:
-    for rmid, redo in ((RM_GIST_ID, gist.gist_redo), (RM_SPGIST_ID, spgist.spg_redo)):
-        rec = next(r for r in records if r.rmid == rmid and r.blocks)
-        fake = DecodedRecord(rec.lsn, rec.end_lsn, type(rec.header)(
-            rec.header.tot_len, rec.header.xid, rec.header.prev, 0xF0, rec.header.rmid, rec.header.crc),
-            rec.blocks, rec.main_data)
-        with pytest.raises(UnsupportedRecordError):
-            redo(fake, rec.blocks[0], bytearray(BLCKSZ))
+    assert_unknown_info_unsupported(records, RM_GIST_ID, 0xF0, gist.gist_redo)
+    assert_unknown_info_unsupported(records, RM_SPGIST_ID, 0xF0, spgist.spg_redo)

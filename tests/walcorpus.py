@@ -18,10 +18,12 @@ from typing import Any
 import pytest
 from conftest import PgFactory
 
+from pgformat.constants import BLCKSZ
 from pgformat.rmgr import record_type_name, rmgr_name
 from pgformat.xlogreader import segment_file_name
 from pgformat.xlogrecord import DecodedRecord
-from pgredo.engine import BufferTag
+from pgredo.engine import BlockRedo, BufferTag
+from pgredo.errors import UnsupportedRecordError
 from pgredo.verify import VerifyReport, verify_records
 from zctl.postgres import PostgresNode
 from zctl.waldump import iter_file_records
@@ -143,6 +145,16 @@ def corpus_fixtures(prefix: str, run: Callable[[PostgresNode], None], gucs: Mapp
         return verify_records(request.getfixturevalue(records_name))
 
     return corpus_fixture(corpus_name, run, gucs), records, report
+
+
+def assert_unknown_info_unsupported(records: list[DecodedRecord], rmid: int, info: int, redo: BlockRedo) -> None:
+    """The rmgr's redo refuses a record whose info byte names no record type: a real
+    record of `rmid` with a block, its info replaced by `info`."""
+    rec = next(r for r in records if r.rmid == rmid and r.blocks)
+    fake = DecodedRecord(rec.lsn, rec.end_lsn, rec.header._replace(info=info), rec.blocks, rec.main_data)
+    assert fake.info == info
+    with pytest.raises(UnsupportedRecordError):
+        redo(fake, rec.blocks[0], bytearray(BLCKSZ))
 
 
 # -- pg_waldump as the oracle --------------------------------------------------
