@@ -86,6 +86,10 @@ class IngestPlan:
     extends: list[tuple[RelTag, int]] = field(default_factory=list)
     creates: list[RelTag] = field(default_factory=list)
     truncates: list[tuple[RelTag, int]] = field(default_factory=list)
+    # Pages the record changes without referencing them (VM bits, map pages of a truncation): a
+    # change to a page of a fork the page server does not hold (map pages are created without WAL)
+    # is not filed, so such a page stays "not found" rather than appearing as zeroes.
+    implied: list[tuple[RelTag, int]] = field(default_factory=list)
     # (spc, db, relfilenode): every fork goes.
     drops: list[tuple[int, int, int]] = field(default_factory=list)
     db_drops: list[tuple[int, int]] = field(default_factory=list)
@@ -114,8 +118,7 @@ def plan_record(rec: DecodedRecord, track_commit_ts: bool = True) -> IngestPlan:
         plan.pages.append((rel.page_key(b.blkno), b.will_init or b.apply_image))
         plan.extends.append((rel, b.blkno + 1))
     for tag in implied_tags(rec):
-        rel = RelTag(tag.rnode.spc, tag.rnode.db, tag.rnode.rel, tag.forknum)
-        plan.pages.append((rel.page_key(tag.blkno), False))
+        plan.implied.append((RelTag(tag.rnode.spc, tag.rnode.db, tag.rnode.rel, tag.forknum), tag.blkno))
     for stag in slru_tags_for_record(rec, track_commit_ts):
         plan.pages.append((slru_page_key(stag.kind, stag.segno, stag.pageno), slru_record_will_init(stag, rec)))
 

@@ -444,6 +444,11 @@ class Repository:
                 "INSERT OR REPLACE INTO page_versions VALUES (?, ?, ?, ?, NULL)",
                 (tl.id, key, lsn, KIND_RECORD_INIT if will_init else KIND_RECORD),
             )
+        for rel, blkno in plan.implied:
+            size = self._cached_size(conn, tl, rel, lsn)
+            if size is not None and blkno < size:
+                conn.execute("INSERT OR REPLACE INTO page_versions VALUES (?, ?, ?, ?, NULL)",
+                             (tl.id, rel.page_key(blkno), lsn, KIND_RECORD))
         for rel, nblocks in plan.extends:
             size = self._cached_size(conn, tl, rel, lsn)
             if size is None or size < nblocks:
