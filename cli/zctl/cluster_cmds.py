@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import psycopg
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -25,7 +24,6 @@ from pgformat.constants import FORK_NAMES
 from pgformat.lsn import format_lsn, parse_lsn
 from zproto import common_pb2, pageserver_pb2, pageserver_pb2_grpc, walreceiver_pb2, walreceiver_pb2_grpc
 
-from .importer import import_requests, scan_backup
 from .postgres import pg_bindir
 from .supervisor import LocalCluster, SupervisorError
 
@@ -142,6 +140,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_attach(args: argparse.Namespace) -> int:
     """Import a base backup of a running primary as a branch and follow its WAL."""
+    import psycopg
+
+    from .importer import import_requests, scan_backup
+
     cluster = _cluster(args)
     stub = _pageserver(cluster)
     console = Console()

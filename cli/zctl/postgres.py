@@ -18,9 +18,10 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psycopg
+if TYPE_CHECKING:
+    import psycopg
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +233,8 @@ class PostgresNode:
         return s
 
     def connect(self, dbname: str = "postgres", autocommit: bool = True) -> psycopg.Connection[Any]:
+        import psycopg  # not at module level: zctl's commands start faster without it
+
         return psycopg.connect(self.connstr(dbname), autocommit=autocommit)
 
     def sql(self, query: str, params: Sequence[Any] | None = None, dbname: str = "postgres") -> list[tuple[Any, ...]]:
