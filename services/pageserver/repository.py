@@ -649,8 +649,13 @@ class Repository:
                 found.setdefault(bytes(key), None if k == KIND_DELETED else bytes(data))
         return {k: v for k, v in found.items() if v is not None}
 
-    def get_page(self, tl: Timeline, key: bytes, lsn: int, wait: bool = True, timeout: float = 30.0) -> tuple[bytes, int]:
-        """The page `key` as of `lsn`: (8192 bytes, its pd_lsn; for SLRU pages the LSN of its last change)."""
+    def get_page(self, tl: Timeline, key: bytes, lsn: int, wait: bool = True, timeout: float = 30.0,
+                 rebuilt: list[tuple[int, bytes, int, bytes]] | None = None) -> tuple[bytes, int]:
+        """The page `key` as of `lsn`: (8192 bytes, its pd_lsn; for SLRU pages the LSN of its last change).
+
+        With `rebuilt`, a page made by redo is also appended there as (timeline id, key, LSN, image),
+        for the caller to store as an image in one transaction with others.
+        """
         if wait:
             self.wait_for_lsn(tl, lsn, timeout)
         conn = self._conn()
@@ -681,7 +686,9 @@ class Repository:
             return self._missing_page(tl, key, lsn), 0
         records = [self._load_record(conn, tid, vlsn) for tid, vlsn, _, _ in reversed(chain)]
         page = self.redo.redo(key, base, records)
-        if len(records) > MATERIALIZE_AFTER:
+        if rebuilt is not None:
+            rebuilt.append((chain[0][0], key, chain[0][1], page))
+        elif len(records) > MATERIALIZE_AFTER:
             self._materialize(chain[0][0], key, chain[0][1], page)
         # pd_lsn, as Postgres sets it (a record need not bump it: heap_xlog_visible leaves the heap page's
         # LSN alone without checksums); SLRU pages have none: the last record applied.
@@ -734,6 +741,7 @@ class Repository:
                     " ORDER BY key, lsn DESC, kind", (t.id, rel.page_key(start), rel.page_key(end), upto),
                 ):
                     newest.setdefault(key, (kind, data))  # the nearest timeline, then the newest, lowest kind wins
+            rebuilt: list[tuple[int, bytes, int, bytes]] = []
             for blk in range(start, end):
                 key = rel.page_key(blk)
                 found = newest.get(key)
@@ -742,7 +750,12 @@ class Repository:
                 elif found[0] == KIND_IMAGE and found[1] is not None:
                     yield bytes(found[1])
                 else:
-                    yield self.get_page(tl, key, lsn, wait=False)[0]
+                    yield self.get_page(tl, key, lsn, wait=False, rebuilt=rebuilt)[0]
+            if rebuilt:
+                # Keep what redo made: the next base backup (a compute's restart) reads images.
+                with self._write() as wconn:
+                    wconn.executemany("INSERT OR REPLACE INTO page_versions VALUES (?, ?, ?, ?, ?)",
+                                      [(tid, key, vlsn, KIND_IMAGE, page) for tid, key, vlsn, page in rebuilt])
 
     def key_range_has_versions(self, tl: Timeline, rel: RelTag) -> bool:
         lo, hi = rel_range(rel)
