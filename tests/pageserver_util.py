@@ -8,6 +8,7 @@ from pathlib import Path
 
 import grpc
 
+from pgformat.bufmask import mask_for_rmgr
 from pgformat.lsn import parse_lsn
 from pgformat.rmgr import RM_BTREE_ID, RM_HEAP_ID
 from services.pageserver.main import PageServer
@@ -90,6 +91,17 @@ def get_page(stub: pageserver_pb2_grpc.PageServerStub, timeline: str, rel: commo
         tenant=common_pb2.TenantId(id=DEFAULT_TENANT), timeline=common_pb2.TimelineId(id=timeline),
         key=common_pb2.PageKey(rel_block=common_pb2.RelBlock(rel=rel, blkno=blk)), lsn=req_lsn), timeout=60)
     return bytes(resp.page)
+
+
+def masked_page(page: bytes, rmid: int, blk: int) -> bytes:
+    """The page under its rmgr's wal_consistency_checking mask, for comparing ours with Postgres's."""
+    if not any(page):
+        # A new page: bulk relation extension under contention adds pages without WAL, all
+        # zeroes on the primary and in the page server alike (and there is nothing to mask).
+        return page
+    buf = bytearray(page)
+    mask_for_rmgr(rmid)(buf, blk)
+    return bytes(buf)
 
 
 def current_lsn(node: PostgresNode) -> int:

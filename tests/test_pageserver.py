@@ -19,6 +19,7 @@ from pageserver_util import (
     create_fsm_table,
     current_lsn,
     get_page,
+    masked_page,
     import_backup,
     push_wal,
     raw_fsm_pages,
@@ -28,7 +29,6 @@ from pageserver_util import (
     user_relations,
 )
 
-from pgformat.bufmask import mask_for_rmgr
 from pgformat.constants import BLCKSZ
 from pgformat.fsm import fsm_nodes, fsm_slots
 from services.pageserver.repository import DEFAULT_TENANT
@@ -50,12 +50,6 @@ WORKLOAD = [
 
 def _raw_page(node, relname: str, blk: int) -> bytes:  # type: ignore[no-untyped-def]
     return bytes(node.sql("SELECT get_raw_page(%s, 'main', %s)", (relname, blk))[0][0])
-
-
-def _masked(page: bytes, rmid: int, blk: int) -> bytes:
-    buf = bytearray(page)
-    mask_for_rmgr(rmid)(buf, blk)
-    return bytes(buf)
 
 
 @pytest.fixture
@@ -106,14 +100,14 @@ def test_pages_equal_the_primarys_at_latest_and_at_an_old_lsn(primary, tmp_path:
             for blk in range(nblocks):
                 ours = get_page(ps.stub, TIMELINE, rel, blk)
                 theirs = _raw_page(primary, relname, blk)
-                assert _masked(ours, rmid, blk) == _masked(theirs, rmid, blk), f"{relname} block {blk}"
+                assert masked_page(ours, rmid, blk) == masked_page(theirs, rmid, blk), f"{relname} block {blk}"
                 compared += 1
         assert compared > 50
 
         items = rel_key(primary, "items")
         for blk, page in old_pages.items():
             ours = get_page(ps.stub, TIMELINE, items, blk, lsn=old_lsn)
-            assert _masked(ours, 10, blk) == _masked(page, 10, blk), f"items block {blk} at the old LSN"
+            assert masked_page(ours, 10, blk) == masked_page(page, 10, blk), f"items block {blk} at the old LSN"
     finally:
         ps.close()
 
@@ -223,7 +217,7 @@ def test_find_lsn_by_timestamp(ingested) -> None:  # type: ignore[no-untyped-def
         assert found.lsn <= old_lsn and found.commit_timestamp_us <= ts
         # Nothing committed between that commit and the quiet moment: same page.
         rel = rel_key(node, "pgbench_branches")
-        assert _masked(get_page(ps.stub, TIMELINE, rel, 0, lsn=found.lsn), 10, 0) == _masked(old_page, 10, 0)
+        assert masked_page(get_page(ps.stub, TIMELINE, rel, 0, lsn=found.lsn), 10, 0) == masked_page(old_page, 10, 0)
         with pytest.raises(grpc.RpcError) as ei:
             ps.stub.FindLsnByTimestamp(pageserver_pb2.FindLsnByTimestampRequest(
                 tenant=common_pb2.TenantId(id=DEFAULT_TENANT), timeline=common_pb2.TimelineId(id=TIMELINE),
@@ -242,7 +236,7 @@ def test_restart_reopens_without_reingesting(ingested) -> None:  # type: ignore[
         assert info.last_record_lsn >= end - 8192
         rel = rel_key(node, "pgbench_branches")
         ours = get_page(ps.stub, TIMELINE, rel, 0, lsn=old_lsn)
-        assert _masked(ours, 10, 0) == _masked(old_page, 10, 0)
+        assert masked_page(ours, 10, 0) == masked_page(old_page, 10, 0)
     finally:
         ps.close()
 
@@ -295,7 +289,7 @@ def test_branch_reads_parent_pages_as_of_branch_point(ingested) -> None:  # type
         assert info.ancestor_lsn == old_lsn and info.last_record_lsn == old_lsn and info.name == "old"
         rel = rel_key(node, "pgbench_branches")
         ours = get_page(ps.stub, child, rel, 0)  # latest on the child = the branch point
-        assert _masked(ours, 10, 0) == _masked(old_page, 10, 0)
+        assert masked_page(ours, 10, 0) == masked_page(old_page, 10, 0)
         # Branching beyond the parent's last record is a clear error.
         with pytest.raises(grpc.RpcError) as ei:
             ps.stub.CreateTimeline(pageserver_pb2.CreateTimelineRequest(
@@ -394,7 +388,7 @@ def test_create_database_strategies(primary, tmp_path: Path, pg_base_dir: Path, 
             for blk in range(0, nblocks, max(1, nblocks // 4)):
                 ours = get_page(ps.stub, TIMELINE, rel, blk)
                 theirs = bytes(primary.sql("SELECT get_raw_page(%s, %s)", (relname, blk), dbname="copied")[0][0])
-                assert _masked(ours, rmid, blk) == _masked(theirs, rmid, blk), f"{relname} block {blk}"
+                assert masked_page(ours, rmid, blk) == masked_page(theirs, rmid, blk), f"{relname} block {blk}"
                 compared += 1
         assert compared >= 8
     finally:

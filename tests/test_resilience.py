@@ -45,10 +45,9 @@ import grpc
 import psycopg
 import pytest
 from conftest import PgFactory
-from pageserver_util import rel_key, user_relations
+from pageserver_util import masked_page, rel_key, user_relations
 from zctl_util import make_repo, zctl
 
-from pgformat.bufmask import mask_for_rmgr
 from pgformat.lsn import parse_lsn
 from pgformat.rmgr import RM_XLOG_ID, XLOG_OVERWRITE_CONTRECORD
 from pgformat.xlogrecord import decode_record
@@ -203,12 +202,6 @@ def check_stored_wal(repo: Path, timeline: str, node: PostgresNode, target: int)
     return end - start
 
 
-def masked(page: bytes, rmid: int, blk: int) -> bytes:
-    buf = bytearray(page)
-    mask_for_rmgr(rmid)(buf, blk)
-    return bytes(buf)
-
-
 def check_pages(repo: Path, timeline: str, node: PostgresNode) -> int:
     """Every page of every user table and btree index at latest equals the primary's, masked."""
     stub = pageserver_stub(repo)
@@ -238,7 +231,7 @@ def check_pages(repo: Path, timeline: str, node: PostgresNode) -> int:
                 ours[item.request_id] = bytes(item.page.page)
         assert sorted(ours) == list(range(size))
         for blk, page in enumerate(theirs):
-            assert masked(ours[blk], rmid, blk) == masked(page, rmid, blk), f"{relname} block {blk} differs"
+            assert masked_page(ours[blk], rmid, blk) == masked_page(page, rmid, blk), f"{relname} block {blk} differs"
             compared += 1
     return compared
 
