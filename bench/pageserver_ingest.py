@@ -49,6 +49,7 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from polling import wait_for  # noqa: E402
 from zctl_util import make_repo, zctl  # noqa: E402
 
 from pgformat.lsn import format_lsn, parse_lsn  # noqa: E402
@@ -64,16 +65,6 @@ MB = 1 << 20
 def log(msg: str) -> None:
     print(f"# {msg}", file=sys.stderr, flush=True)
 
-
-def wait_for(pred, timeout: float, what: str, interval: float = 0.05):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 def flush_lsn(node: PostgresNode) -> int:

@@ -30,7 +30,8 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from pageserver_ingest import flush_lsn, log, pageserver_lsn, wait_for  # noqa: E402
+from pageserver_ingest import flush_lsn, log, pageserver_lsn  # noqa: E402
+from polling import wait_for  # noqa: E402
 from zctl_util import make_repo, zctl  # noqa: E402
 
 from zctl.postgres import PostgresNode, free_port, make_pg_owned_dir  # noqa: E402

@@ -46,6 +46,7 @@ import psycopg
 import pytest
 from conftest import PgFactory
 from pageserver_util import masked_page, rel_key, user_relations
+from polling import wait_for
 from zctl_util import make_repo, zctl
 
 from pgformat.lsn import parse_lsn
@@ -68,16 +69,6 @@ CLIENTS = 4
 
 # -- helpers -------------------------------------------------------------------
 
-
-def wait_for(pred: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def status(repo: Path) -> dict[str, Any]:
@@ -357,26 +348,33 @@ def final_checks(repo: Path, timeline: str, node: PostgresNode) -> None:
 # -- scenarios -----------------------------------------------------------------------------------
 
 
-def test_kill9_pageserver_under_sync_load(repo: Path, primary: PostgresNode) -> None:
-    timeline = attach(repo, primary)
+def _kill9_under_sync_load(repo: Path, primary: PostgresNode, timeline: str, service: str,
+                           after_restart: Callable[[], None] = lambda: None) -> None:
+    """kill -9 `service` while pgbench and a probe commit synchronously, then `zctl start` it again:
+    every acknowledged commit survives, commits wait while it is down, the run completes."""
     probe = Probe(primary).start()
     bench = Pgbench(primary, "-t", "150")
     try:
         wait_for(lambda: len(probe.acked) >= 20, 30, "probe commits")
-        kill9(repo, "pageserver")
+        kill9(repo, service)
         acked = probe.snapshot()
         assert_acked_are_durable(repo, timeline, acked)
         time.sleep(1.0)
-        # Commits wait: nothing is acknowledged while the page server is down.
+        # Commits wait: nothing is acknowledged while the service is down.
         assert len(probe.acked) <= len(acked) + 1
-        restart_missing(repo, "pageserver")
+        restart_missing(repo, service)
+        after_restart()
         committed = bench.wait()
     finally:
         probe.stop()
     assert committed == CLIENTS * 150, bench.output
-    assert len(probe.acked) > len(acked), "no commit was acknowledged after the page server came back"
+    assert len(probe.acked) > len(acked), f"no commit was acknowledged after the {service} came back"
     final_checks(repo, timeline, primary)
     assert history_rows(primary) == committed
+
+
+def test_kill9_pageserver_under_sync_load(repo: Path, primary: PostgresNode) -> None:
+    _kill9_under_sync_load(repo, primary, attach(repo, primary), "pageserver")
 
 
 def test_kill9_walreceiver_under_sync_load(repo: Path, primary: PostgresNode) -> None:
@@ -384,26 +382,13 @@ def test_kill9_walreceiver_under_sync_load(repo: Path, primary: PostgresNode) ->
     state_file = repo / "walreceiver" / "attachments.json"
     saved = json.loads(state_file.read_text())["attachments"]
     assert [a["timeline"] for a in saved] == [timeline]
-    probe = Probe(primary).start()
-    bench = Pgbench(primary, "-t", "150")
-    try:
-        wait_for(lambda: len(probe.acked) >= 20, 30, "probe commits")
-        kill9(repo, "walreceiver")
-        acked = probe.snapshot()
-        assert_acked_are_durable(repo, timeline, acked)
-        time.sleep(1.0)
-        assert len(probe.acked) <= len(acked) + 1
+
+    def attachment_restored() -> None:
         # Nobody attaches again: the restarted walreceiver brings the attachment back from its state file.
-        restart_missing(repo, "walreceiver")
         (attachment,) = status(repo)["attachments"]
         assert attachment["timeline"] == timeline
-        committed = bench.wait()
-    finally:
-        probe.stop()
-    assert committed == CLIENTS * 150, bench.output
-    assert len(probe.acked) > len(acked)
-    final_checks(repo, timeline, primary)
-    assert history_rows(primary) == committed
+
+    _kill9_under_sync_load(repo, primary, timeline, "walreceiver", attachment_restored)
     assert status(repo)["attachments"][0]["state"] == "ATTACHMENT_STATE_STREAMING"
 
 

@@ -32,6 +32,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import given
 from hypothesis import strategies as st
+from polling import wait_for
 from psycopg.conninfo import conninfo_to_dict
 
 from pgformat.lsn import format_lsn, parse_lsn
@@ -68,16 +69,6 @@ FAST = ReceiverOptions(backoff_initial=0.05, backoff_max=1.0)
 
 # -- helpers --------------------------------------------------------------------
 
-
-def wait_for(pred: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def flush_lsn(node: PostgresNode) -> int:
