@@ -36,7 +36,7 @@ from pgformat.tarstream import (
 )
 from pgformat.wire import Column, SqlState
 
-from .commands import Command, Options, Token, _lsn, parse_option_list
+from .commands import Command, Options, Token, lsn_argument, parse_option_list
 from .errors import ShimError, from_rpc_error
 from .replication import TIMELINE_ID, segment_start, segment_start_from_name
 
@@ -63,7 +63,7 @@ def parse_basebackup_command(args: list[Token]) -> Command:
     if len(plain) not in (2, 3) or flags - {"--gzip", "--replica"}:
         raise ShimError(SqlState.SYNTAX_ERROR, "usage: basebackup <tenant_id> <timeline_id> [lsn] [--gzip]")
     tenant, timeline = plain[0].lower(), plain[1]
-    lsn = _lsn(plain[2]) if len(plain) == 3 and plain[2].lower() != "latest" else 0
+    lsn = lsn_argument(plain[2]) if len(plain) == 3 and plain[2].lower() != "latest" else 0
     gzip = "--gzip" in flags
 
     async def run(session: Session) -> None:

@@ -91,7 +91,8 @@ def tokenize(text: str) -> list[Token]:
     return tokens
 
 
-def _lsn(text: str) -> int:
+def lsn_argument(text: str) -> int:
+    """An X/X argument of a command; a syntax error (42601) otherwise."""
     try:
         return parse_lsn(text)
     except LsnFormatError as e:

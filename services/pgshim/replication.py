@@ -24,8 +24,8 @@ from pgformat import wire
 from pgformat.lsn import format_lsn
 from pgformat.wire import Column, SqlState
 
-from .commands import WAL_SEGMENT_SIZE, Command, Result, Token, _lsn, parse_option_list
-from .errors import ShimError
+from .commands import WAL_SEGMENT_SIZE, Command, Result, Token, lsn_argument, parse_option_list
+from .errors import ClientGone, ShimError
 
 if TYPE_CHECKING:
     from .session import Session
@@ -187,7 +187,7 @@ def parse_start_replication(args: list[Token]) -> Command:
         i += 1
     if i >= len(args):
         raise ShimError(SqlState.SYNTAX_ERROR, "START_REPLICATION needs a start position X/X")
-    start = _lsn(args[i].text)
+    start = lsn_argument(args[i].text)
     i += 1
     timeline = TIMELINE_ID
     if i < len(args) and args[i].text.upper() == "TIMELINE":
@@ -240,7 +240,5 @@ async def stream_wal(session: Session, start: int) -> None:
             session.send(wire.command_complete("START_REPLICATION"))
             return
         if kind == b"X":
-            from .errors import ClientGone
-
             raise ClientGone()
         raise wire.ProtocolError(f"unexpected message type {kind[0]} during replication")

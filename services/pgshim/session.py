@@ -65,7 +65,8 @@ class Session:
         self.pending: deque[tuple[bytes, bytes]] = deque()
         self.peer = writer.get_extra_info("peername")
         self.startup: Startup | None = None
-        self.target: Target | None = None  # resolved on first use
+        self.requested: tuple[str, str, int | None] = (DEFAULT_TENANT, "main", None)  # from startup options
+        self.target: Target | None = None  # `requested`, resolved at the page server on first use
         self._statements: dict[str, str] = {}
         self._portals: dict[str, Portal] = {}
         self._command_task: asyncio.Task[None] | None = None
