@@ -66,14 +66,14 @@ class Pagestream:
         self.conn.finish()
 
 
-def timed_each(blocks: list[int], read: Callable[[int], object]) -> tuple[list[float], float]:
+def latencies(blocks: list[int], read: Callable[[int], object]) -> list[float]:
+    """Seconds each read took, one at a time."""
     lat = []
-    t0 = time.perf_counter()
     for blk in blocks:
         s = time.perf_counter()
         read(blk)
         lat.append(time.perf_counter() - s)
-    return lat, len(blocks) / (time.perf_counter() - t0)
+    return lat
 
 
 def main() -> None:
@@ -110,8 +110,8 @@ def main() -> None:
 
             for blk in blocks:  # warm the page server's cache; check both paths agree
                 assert grpc_get(blk) == pagestream_get(blk)
-            lat_grpc, _ = timed_each(blocks, grpc_get)
-            lat_ps, _ = timed_each(blocks, pagestream_get)
+            lat_grpc = latencies(blocks, grpc_get)
+            lat_ps = latencies(blocks, pagestream_get)
 
             def batches():  # type: ignore[no-untyped-def]
                 for i in range(0, len(blocks), WINDOW):
