@@ -153,7 +153,8 @@ def main() -> int:
         br.close(keep=args.keep)
 
     print(f"compute start: pgbench scale {args.scale}, database {br.db_bytes / MB:.0f} MB, data loaded by "
-          f"{args.load!r} in {br.load_seconds:.1f} s (page server files {repo_mb:.0f} MB); "
+          f"{args.load!r} in {br.load_seconds:.1f} s, image layer {br.layer_seconds:.1f} s later (page server files "
+          f"{repo_mb:.0f} MB); "
           f"pg_basebackup {'with' if args.sync else 'without'} fsync; 2 cores shared with other work")
     print()
     print(f"{'':6} {'ours: zctl pg start -> first answer':>44}   {'vanilla: pg_basebackup + boot -> first answer':>46}")

@@ -55,6 +55,7 @@ class BenchRepo:
     lsn_before_load: int = 0  # main's last LSN before pgbench -i: a past branch point
     load_seconds: float = 0.0  # pgbench -i (wal) or zctl attach (attach), until the page server holds it all
     db_bytes: int = 0  # pg_database_size('postgres') on the primary
+    layer_seconds: float = 0.0  # from the end of the load until the page server's image layer covered it
 
     def zctl(self, *args: str, timeout: float = 300) -> str:
         return zctl(self.repo, *args, timeout=timeout).stdout
@@ -65,7 +66,7 @@ class BenchRepo:
         return self.main
 
     def repository_bytes(self) -> int:
-        """Bytes on disk under the page server's directory (SQLite database and its WAL)."""
+        """Bytes on disk under the page server's directory (SQLite database, its WAL, image layers)."""
         return sum(f.stat().st_size for f in (self.repo / "pageserver").rglob("*") if f.is_file())
 
     def pageserver_log_size(self) -> int:
@@ -122,5 +123,9 @@ def build(workdir: Path, scale: int, load: str = "wal") -> BenchRepo:
         br.load_seconds = time.perf_counter() - t0
         br.lsn_before_load = br.main.start_lsn
     br.db_bytes = int(primary.sql("SELECT pg_database_size('postgres')")[0][0])
-    br.refresh_main()
+    # Made in the background (zenith-pageserver --image-layer-interval), as after any large load.
+    log("waiting for the page server's image layer to cover the load")
+    t0 = time.perf_counter()
+    wait_for(lambda: br.refresh_main().image_layer_lsn >= target, 3600, "the image layer")
+    br.layer_seconds = time.perf_counter() - t0
     return br

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -53,11 +53,11 @@ def _node_factory(base: Path, label: str) -> Iterator[PgFactory]:
         pytest.skip(str(e))
     nodes: list[PostgresNode] = []
 
-    def make(name: str = "primary", start: bool = True, **gucs: object) -> PostgresNode:
+    def make(name: str = "primary", start: bool = True, initdb_args: Sequence[str] = (), **gucs: object) -> PostgresNode:
         workdir = make_pg_owned_dir(Path(tempfile.mkdtemp(prefix=f"{label[:40]}-", dir=base)))
         node = PostgresNode(datadir=workdir / name, port=free_port())
         nodes.append(node)
-        node.initdb()
+        node.initdb(initdb_args)
         if gucs:
             node.configure(gucs)
         if start:

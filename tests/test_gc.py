@@ -326,7 +326,9 @@ def test_gc_removes_history_and_reports_it(history: History, collected: Collecte
     assert removed["page_versions"] == r.versions_removed - r.images_written > 1000, (removed, r)
     assert removed["wal_records"] == r.wal_records_removed > 100
     assert removed["rel_sizes"] == r.rel_sizes_removed > 0
-    assert r.images_written > 100
+    # Chains of records at the cutoff became images; most were stored already by the base backups
+    # taken before (they keep the pages they redo), so only the rest is GC's to write.
+    assert r.images_written > 0
     # The dropped table is gone entirely: no child needs it, nothing reads it at or after the cutoff.
     assert collected.doomed_before > 20 and _doomed_versions(collected.repo, history) == 0
 

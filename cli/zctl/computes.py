@@ -13,12 +13,10 @@ computes/<name>/pgdata (owned by the postgres OS user).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pwd
 import shutil
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +26,8 @@ import grpc
 from pgformat.lsn import format_lsn, parse_lsn
 from zproto import common_pb2, pageserver_pb2, pageserver_pb2_grpc, walreceiver_pb2, walreceiver_pb2_grpc
 
-from .postgres import PG_OS_USER, PostgresNode, free_port, make_pg_owned_dir, pg_user_argv, pid_alive
+from .extract import DataDirectoryWriter, ExtractError
+from .postgres import PG_OS_USER, PostgresNode, free_port, make_pg_owned_dir, pid_alive
 from .supervisor import write_file_atomically
 
 DEFAULT_TENANT = "0" * 32
@@ -137,37 +136,30 @@ class Computes:
         return spec, lsn
 
     def _fetch_basebackup(self, spec: ComputeSpec, datadir: Path) -> int:
-        """Stream the page server's tar into the data directory: the system's tar extracts it as the
-        postgres user while it arrives (a base backup can be far larger than memory)."""
+        """Stream the page server's base backup (LZ4 frames of a tar) into the data directory as it
+        arrives (a base backup can be far larger than memory); _configure hands it to postgres."""
         if datadir.exists():
             shutil.rmtree(datadir)
         make_pg_owned_dir(datadir.parent)
         make_pg_owned_dir(datadir).chmod(0o700)
         request = pageserver_pb2.BasebackupRequest(
             tenant=common_pb2.TenantId(id=DEFAULT_TENANT), timeline=common_pb2.TimelineId(id=spec.timeline),
-            lsn=parse_lsn(spec.lsn) if spec.lsn else 0)
-        tar = subprocess.Popen(pg_user_argv(["tar", "-x", "-f", "-", "-C", datadir]), stdin=subprocess.PIPE,
-                               stderr=subprocess.PIPE)
-        assert tar.stdin is not None and tar.stderr is not None
+            lsn=parse_lsn(spec.lsn) if spec.lsn else 0, compression=pageserver_pb2.BASEBACKUP_COMPRESSION_LZ4)
+        writer = DataDirectoryWriter(datadir, lz4=True)
         lsn = 0
         try:
             for chunk in self.pageserver.Basebackup(request, timeout=3600):
                 if chunk.lsn:
                     lsn = chunk.lsn
                 if chunk.data:
-                    tar.stdin.write(chunk.data)
+                    writer.feed(chunk.data)
+            writer.close()
         except grpc.RpcError as e:
-            tar.kill()
             raise ComputeError(f"base backup of branch {spec.branch!r} failed: {e.details()}") from None
-        except BrokenPipeError:
-            pass  # tar failed: its exit status says why
+        except (ExtractError, OSError) as e:
+            raise ComputeError(f"unpacking the base backup of branch {spec.branch!r} into {datadir} failed: {e}") from None
         finally:
-            with contextlib.suppress(BrokenPipeError):
-                tar.stdin.close()
-            err = tar.stderr.read().decode(errors="replace")
-            tar.wait()
-        if tar.returncode != 0:
-            raise ComputeError(f"extracting the base backup of branch {spec.branch!r} failed: {err.strip()}")
+            writer.abort()
         datadir.chmod(0o700)
         return lsn
 

@@ -22,7 +22,9 @@ Everything else comes from the repository, as of L:
 - the directories initdb creates (initdb.c subdirs), minimal configuration
   files, and global/pg_control last (basebackup.c sends it last too).
 
-Files are read and streamed one page at a time; nothing is staged on disk.
+Relation files are read a chunk of pages at a time, from the newest image
+layer in reach where it still holds (image_layers.py) and as page versions
+elsewhere; nothing is staged on disk.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ from typing import BinaryIO, Final
 
 import google_crc32c
 
-from pgformat.checksum import with_checksums
 from pgformat.constants import BLCKSZ, FSM_FORKNUM, INIT_FORKNUM, MAIN_FORKNUM, maxalign
 from pgformat.controlfile import (
     DB_SHUTDOWNED,
@@ -70,6 +71,7 @@ from pgredo.slru import (
 )
 
 from .checkpoint_values import running_checkpoint, transaction_id_is_normal
+from .image_layers import CHUNK_PAGES, PageChunk, compress_frame
 from .keys import (
     CHECKPOINT_KEY,
     CONTROL_FILE_KEY,
@@ -157,9 +159,9 @@ class StartState:
 
 def write_basebackup(
     repo: Repository, tl: Timeline, lsn: int, out: BinaryIO, *, timeline_id: int = 1,
-    on_start: Callable[[BasebackupInfo], None] | None = None,
+    on_start: Callable[[BasebackupInfo], None] | None = None, lz4: bool = False,
 ) -> BasebackupInfo:
-    """Write the data directory as of `lsn` to `out` as an uncompressed tar stream.
+    """Write the data directory as of `lsn` to `out` as a tar stream (`lz4`: as LZ4 frames of it).
 
     `on_start` hears where the backup stands before the first byte is written.
     """
@@ -168,7 +170,7 @@ def write_basebackup(
     if on_start is not None:
         on_start(start.info)
     ckpt = start.info.checkpoint
-    w = _TarWriter(out)
+    w = _TarWriter(out, lz4=lz4)
     w.file("PG_VERSION", PG_VERSION_FILE)
     for d in DATA_DIRECTORY_SUBDIRS:
         w.dir(d)
@@ -269,18 +271,19 @@ def _write_relations(repo: Repository, tl: Timeline, lsn: int, w: _TarWriter, *,
     if homeless:
         raise BasebackupError(f"databases {sorted(homeless)} have relations but no pg_filenode.map at {lsn:X}")
 
-    for rel in rels:
-        if rel.fork == FSM_FORKNUM:
-            continue
-        if rel.fork == MAIN_FORKNUM and (rel.spc, rel.db, rel.rel) in unlogged:
-            continue  # written from the init fork below
-        nblocks = repo.rel_size(tl, rel, lsn) or 0
-        if rel.fork == INIT_FORKNUM:
-            pages = list(repo.rel_pages(tl, rel, lsn))  # init forks are a page or two
-            _write_fork(w, rel, nblocks, iter(pages), checksums)
-            _write_fork(w, dataclasses.replace(rel, fork=MAIN_FORKNUM), nblocks, iter(pages), checksums)
-        else:
-            _write_fork(w, rel, nblocks, repo.rel_pages(tl, rel, lsn), checksums)
+    with repo.backup_view(tl, lsn, checksums=checksums) as view:
+        for rel in rels:
+            if rel.fork == FSM_FORKNUM:
+                continue
+            if rel.fork == MAIN_FORKNUM and (rel.spc, rel.db, rel.rel) in unlogged:
+                continue  # written from the init fork below
+            nblocks = repo.rel_size(tl, rel, lsn) or 0
+            if rel.fork == INIT_FORKNUM:
+                chunks = list(repo.fork_chunks(view, rel, nblocks))  # init forks are a page or two
+                _write_fork(w, rel, nblocks, chunks)
+                _write_fork(w, dataclasses.replace(rel, fork=MAIN_FORKNUM), nblocks, chunks)
+            else:
+                _write_fork(w, rel, nblocks, repo.fork_chunks(view, rel, nblocks))
     return len(rels)
 
 
@@ -290,26 +293,15 @@ def _db_path(spc: int, db: int) -> str:
     return f"pg_tblspc/{spc}/{TABLESPACE_VERSION_DIRECTORY}/{db}"
 
 
-def _write_fork(w: _TarWriter, rel: RelTag, nblocks: int, pages: Iterator[bytes], checksums: bool) -> None:
+def _write_fork(w: _TarWriter, rel: RelTag, nblocks: int, chunks: Iterable[PageChunk]) -> None:
     """The fork's segment files: RELSEG_SIZE blocks each; an empty fork is one empty file.
-
-    Pages rebuilt from WAL carry whatever pd_checksum their last image had, so
-    with data checksums on every page gets its checksum computed here.
-    """
-    if checksums:
-        pages = _checksummed(pages)
+    Chunks never cross a segment boundary (CHUNK_PAGES divides RELSEG_SIZE)."""
+    it = iter(chunks)
     nsegs = max(1, -(-nblocks // RELSEG_SIZE))
     for segno in range(nsegs):
         count = min(RELSEG_SIZE, nblocks - segno * RELSEG_SIZE)
-        w.stream(relation_path(rel.spc, rel.db, rel.rel, rel.fork, segno), count * BLCKSZ,
-                 (next(pages) for _ in range(count)))
-
-
-def _checksummed(pages: Iterator[bytes], batch: int = 256) -> Iterator[bytes]:
-    blkno = 0
-    while chunk := list(itertools.islice(pages, batch)):
-        yield from with_checksums(chunk, blkno)
-        blkno += len(chunk)
+        w.pages(relation_path(rel.spc, rel.db, rel.rel, rel.fork, segno), count * BLCKSZ,
+                itertools.islice(it, -(-count // CHUNK_PAGES)))
 
 
 # -- SLRUs ---------------------------------------------------------------------------------
@@ -403,10 +395,20 @@ def twophase_file(state: bytes, xid: int) -> bytes:
 
 class _TarWriter:
     """Entries of a data directory as a ustar stream (the headers Postgres's own server writes, which is
-    what pg_basebackup reads): 0700 directories, 0600 files, each directory once."""
+    what pg_basebackup reads): 0700 directories, 0600 files, each directory once.
 
-    def __init__(self, out: BinaryIO) -> None:
+    With `lz4`, the stream is LZ4 frames that decompress to that tar, as Postgres's server-side
+    `lz4` compression sends it: bytes written here are gathered and compressed about 1 MiB at a
+    time, and stored frames from an image layer go out as they are.
+    """
+
+    LZ4_GATHER: Final = 1 << 20
+
+    def __init__(self, out: BinaryIO, *, lz4: bool = False) -> None:
         self._out = out
+        self._lz4 = lz4
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
         self._dirs: set[str] = set()
         self._mtime = int(time.time())
         self.bytes = 0
@@ -415,21 +417,47 @@ class _TarWriter:
         if path in self._dirs:
             return
         self._dirs.add(path)
-        self._out.write(ustar_header(path, 0, mode=0o700, mtime=self._mtime, kind="dir"))
+        self._write(ustar_header(path, 0, mode=0o700, mtime=self._mtime, kind="dir"))
 
     def file(self, path: str, data: bytes) -> None:
-        self.stream(path, len(data), (data,))
+        self._write(ustar_header(path, len(data), mode=0o600, mtime=self._mtime))
+        self._write(data)
+        self._end_member(path, len(data), len(data))
 
-    def stream(self, path: str, size: int, chunks: Iterable[bytes]) -> None:
-        self._out.write(ustar_header(path, size, mode=0o600, mtime=self._mtime))
+    def pages(self, path: str, size: int, chunks: Iterable[PageChunk]) -> None:
+        """A relation segment file from chunks of pages."""
+        self._write(ustar_header(path, size, mode=0o600, mtime=self._mtime))
         written = 0
         for chunk in chunks:
-            self._out.write(chunk)
-            written += len(chunk)
+            if chunk.frame is not None and self._lz4:
+                self._flush()
+                self._out.write(chunk.frame)
+            else:
+                self._write(chunk.pages())
+            written += chunk.npages * BLCKSZ
+        self._end_member(path, size, written)
+
+    def _end_member(self, path: str, size: int, written: int) -> None:
         if written != size:
             raise BasebackupError(f"{path}: wrote {written} bytes, announced {size}")
-        self._out.write(tar_padding(size))
+        self._write(tar_padding(size))
         self.bytes += size
 
+    def _write(self, data: bytes) -> None:
+        if not self._lz4:
+            self._out.write(data)
+            return
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if self._pending_bytes >= self.LZ4_GATHER:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._out.write(compress_frame(b"".join(self._pending)))
+            self._pending.clear()
+            self._pending_bytes = 0
+
     def close(self) -> None:
-        self._out.write(TAR_END)
+        self._write(TAR_END)
+        self._flush()

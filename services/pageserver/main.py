@@ -11,6 +11,7 @@ from pathlib import Path
 from services.runtime import GrpcEndpoint, ShutdownSignal, configure_logging
 from zproto import pageserver_pb2_grpc
 
+from .imager import DEFAULT_INTERVAL, DEFAULT_MIN_CHANGES, ImageLayerMaker
 from .repository import DEFAULT_TENANT, LocalRedo, PageRedo, Repository
 from .service import PageServerServicer
 
@@ -21,7 +22,8 @@ class PageServer:
     """A repository plus its gRPC server; start() binds, stop() drains."""
 
     def __init__(self, repo_dir: Path, listen: str = "127.0.0.1:6402", redo_address: str | None = None,
-                 threads: int = 16, lsn_wait_timeout: float = 30.0) -> None:
+                 threads: int = 16, lsn_wait_timeout: float = 30.0, image_layer_interval: float = 0.0,
+                 image_layer_min_changes: int = DEFAULT_MIN_CHANGES) -> None:
         redo: PageRedo
         if redo_address:
             from .redo_client import RemoteRedo
@@ -31,6 +33,9 @@ class PageServer:
             redo = LocalRedo()
         self.repo = Repository(repo_dir, redo=redo)
         self.repo.ensure_tenant(DEFAULT_TENANT)
+        # Off unless asked for (the command line asks by default): tests drive layers themselves.
+        self.image_layers = (ImageLayerMaker(self.repo, image_layer_interval, image_layer_min_changes)
+                             if image_layer_interval > 0 else None)
         self.servicer = PageServerServicer(self.repo, lsn_wait_timeout=lsn_wait_timeout)
         self.endpoint = GrpcEndpoint(
             listen, ["zenith.v1.PageServer"],
@@ -47,10 +52,14 @@ class PageServer:
 
     def start(self) -> None:
         self.endpoint.start()
+        if self.image_layers is not None:
+            self.image_layers.start()
         log.info("page server listening", extra={"address": self.address})
 
     def stop(self, grace: float = 2.0) -> None:
         self.endpoint.stop(grace)
+        if self.image_layers is not None:
+            self.image_layers.stop()
         self.repo.close()
 
 
@@ -60,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", default="127.0.0.1:6402", help="host:port (port 0: any free port)")
     p.add_argument("--redo", default=None, help="redo service address (default: redo in this process)")
     p.add_argument("--lsn-wait-timeout", type=float, default=30.0, help="seconds a read waits for its LSN")
+    p.add_argument("--image-layer-interval", type=float, default=DEFAULT_INTERVAL,
+                   help="seconds between checks for timelines due a new image layer (0: never make them "
+                        "in the background)")
+    p.add_argument("--image-layer-min-changes", type=int, default=DEFAULT_MIN_CHANGES,
+                   help="page versions beyond the newest image layer (and at least a tenth of its pages) "
+                        "that make a timeline due a new one")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 
@@ -68,7 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     shutdown = ShutdownSignal()
-    server = PageServer(args.repo, args.listen, args.redo, lsn_wait_timeout=args.lsn_wait_timeout)
+    server = PageServer(args.repo, args.listen, args.redo, lsn_wait_timeout=args.lsn_wait_timeout,
+                        image_layer_interval=args.image_layer_interval,
+                        image_layer_min_changes=args.image_layer_min_changes)
     server.start()
     print(f"page server listening on {server.address}", flush=True)
     shutdown.wait(log)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Final
 
 import grpc
 
@@ -11,6 +12,11 @@ from pgredo.errors import RedoError
 from zproto import common_pb2, redo_pb2, redo_pb2_grpc
 
 from .keys import KeyKind, decode_key
+from .repository import RedoJob
+
+# Jobs per ApplyRecordsStream message.
+STREAM_BATCH: Final = 32
+_STATUS_BY_NUMBER: Final = {code.value[0]: code for code in grpc.StatusCode}
 
 # pgredo's SlruKind is 0-based; the proto's is 1-based (0 = unspecified).
 _SLRU_TO_PROTO = {0: common_pb2.SLRU_KIND_CLOG, 1: common_pb2.SLRU_KIND_MULTIXACT_OFFSETS,
@@ -42,6 +48,17 @@ def redo_channel_options() -> list[tuple[str, object]]:
             ("grpc.lb_policy_name", "round_robin")]
 
 
+def _request(key: bytes, base: bytes | None, records: Sequence[DecodedRecord]) -> redo_pb2.ApplyRecordsRequest:
+    req = redo_pb2.ApplyRecordsRequest(
+        key=page_key_proto(key),
+        records=[redo_pb2.RedoRecord(lsn=r.lsn, end_lsn=r.end_lsn, raw=r.raw) for r in records],
+        pg_version=15,
+    )
+    if base is not None:
+        req.base_image = base
+    return req
+
+
 class RemoteRedo:
     """PageRedo over gRPC to `services.redo`."""
 
@@ -52,18 +69,40 @@ class RemoteRedo:
         self._stub = redo_pb2_grpc.RedoStub(self._channel)
 
     def redo(self, key: bytes, base: bytes | None, records: Sequence[DecodedRecord]) -> bytes:
-        req = redo_pb2.ApplyRecordsRequest(
-            key=page_key_proto(key),
-            records=[redo_pb2.RedoRecord(lsn=r.lsn, end_lsn=r.end_lsn, raw=r.raw) for r in records],
-            pg_version=15,
-        )
-        if base is not None:
-            req.base_image = base
         try:
-            resp = self._stub.ApplyRecords(req, timeout=self.timeout)
+            resp = self._stub.ApplyRecords(_request(key, base, records), timeout=self.timeout)
         except grpc.RpcError as e:
             raise RedoServiceError(e.code(), e.details() or "") from None
         return bytes(resp.page)
+
+    def redo_many(self, jobs: Sequence[RedoJob]) -> list[bytes]:
+        """Every job over one ApplyRecordsStream, STREAM_BATCH per message: the pool's workers share
+        them, where one unary call at a time keeps a single worker busy."""
+        if not jobs:
+            return []
+
+        def batches() -> Iterator[redo_pb2.ApplyRecordsStreamRequest]:
+            for start in range(0, len(jobs), STREAM_BATCH):
+                yield redo_pb2.ApplyRecordsStreamRequest(items=[
+                    redo_pb2.ApplyRecordsItem(request_id=i, request=_request(*jobs[i]))
+                    for i in range(start, min(len(jobs), start + STREAM_BATCH))])
+
+        pages: list[bytes | None] = [None] * len(jobs)
+        try:
+            for resp in self._stub.ApplyRecordsStream(batches(), timeout=self.timeout + len(jobs) * 0.05):
+                for item in resp.items:
+                    if item.request_id >= len(jobs):
+                        raise RedoServiceError(grpc.StatusCode.INTERNAL, f"answer to unknown request {item.request_id}")
+                    if item.HasField("error"):
+                        code = _STATUS_BY_NUMBER.get(item.error.code, grpc.StatusCode.UNKNOWN)
+                        raise RedoServiceError(code, item.error.message)
+                    pages[item.request_id] = bytes(item.page.page)
+        except grpc.RpcError as e:
+            raise RedoServiceError(e.code(), e.details() or "") from None
+        missing = sum(p is None for p in pages)
+        if missing:
+            raise RedoServiceError(grpc.StatusCode.INTERNAL, f"the stream ended with {missing} pages unanswered")
+        return pages  # type: ignore[return-value]
 
     def close(self) -> None:
         self._channel.close()

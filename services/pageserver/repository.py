@@ -14,7 +14,10 @@ Tables:
 - page_versions: (timeline, key, lsn, kind) -> image or reference to a record
   (`lsn` is the record's end LSN: the value is the state after that record);
 - rel_sizes: (timeline, rel, lsn) -> nblocks (-1: dropped);
-- commit_times: (timeline, end_lsn) -> commit timestamp (find-LSN-by-time).
+- commit_times: (timeline, end_lsn) -> commit timestamp (find-LSN-by-time);
+- image_layers, image_layer_chunks: every page of a timeline as of one LSN
+  in a compressed file beside the database (image_layers.py), so a base
+  backup streams stored pages instead of reading and redoing each one.
 
 A GetPage@LSN walks page_versions newest-first from the request LSN until an
 image or a record that initializes the page, descending into the ancestor at
@@ -34,19 +37,31 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Protocol
 
-from pgformat.constants import BLCKSZ
+from pgformat.checksum import with_checksums
+from pgformat.constants import BLCKSZ, FSM_FORKNUM
 from pgformat.controlfile import parse_checkpoint, parse_control_file
 from pgformat.errors import FormatError
 from pgformat.lsn import format_lsn
 from pgformat.xlogrecord import DecodedRecord, decode_record
 from pgredo.errors import RedoError
 
+from .image_layers import (
+    CHUNK_PAGES,
+    LAYER_DIR,
+    ImageLayer,
+    LayerChunk,
+    LayerFileWriter,
+    LayerReader,
+    PageChunk,
+    compress_frame,
+    layer_file_name,
+)
 from .ingest import IngestPlan, plan_record
 from .keys import (
     CHECKPOINT_KEY,
@@ -119,6 +134,26 @@ CREATE TABLE IF NOT EXISTS commit_times (
     PRIMARY KEY (tl, end_lsn)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS commit_times_ts ON commit_times (tl, ts);
+-- "Which keys changed after LSN x": what a base backup over an image layer must look up.
+CREATE INDEX IF NOT EXISTS page_versions_by_lsn ON page_versions (tl, lsn);
+CREATE TABLE IF NOT EXISTS image_layers (
+    id INTEGER PRIMARY KEY,
+    tl INTEGER NOT NULL,
+    lsn INTEGER NOT NULL,
+    file TEXT NOT NULL,
+    checksums INTEGER NOT NULL,
+    nbytes INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS image_layer_chunks (
+    layer INTEGER NOT NULL,
+    rel BLOB NOT NULL,
+    first_blk INTEGER NOT NULL,
+    npages INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    length INTEGER NOT NULL,
+    PRIMARY KEY (layer, rel, first_blk)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS rel_sizes (
     tl INTEGER NOT NULL,
     rel BLOB NOT NULL,
@@ -153,14 +188,29 @@ class LsnOutOfRangeError(InvalidRequestError):
     """The LSN is below the timeline's GC cutoff: that history is gone (OUT_OF_RANGE)."""
 
 
+# One page to rebuild: (key, base image or None, records oldest first).
+RedoJob = tuple[bytes, bytes | None, Sequence[DecodedRecord]]
+
+
+class LayerCancelledError(RepositoryError):
+    """An image layer was abandoned on request (the page server is stopping)."""
+
+
 class PageRedo(Protocol):
     """What GetPage needs from redo: base image (or None) + records -> page."""
 
     def redo(self, key: bytes, base: bytes | None, records: Sequence[DecodedRecord]) -> bytes: ...
 
+    def redo_many(self, jobs: Sequence[RedoJob]) -> list[bytes]:
+        """The pages of many jobs, in order (base backups and image layers rebuild pages by the thousand)."""
+        ...
+
 
 class LocalRedo:
     """Redo in this process through pgredo (the redo service does the same in workers)."""
+
+    def redo_many(self, jobs: Sequence[RedoJob]) -> list[bytes]:
+        return [self.redo(key, base, records) for key, base, records in jobs]
 
     def redo(self, key: bytes, base: bytes | None, records: Sequence[DecodedRecord]) -> bytes:
         kind, a, b, c, fork, blk = decode_key(key)
@@ -174,6 +224,31 @@ class LocalRedo:
 
             return bytes(slru_redo_page(SlruPageTag(SlruKind(a), b, blk), base, records))
         raise InvalidRequestError(f"key kind {kind} has no redo")
+
+
+@dataclass(slots=True)
+class _Chain:
+    """The versions that make one page: a base (an image, a layer's page, or none) and the records after it."""
+
+    base: bytes | None = None
+    base_lsn: int = 0
+    records: list[tuple[int, int]] = field(default_factory=list)  # (timeline id, end LSN), newest first
+    from_layer: bool = False  # the base is the image layer's page; the caller has it
+
+
+@dataclass
+class BackupView:
+    """What `fork_chunks` reads as of (tl, lsn): see Repository.backup_view."""
+
+    tl: Timeline
+    lsn: int
+    checksums: bool
+    lineage: list[tuple[Timeline, int]]
+    layer: LayerReader | None
+    floor: tuple[int, int] | None = None  # (layer's timeline id, layer's LSN)
+    changed: dict[RelTag, set[int]] = field(default_factory=dict)  # blocks with versions newer than the layer
+    size_floor: dict[RelTag, int] = field(default_factory=dict)  # smallest size of a fork since the layer
+    store_rebuilt: bool = True  # keep pages redone for it as images
 
 
 @dataclass
@@ -216,10 +291,12 @@ class Repository:
         self._timelines: dict[int, Timeline] = {}
         self._by_name: dict[tuple[str, str], int] = {}
         self._gc_lock = threading.Lock()  # one GC at a time: runs read what earlier batches left
+        self._layers_lock = threading.Lock()  # choosing a layer to read vs removing one
         with self._conn() as conn:
             conn.executescript(_SCHEMA)
             _migrate(conn)
         self._load_timelines()
+        self._remove_orphan_layer_files()
 
     # -- connections ---------------------------------------------------------
 
@@ -659,40 +736,54 @@ class Repository:
         if wait:
             self.wait_for_lsn(tl, lsn, timeout)
         conn = self._conn()
-        chain: list[tuple[int, int, int, bytes | None]] = []  # (tl id, lsn, kind, data), newest first
-        base: bytes | None = None
-        base_lsn = 0
-        done = False
-        for t, upto in self._lineage(tl, lsn):
+        chain = self._chain(conn, list(self._lineage(tl, lsn)), key)
+        if not chain.records:
+            if chain.base is not None:
+                # pd_lsn for relation pages; SLRU pages have no LSN of their own.
+                return chain.base, _page_lsn(chain.base) if key[0] == KeyKind.REL_PAGE else chain.base_lsn
+            return self._missing_page(tl, key, lsn), 0
+        records = self._chain_records(conn, chain)
+        page = self.redo.redo(key, chain.base, records)
+        if rebuilt is not None:
+            rebuilt.append((chain.records[0][0], key, chain.records[0][1], page))
+        elif len(records) > MATERIALIZE_AFTER:
+            self._materialize(chain.records[0][0], key, chain.records[0][1], page)
+        # pd_lsn, as Postgres sets it (a record need not bump it: heap_xlog_visible leaves the heap page's
+        # LSN alone without checksums); SLRU pages have none: the last record applied.
+        return page, _page_lsn(page) if key[0] == KeyKind.REL_PAGE else records[-1].end_lsn
+
+    def _chain(self, conn: sqlite3.Connection, lineage: Sequence[tuple[Timeline, int]], key: bytes,
+               floor: tuple[int, int] | None = None) -> _Chain:
+        """What makes `key` as of the end of `lineage`: walk its versions newest first, through the
+        ancestors, to an image or a record that initializes the page.
+
+        With `floor` (timeline id, LSN of an image layer holding this page), the walk stops at the
+        first version on that timeline at or below that LSN: the layer's page is the base.
+        """
+        chain = _Chain()
+        for t, upto in lineage:
+            at_floor = floor is not None and t.id == floor[0]
             for vlsn, kind, data in conn.execute(
                 "SELECT lsn, kind, data FROM page_versions WHERE tl = ? AND key = ? AND lsn <= ?"
                 " ORDER BY lsn DESC, kind ASC",
                 (t.id, key, upto),
             ):
+                if at_floor and vlsn <= floor[1]:  # type: ignore[index]
+                    chain.from_layer = True
+                    return chain
                 if kind == KIND_IMAGE:
-                    base, base_lsn = bytes(data), vlsn
-                    done = True
-                    break
-                chain.append((t.id, vlsn, kind, None))
+                    chain.base, chain.base_lsn = bytes(data), vlsn
+                    return chain
+                chain.records.append((t.id, vlsn))
                 if kind == KIND_RECORD_INIT:
-                    done = True
-                    break
-            if done:
-                break
-        if not chain:
-            if base is not None:
-                # pd_lsn for relation pages; SLRU pages have no LSN of their own.
-                return base, _page_lsn(base) if key[0] == KeyKind.REL_PAGE else base_lsn
-            return self._missing_page(tl, key, lsn), 0
-        records = [self._load_record(conn, tid, vlsn) for tid, vlsn, _, _ in reversed(chain)]
-        page = self.redo.redo(key, base, records)
-        if rebuilt is not None:
-            rebuilt.append((chain[0][0], key, chain[0][1], page))
-        elif len(records) > MATERIALIZE_AFTER:
-            self._materialize(chain[0][0], key, chain[0][1], page)
-        # pd_lsn, as Postgres sets it (a record need not bump it: heap_xlog_visible leaves the heap page's
-        # LSN alone without checksums); SLRU pages have none: the last record applied.
-        return page, _page_lsn(page) if key[0] == KeyKind.REL_PAGE else records[-1].end_lsn
+                    return chain
+            if at_floor:
+                chain.from_layer = True
+                return chain
+        return chain
+
+    def _chain_records(self, conn: sqlite3.Connection, chain: _Chain) -> list[DecodedRecord]:
+        return [self._load_record(conn, tid, vlsn) for tid, vlsn in reversed(chain.records)]
 
     def _load_record(self, conn: sqlite3.Connection, tid: int, end_lsn: int) -> DecodedRecord:
         row = conn.execute("SELECT start_lsn, raw FROM wal_records WHERE tl = ? AND end_lsn = ?", (tid, end_lsn)).fetchone()
@@ -721,41 +812,249 @@ class Repository:
             return ZERO_PAGE
         raise NotFoundError(f"no page for key {key.hex()} at {format_lsn(lsn)}")
 
-    def rel_pages(self, tl: Timeline, rel: RelTag, lsn: int, batch: int = 512) -> Iterator[bytes]:
-        """Every page of a relation fork as of `lsn`, in block order (for base backups).
+    # -- whole relations: base backups and image layers -------------------------------------
 
-        Read a batch of blocks at a time: one query per timeline of the lineage finds each key's
-        newest version; images are served as they are, only keys whose newest version is a record
-        go through get_page (and redo).
-        """
-        nblocks = self.rel_size(tl, rel, lsn) or 0
+    @contextmanager
+    def backup_view(self, tl: Timeline, lsn: int, *, checksums: bool) -> Iterator[BackupView]:
+        """How to read every page as of (`tl`, `lsn`): the nearest image layer in reach, and which
+        pages changed after it. `checksums`: the pages come with pd_checksum set (as the cluster
+        has data checksums on or off); only a layer written the same way is used."""
         lineage = list(self._lineage(tl, lsn))
+        with self._layers_lock:  # the layer chosen stays readable: removal takes this lock too
+            found = self._layer_in_reach(lineage, checksums)
+            reader = LayerReader(found[1]) if found is not None else None
+        try:
+            view = BackupView(tl, lsn, checksums, lineage, reader)
+            if found is not None:
+                k, layer = found
+                conn = self._conn()
+                # Changes on the timelines nearer than the layer's, and on its own after the layer.
+                for i, (t, upto) in enumerate(lineage[:k + 1]):
+                    after = layer.lsn if i == k else -1
+                    for (key,) in conn.execute(
+                            "SELECT DISTINCT key FROM page_versions WHERE tl = ? AND lsn > ? AND lsn <= ?",
+                            (t.id, after, upto)):
+                        if key[0] == KeyKind.REL_PAGE:
+                            view.changed.setdefault(RelTag.decode(key[1:14]), set()).add(
+                                int.from_bytes(key[14:18], "big"))
+                    # A fork truncated or dropped after the layer: blocks past its smallest size since
+                    # then are not the layer's to answer (whatever came back is looked up as versions).
+                    for relb, smallest in conn.execute(
+                            "SELECT rel, min(nblocks) FROM rel_sizes WHERE tl = ? AND lsn > ? AND lsn <= ? GROUP BY rel",
+                            (t.id, after, upto)):
+                        rel = RelTag.decode(relb)
+                        view.size_floor[rel] = min(view.size_floor.get(rel, smallest), max(smallest, 0))
+                view.floor = (layer.tl_id, layer.lsn)
+            yield view
+        finally:
+            if reader is not None:
+                reader.close()
+
+    def _layer_in_reach(self, lineage: Sequence[tuple[Timeline, int]],
+                        checksums: bool) -> tuple[int, ImageLayer] | None:
+        """(index in the lineage, layer): the newest layer on the nearest timeline that has one at or
+        below the LSN read there."""
         conn = self._conn()
-        for start in range(0, nblocks, batch):
-            end = min(nblocks, start + batch)
-            newest: dict[bytes, tuple[int, bytes | None]] = {}
-            for t, upto in lineage:
-                # One range scan, newest first per key (the primary key's order); most keys have one version.
-                for key, kind, data in conn.execute(
-                    "SELECT key, kind, data FROM page_versions WHERE tl = ? AND key >= ? AND key < ? AND lsn <= ?"
-                    " ORDER BY key, lsn DESC, kind", (t.id, rel.page_key(start), rel.page_key(end), upto),
+        for i, (t, upto) in enumerate(lineage):
+            row = conn.execute(
+                "SELECT id, tl, lsn, file, checksums, nbytes FROM image_layers WHERE tl = ? AND lsn <= ?"
+                " AND checksums = ? ORDER BY lsn DESC LIMIT 1", (t.id, upto, int(checksums))).fetchone()
+            if row is not None:
+                return i, self._layer_from_row(row)
+        return None
+
+    def _layer_from_row(self, row: Sequence[object]) -> ImageLayer:
+        lid, tid, lsn, file, checksums, nbytes = row
+        return ImageLayer(int(lid), int(tid), int(lsn), self.path / LAYER_DIR / str(file), bool(checksums), int(nbytes))
+
+    def fork_chunks(self, view: BackupView, rel: RelTag, nblocks: int) -> Iterator[PageChunk]:
+        """The first `nblocks` pages of a fork as of the view, CHUNK_PAGES at a time in block order.
+
+        A chunk the layer holds and nothing changed since comes as the layer's stored frame; any
+        other is assembled page by page: the layer's page where it still holds, else the newest
+        version (redone in one batch with the chunk's other pages). Pages redone here are stored
+        as images, so the next base backup finds them ready.
+        """
+        stored: dict[int, LayerChunk] = {}
+        usable = 0  # blocks [0, usable) are the layer's to answer unless changed
+        if view.layer is not None:
+            stored = {c.first_blk: c for c in self._layer_chunks(view.layer.layer.id, rel)}
+            usable = min(sum(c.npages for c in stored.values()), view.size_floor.get(rel, MAX_LSN))
+        changed = view.changed.get(rel, set())
+        changed_chunks = {blk // CHUNK_PAGES for blk in changed}
+        for first in range(0, nblocks, CHUNK_PAGES):
+            n = min(CHUNK_PAGES, nblocks - first)
+            held = stored.get(first)
+            if (held is not None and held.npages == n and first + n <= usable
+                    and first // CHUNK_PAGES not in changed_chunks):
+                assert view.layer is not None
+                yield PageChunk(first, n, frame=view.layer.frame(held))
+                continue
+            layer_pages = view.layer.pages(held) if held is not None and view.layer is not None else b""
+            covered = min(first + len(layer_pages) // BLCKSZ, usable)  # [first, covered) may come from the layer
+            yield PageChunk(first, n, data=self._assemble(view, rel, first, n, layer_pages, covered, changed))
+
+    def _assemble(self, view: BackupView, rel: RelTag, first: int, n: int, layer_pages: bytes, covered: int,
+                  changed: set[int]) -> bytes:
+        conn = self._conn()
+        pages: list[bytes | None] = [None] * n
+        wanted: list[int] = []
+        for blk in range(first, first + n):
+            if blk < covered and blk not in changed:
+                off = (blk - first) * BLCKSZ
+                pages[blk - first] = layer_pages[off:off + BLCKSZ]
+            else:
+                wanted.append(blk)
+        if wanted:
+            # One range scan per timeline finds each wanted key's newest version; most are images.
+            newest: dict[bytes, tuple[int, int, bytes | None]] = {}
+            for t, upto in view.lineage:
+                for key, vlsn, kind, data in conn.execute(
+                    "SELECT key, lsn, kind, data FROM page_versions WHERE tl = ? AND key >= ? AND key < ? AND lsn <= ?"
+                    " ORDER BY key, lsn DESC, kind", (t.id, rel.page_key(wanted[0]), rel.page_key(wanted[-1] + 1), upto),
                 ):
-                    newest.setdefault(key, (kind, data))  # the nearest timeline, then the newest, lowest kind wins
-            rebuilt: list[tuple[int, bytes, int, bytes]] = []
-            for blk in range(start, end):
+                    newest.setdefault(key, (t.id, vlsn, kind if kind != KIND_IMAGE else -1, data))  # type: ignore[arg-type]
+                if view.floor is not None and t.id == view.floor[0]:
+                    break  # beyond the layer's timeline only blocks it does not hold are read, below
+            jobs: list[RedoJob] = []
+            job_blocks: list[tuple[int, _Chain]] = []
+            for blk in wanted:
                 key = rel.page_key(blk)
-                found = newest.get(key)
-                if found is None:
-                    yield ZERO_PAGE  # inside the relation, never written
-                elif found[0] == KIND_IMAGE and found[1] is not None:
-                    yield bytes(found[1])
+                floor = view.floor if blk < covered else None
+                hit = newest.get(key)
+                if hit is not None and hit[2] == -1 and not (floor and hit[0] == floor[0] and hit[1] <= floor[1]):
+                    pages[blk - first] = bytes(hit[3])  # type: ignore[arg-type]
+                    continue
+                chain = self._chain(conn, view.lineage, key, floor)
+                if chain.from_layer and not chain.records:
+                    off = (blk - first) * BLCKSZ
+                    pages[blk - first] = layer_pages[off:off + BLCKSZ]
+                elif not chain.records:
+                    pages[blk - first] = chain.base if chain.base is not None else ZERO_PAGE
                 else:
-                    yield self.get_page(tl, key, lsn, wait=False, rebuilt=rebuilt)[0]
-            if rebuilt:
-                # Keep what redo made: the next base backup (a compute's restart) reads images.
-                with self._write() as wconn:
-                    wconn.executemany("INSERT OR REPLACE INTO page_versions VALUES (?, ?, ?, ?, ?)",
-                                      [(tid, key, vlsn, KIND_IMAGE, page) for tid, key, vlsn, page in rebuilt])
+                    base = chain.base
+                    if chain.from_layer:
+                        off = (blk - first) * BLCKSZ
+                        base = layer_pages[off:off + BLCKSZ]
+                    jobs.append((key, base, self._chain_records(conn, chain)))
+                    job_blocks.append((blk, chain))
+            if jobs:
+                rebuilt = self.redo.redo_many(jobs)
+                for (blk, _), page in zip(job_blocks, rebuilt):
+                    pages[blk - first] = page
+                if view.store_rebuilt:
+                    with self._write() as wconn:
+                        wconn.executemany("INSERT OR REPLACE INTO page_versions VALUES (?, ?, ?, ?, ?)",
+                                          [(chain.records[0][0], rel.page_key(blk), chain.records[0][1], KIND_IMAGE, page)
+                                           for (blk, chain), page in zip(job_blocks, rebuilt)])
+        done = [p if p is not None else ZERO_PAGE for p in pages]
+        if view.checksums:
+            done = with_checksums(done, first)
+        return b"".join(done)
+
+    def _layer_chunks(self, layer_id: int, rel: RelTag) -> list[LayerChunk]:
+        return [LayerChunk(*row) for row in self._conn().execute(
+            "SELECT first_blk, npages, offset, length FROM image_layer_chunks WHERE layer = ? AND rel = ?"
+            " ORDER BY first_blk", (layer_id, rel.encode()))]
+
+    # -- image layers -------------------------------------------------------------------------
+
+    def image_layers(self, tl: Timeline) -> list[ImageLayer]:
+        """The timeline's own layers, oldest first."""
+        return [self._layer_from_row(r) for r in self._conn().execute(
+            "SELECT id, tl, lsn, file, checksums, nbytes FROM image_layers WHERE tl = ? ORDER BY lsn", (tl.id,))]
+
+    def changes_since_layer(self, tl: Timeline, limit: Callable[[int], int]) -> tuple[int, int]:
+        """(page versions a base backup at the last LSN reads beyond the image layer in reach, counted
+        up to limit(pages in that layer); pages in that layer, 0 without one)."""
+        lineage = list(self._lineage(tl, tl.last_record_lsn))
+        found = self._layer_in_reach(lineage, self._checksums_at(tl, tl.last_record_lsn))
+        k, layer = found if found is not None else (len(lineage) - 1, None)
+        conn = self._conn()
+        pages = 0 if layer is None else int(conn.execute(
+            "SELECT coalesce(sum(npages), 0) FROM image_layer_chunks WHERE layer = ?", (layer.id,)).fetchone()[0])
+        cap = limit(pages)
+        count = 0
+        for i, (t, upto) in enumerate(lineage[:k + 1]):
+            after = layer.lsn if layer is not None and i == k else -1
+            count += conn.execute(
+                "SELECT count(*) FROM (SELECT 1 FROM page_versions WHERE tl = ? AND lsn > ? AND lsn <= ? LIMIT ?)",
+                (t.id, after, upto, cap - count)).fetchone()[0]
+            if count >= cap:
+                break
+        return count, pages
+
+    def _checksums_at(self, tl: Timeline, lsn: int) -> bool:
+        control = self.get_file(tl, CONTROL_FILE_KEY, lsn)
+        return control is not None and parse_control_file(control, verify_crc=False).data_checksum_version != 0
+
+    def create_image_layer(self, tl: Timeline, lsn: int | None = None,
+                           cancel: threading.Event | None = None) -> ImageLayer:
+        """Write every page (but the FSM's, which base backups leave out) as of `lsn` (default: the
+        last record) into a new layer, then drop the timeline's older layers.
+
+        Built from the newest layer in reach plus what changed since, so an unchanged chunk is
+        copied as it is; pages that exist only as WAL are redone in batches. Setting `cancel`
+        abandons the layer (LayerCancelledError); nothing of it stays.
+        """
+        lsn = tl.last_record_lsn if lsn is None else lsn
+        checksums = self._checksums_at(tl, lsn)
+        started = time.monotonic()
+        (self.path / LAYER_DIR).mkdir(exist_ok=True)
+        # GC waits: it could remove versions below its new cutoff that this read at `lsn` still needs.
+        with self._gc_lock:
+            self.check_gc_cutoff(tl, lsn)
+            existing = [la for la in self.image_layers(tl) if la.lsn == lsn and la.checksums == checksums]
+            if existing:
+                return existing[0]
+            writer = LayerFileWriter(self.path / LAYER_DIR / layer_file_name(tl.id, lsn))
+            try:
+                with self.backup_view(tl, lsn, checksums=checksums) as view:
+                    view.store_rebuilt = False  # the layer is where they go
+                    for rel in self.list_rels(tl, lsn):
+                        if rel.fork == FSM_FORKNUM:
+                            continue
+                        for chunk in self.fork_chunks(view, rel, self.rel_size(tl, rel, lsn) or 0):
+                            if cancel is not None and cancel.is_set():
+                                raise LayerCancelledError(f"image layer of {_describe(tl)} cancelled")
+                            writer.add(rel, chunk.first_blk, chunk.npages,
+                                       chunk.frame if chunk.frame is not None else compress_frame(chunk.data or b""))
+                writer.finish()
+            except BaseException:
+                writer.abandon()
+                raise
+            with self._layers_lock:
+                with self._write() as conn:
+                    cur = conn.execute(
+                        "INSERT INTO image_layers (tl, lsn, file, checksums, nbytes, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                        (tl.id, lsn, writer.path.name, int(checksums), writer.nbytes, time.time()))
+                    layer_id = int(cur.lastrowid or 0)
+                    conn.executemany("INSERT INTO image_layer_chunks VALUES (?, ?, ?, ?, ?, ?)",
+                                     [(layer_id, rel.encode(), c.first_blk, c.npages, c.offset, c.length)
+                                      for rel, c in writer.chunks])
+                    older = [la for la in self.image_layers(tl) if la.id != layer_id]
+                    for la in older:
+                        conn.execute("DELETE FROM image_layer_chunks WHERE layer = ?", (la.id,))
+                        conn.execute("DELETE FROM image_layers WHERE id = ?", (la.id,))
+                for la in older:  # base backups that hold it open read on; the name goes now
+                    la.path.unlink(missing_ok=True)
+        layer = ImageLayer(layer_id, tl.id, lsn, writer.path, checksums, writer.nbytes)
+        log.info("image layer written", extra={
+            "timeline": tl.timeline, "lsn": format_lsn(lsn), "chunks": len(writer.chunks), "bytes": writer.nbytes,
+            "replaced": len(older), "seconds": round(time.monotonic() - started, 2)})
+        return layer
+
+    def _remove_orphan_layer_files(self) -> None:
+        """Files of layers whose index never committed (a crash while writing one)."""
+        layer_dir = self.path / LAYER_DIR
+        if not layer_dir.is_dir():
+            return
+        known = {r[0] for r in self._conn().execute("SELECT file FROM image_layers")}
+        for f in layer_dir.iterdir():
+            if f.name not in known:
+                log.info("removing orphan image layer file %s", f.name)
+                f.unlink(missing_ok=True)
+
 
     def key_range_has_versions(self, tl: Timeline, rel: RelTag) -> bool:
         lo, hi = rel_range(rel)

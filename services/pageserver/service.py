@@ -25,6 +25,7 @@ from pgformat.xlogrecord import DecodedRecord, decode_record
 from pgredo.errors import RedoError, UnsupportedRecordError
 from zproto import common_pb2, pageserver_pb2, pageserver_pb2_grpc
 
+from .image_layers import ImageLayerError
 from .keys import CONTROL_FILE_KEY, KeyKind, RelTag, relmap_key, slru_page_key, twophase_key
 from .repository import (
     DEFAULT_TENANT,
@@ -68,10 +69,12 @@ def _status_for(e: Exception) -> grpc.StatusCode:
         return grpc.StatusCode.UNIMPLEMENTED
     if isinstance(e, RedoError):
         return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(e, ImageLayerError):
+        return grpc.StatusCode.DATA_LOSS
     return grpc.StatusCode.INTERNAL
 
 
-_EXPECTED = (RepositoryError, FormatError, RedoError)
+_EXPECTED = (RepositoryError, FormatError, RedoError, ImageLayerError)
 
 
 def _handle(context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
@@ -158,6 +161,7 @@ class PageServerServicer(pageserver_pb2_grpc.PageServerServicer):
             system_identifier=tl.system_id,
             state=pageserver_pb2.TIMELINE_STATE_ACTIVE,
             name=tl.name or "",
+            image_layer_lsn=max((la.lsn for la in self.repo.image_layers(tl)), default=0),
         )
 
     def _get_page(self, tl: Timeline, key: bytes, req_lsn: common_pb2.RequestLsn,
@@ -257,7 +261,8 @@ class PageServerServicer(pageserver_pb2_grpc.PageServerServicer):
 
         def produce() -> None:
             try:
-                write_basebackup(self.repo, tl, lsn, writer, on_start=chunks.put)
+                write_basebackup(self.repo, tl, lsn, writer, on_start=chunks.put,
+                                 lz4=request.compression == pageserver_pb2.BASEBACKUP_COMPRESSION_LZ4)
                 writer.flush()
                 chunks.put(None)
             except BaseException as e:  # handed to the consumer, which answers with a status
@@ -337,6 +342,14 @@ class PageServerServicer(pageserver_pb2_grpc.PageServerServicer):
                 versions_removed=r.versions_removed, images_written=r.images_written,
                 rel_sizes_removed=r.rel_sizes_removed, wal_records_removed=r.wal_records_removed,
                 keys_failed=r.keys_failed, elapsed_seconds=r.seconds)
+
+        return _handle(context, run)
+
+    def CreateImageLayer(self, request: Any, context: grpc.ServicerContext) -> Any:
+        def run() -> Any:
+            tl = self._timeline(request.tenant, request.timeline)
+            self.repo.create_image_layer(tl)
+            return self.timeline_info(tl)
 
         return _handle(context, run)
 

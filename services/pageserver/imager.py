@@ -1,0 +1,85 @@
+"""Image layers made in the background, as Neon's compaction makes image layers.
+
+Every `interval` seconds each timeline is asked how many page versions a base
+backup at its last LSN would read beyond the newest image layer in reach. When
+that reaches `min_changes` and a tenth of that layer's pages, a new layer is
+written: at once if ingest has gone quiet since the last look, otherwise once
+the backlog is four times the threshold (a busy timeline still gets layers).
+A timeline whose layer failed is left alone until it ingests more WAL.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Final
+
+from .repository import LayerCancelledError, Repository, RepositoryError, Timeline
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INTERVAL: Final = 10.0
+DEFAULT_MIN_CHANGES: Final = 1000
+BUSY_FACTOR: Final = 4
+
+
+class ImageLayerMaker:
+    """The background thread; `run_once` is one pass (tests call it directly)."""
+
+    def __init__(self, repo: Repository, interval: float = DEFAULT_INTERVAL,
+                 min_changes: int = DEFAULT_MIN_CHANGES) -> None:
+        self.repo = repo
+        self.interval = interval
+        self.min_changes = min_changes
+        self._seen: dict[int, int] = {}  # timeline id -> last record LSN at the previous pass
+        self._failed_at: dict[int, int] = {}  # timeline id -> last record LSN when its layer failed
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="image-layers", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.run_once()
+            except Exception:  # a pass must never end the thread
+                log.exception("image layer pass failed")
+
+    def run_once(self) -> list[Timeline]:
+        """Write a layer for every timeline that is due; return them."""
+        made = []
+        for tenant in self.repo.list_tenants():
+            for tl in self.repo.list_timelines(tenant):
+                if self._stop.is_set():
+                    return made
+                if self._due(tl):
+                    lsn = tl.last_record_lsn
+                    try:
+                        self.repo.create_image_layer(tl, lsn, cancel=self._stop)
+                        made.append(tl)
+                    except LayerCancelledError:
+                        return made
+                    except (RepositoryError, ValueError) as e:  # redo and format errors are ValueErrors
+                        self._failed_at[tl.id] = lsn
+                        log.warning("image layer of timeline %s at %X failed: %s", tl.timeline, lsn, e)
+        return made
+
+    def _due(self, tl: Timeline) -> bool:
+        last = tl.last_record_lsn
+        quiet = self._seen.get(tl.id) == last
+        self._seen[tl.id] = last
+        if self._failed_at.get(tl.id) == last:
+            return False
+        changes, layer_pages = self.repo.changes_since_layer(tl, lambda pages: BUSY_FACTOR * self._threshold(pages))
+        threshold = self._threshold(layer_pages)
+        return changes >= threshold and (quiet or changes >= BUSY_FACTOR * threshold)
+
+    def _threshold(self, layer_pages: int) -> int:
+        return max(self.min_changes, layer_pages // 10)
