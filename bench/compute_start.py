@@ -7,12 +7,15 @@ operator would (see bench/zenith_repo.py; by default `zctl init` and
 `pgbench -i` against compute main, so the page server got it all as WAL).
 The vanilla primary is the stock Postgres holding the same database: compute
 main itself (or, with --load attach, the primary branch main was attached
-from). Then RUNS times, alternating:
+from). Then RUNS times, one of each, ours first in odd runs and second in
+even ones (whichever writes second may find memory the first freed: each copy
+is deleted, untimed, after its run):
 
 - ours: `zctl branch create` + `zctl pg create` (not timed), then the clock
   runs from launching `zctl pg start NAME` (base backup streamed from the
   page server and unpacked, configuration, pg_ctl start -w, walreceiver
-  attached) until the first query on the compute has answered. The page
+  attached) until the first query on the compute has answered. A
+  CHECKPOINT on compute main beforehand, as for vanilla below. The page
   server's log line for the base backup splits this into "base backup" (from
   the launch, so zctl's own start-up of about 0.3 s included, until the page
   server has sent its last byte) and "rest" (unpacking the tail, Postgres
@@ -23,6 +26,10 @@ from). Then RUNS times, alternating:
   pg_ctl start -w, has answered. A CHECKPOINT on the primary beforehand keeps
   the backup's checkpoint cheap, as it would be on a primary at rest.
 
+Before the runs, the bench waits until the page server's background image
+layer covers the load (reported as "image layer N s later"), as it would
+have long before on a server that has been up a while.
+
 The first query is `SELECT sum(bbalance) FROM pgbench_branches`; after each
 run, untimed, both copies must agree on count(*) and sum(abalance) of
 pgbench_accounts. Prints every run, the medians and the ratio ours / vanilla
@@ -32,6 +39,7 @@ pgbench_accounts. Prints every run, the medians and the ratio ours / vanilla
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -86,6 +94,7 @@ def run_ours(br: BenchRepo, i: int) -> tuple[float, float | None, object]:
     port = free_port()
     br.zctl("branch", "create", name, "--parent", "main")
     br.zctl("pg", "create", name, "--branch", name, "--port", str(port))
+    br.primary.execute("CHECKPOINT")  # as before the vanilla run: both start with the primary at rest
     offset = br.pageserver_log_size()
     wall0, t0 = time.time(), time.perf_counter()
     br.zctl("pg", "start", name, timeout=7200)
@@ -94,6 +103,7 @@ def run_ours(br: BenchRepo, i: int) -> tuple[float, float | None, object]:
     end = basebackup_end(br, offset)
     checked = check(port)
     br.zctl("pg", "stop", name)
+    shutil.rmtree(br.repo / "computes" / name / "pgdata")  # as vanilla's copy: each run writes into freed memory
     return total, (end - wall0 if end is not None else None), (answer, checked)
 
 
@@ -117,6 +127,7 @@ def run_vanilla(br: BenchRepo, workdir: Path, i: int, sync: bool) -> tuple[float
         checked = check(copy.port)
     finally:
         copy.stop(mode="immediate")
+        shutil.rmtree(datadir.parent, ignore_errors=True)
     return total, t_backup, (answer, checked)
 
 
@@ -141,10 +152,15 @@ def main() -> int:
     runs: list[Run] = []
     try:
         for i in range(args.runs):
-            log(f"run {i + 1}/{args.runs}: zctl pg start on a new branch")
-            ours, ours_bb, ours_answer = run_ours(br, i)
-            log(f"run {i + 1}/{args.runs}: pg_basebackup + boot ({ours:.1f} s for ours)")
-            vanilla, vanilla_bb, vanilla_answer = run_vanilla(br, workdir, i, args.sync)
+            if i % 2 == 0:
+                log(f"run {i + 1}/{args.runs}: zctl pg start on a new branch, then pg_basebackup + boot")
+                ours, ours_bb, ours_answer = run_ours(br, i)
+                vanilla, vanilla_bb, vanilla_answer = run_vanilla(br, workdir, i, args.sync)
+            else:
+                log(f"run {i + 1}/{args.runs}: pg_basebackup + boot, then zctl pg start on a new branch")
+                vanilla, vanilla_bb, vanilla_answer = run_vanilla(br, workdir, i, args.sync)
+                ours, ours_bb, ours_answer = run_ours(br, i)
+            log(f"run {i + 1}/{args.runs}: ours {ours:.2f} s, vanilla {vanilla:.2f} s")
             if ours_answer != vanilla_answer:
                 raise RuntimeError(f"the copies disagree: ours {ours_answer}, vanilla {vanilla_answer}")
             runs.append(Run(ours, ours_bb, vanilla, vanilla_bb))

@@ -236,15 +236,26 @@ def test_orphans_and_cancelled_layers_leave_nothing(history: History, pair: tupl
 
 
 def test_background_maker_writes_a_layer_when_due(history: History, pair: tuple[Repository, Repository]) -> None:
-    ours, _ = pair
-    tl = _main(ours)
-    maker = ImageLayerMaker(ours, interval=3600, min_changes=100)
-    changes, pages = ours.changes_since_layer(tl, lambda pages: 10**9)
+    busy, quiet = pair
+    changes, pages = busy.changes_since_layer(_main(busy), lambda pages: 10**9)
     assert pages == 0 and changes > 4 * 100  # the whole import and the WAL after it
-    assert maker.run_once() == [tl]  # far past the threshold: no need to wait for quiet
-    assert [la.lsn for la in ours.image_layers(tl)] == [tl.last_record_lsn]
-    changes, pages = ours.changes_since_layer(tl, lambda pages: 10**9)
+    # Far past the threshold: written at the first look, without waiting for ingest to go quiet.
+    maker = ImageLayerMaker(busy, interval=3600, min_changes=100)
+    assert maker.run_once() == [_main(busy)]
+    assert [la.lsn for la in busy.image_layers(_main(busy))] == [_main(busy).last_record_lsn]
+    changes, pages = busy.changes_since_layer(_main(busy), lambda pages: 10**9)
     assert changes == 0 and pages > 0
     assert maker.run_once() == []  # nothing changed since
+    # Past the threshold but not four times: only once the timeline was seen quiet (same LSN twice).
+    maker = ImageLayerMaker(quiet, interval=3600, min_changes=changes_at_start(quiet) // 2)
+    assert maker.run_once() == []
+    assert maker.run_once() == [_main(quiet)]
+
+
+def changes_at_start(repo: Repository) -> int:
+    return repo.changes_since_layer(_main(repo), lambda pages: 10**9)[0]
+
+
+def test_lz4_stream_refuses_other_bytes() -> None:
     with pytest.raises(Lz4StreamError):
         Lz4FrameStream().feed(b"not lz4 at all")

@@ -3,9 +3,11 @@
 Every `interval` seconds each timeline is asked how many page versions a base
 backup at its last LSN would read beyond the newest image layer in reach. When
 that reaches `min_changes` and a tenth of that layer's pages, a new layer is
-written: at once if ingest has gone quiet since the last look, otherwise once
-the backlog is four times the threshold (a busy timeline still gets layers).
-A timeline whose layer failed is left alone until it ingests more WAL.
+written: at once if ingest has gone quiet since the last look; on a busy
+timeline, once the backlog is four times the threshold and at most every
+BUSY_SPACING passes (it still gets layers, without rewriting one while the
+last is barely written). A timeline whose layer failed is left alone until
+it ingests more WAL.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ log = logging.getLogger(__name__)
 DEFAULT_INTERVAL: Final = 10.0
 DEFAULT_MIN_CHANGES: Final = 1000
 BUSY_FACTOR: Final = 4
+BUSY_SPACING: Final = 6
 
 
 class ImageLayerMaker:
@@ -33,6 +36,8 @@ class ImageLayerMaker:
         self.min_changes = min_changes
         self._seen: dict[int, int] = {}  # timeline id -> last record LSN at the previous pass
         self._failed_at: dict[int, int] = {}  # timeline id -> last record LSN when its layer failed
+        self._passes = 0
+        self._made_at: dict[int, int] = {}  # timeline id -> pass that last wrote its layer
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -55,6 +60,7 @@ class ImageLayerMaker:
     def run_once(self) -> list[Timeline]:
         """Write a layer for every timeline that is due; return them."""
         made = []
+        self._passes += 1
         for tenant in self.repo.list_tenants():
             for tl in self.repo.list_timelines(tenant):
                 if self._stop.is_set():
@@ -64,6 +70,7 @@ class ImageLayerMaker:
                     try:
                         self.repo.create_image_layer(tl, lsn, cancel=self._stop)
                         made.append(tl)
+                        self._made_at[tl.id] = self._passes
                     except LayerCancelledError:
                         return made
                     except (RepositoryError, ValueError) as e:  # redo and format errors are ValueErrors
@@ -79,7 +86,12 @@ class ImageLayerMaker:
             return False
         changes, layer_pages = self.repo.changes_since_layer(tl, lambda pages: BUSY_FACTOR * self._threshold(pages))
         threshold = self._threshold(layer_pages)
-        return changes >= threshold and (quiet or changes >= BUSY_FACTOR * threshold)
+        if changes < threshold:
+            return False
+        if quiet:
+            return True
+        spaced = self._passes - self._made_at.get(tl.id, -BUSY_SPACING) >= BUSY_SPACING
+        return changes >= BUSY_FACTOR * threshold and spaced
 
     def _threshold(self, layer_pages: int) -> int:
         return max(self.min_changes, layer_pages // 10)
