@@ -169,7 +169,8 @@ def main() -> int:
         br.close(keep=args.keep)
 
     print(f"compute start: pgbench scale {args.scale}, database {br.db_bytes / MB:.0f} MB, data loaded by "
-          f"{args.load!r} in {br.load_seconds:.1f} s, image layer {br.layer_seconds:.1f} s later (page server files "
+          f"{args.load!r} in {br.load_seconds:.1f} s, image layer {br.layer_seconds:.1f} s later"
+          f"{' (asked for)' if br.layer_forced else ''} (page server files "
           f"{repo_mb:.0f} MB); "
           f"pg_basebackup {'with' if args.sync else 'without'} fsync; 2 cores shared with other work")
     print()

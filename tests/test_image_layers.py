@@ -259,3 +259,17 @@ def changes_at_start(repo: Repository) -> int:
 def test_lz4_stream_refuses_other_bytes() -> None:
     with pytest.raises(Lz4StreamError):
         Lz4FrameStream().feed(b"not lz4 at all")
+
+
+def test_gc_past_a_layer_removes_it(history: History, pair: tuple[Repository, Repository]) -> None:
+    """A layer below the GC cutoff is neither used nor kept (GC rewrites the history its readers
+    check); base backups at and above the cutoff stay as they were."""
+    ours, reference = pair
+    tl = _main(ours)
+    layer = ours.create_image_layer(tl, write_basebackup(ours, tl, history.layer_lsn, io.BytesIO()).lsn)
+    ours.gc(tl, history.after)
+    assert ours.image_layers(tl) == [] and not layer.path.exists()
+    last = tl.last_record_lsn
+    _assert_same(_members(ours, tl, last, lz4=True), _members(reference, _main(reference), last))
+    ours.create_image_layer(tl)  # and a new one above the cutoff serves again
+    _assert_same(_members(ours, tl, last, lz4=True), _members(reference, _main(reference), last))

@@ -48,6 +48,7 @@ EXPECTED_SERVICES: dict[tuple[ModuleType, str], dict[str, tuple[bool, bool]]] = 
         "GetTimeline": UNARY,
         "FindLsnByTimestamp": UNARY,
         "Gc": UNARY,
+        "CreateImageLayer": UNARY,
         "Import": CLIENT_STREAM,
         "Ingest": BIDI,
     },
@@ -146,6 +147,7 @@ def example_requests() -> list[Message]:
         pageserver_pb2.GetTimelineRequest(tenant=TENANT, timeline=TIMELINE),
         pageserver_pb2.FindLsnByTimestampRequest(tenant=TENANT, timeline=TIMELINE, timestamp_us=817_000_000_000_000),
         pageserver_pb2.GcRequest(tenant=TENANT, timeline=TIMELINE, keep_bytes=64 << 20),
+        pageserver_pb2.CreateImageLayerRequest(tenant=TENANT, timeline=TIMELINE),
         pageserver_pb2.ImportRequest(
             begin=pageserver_pb2.ImportBegin(
                 tenant=TENANT,

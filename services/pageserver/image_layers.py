@@ -46,8 +46,9 @@ class ImageLayerError(Exception):
 
 
 def compress_frame(pages: bytes) -> bytes:
-    """One LZ4 frame of whole pages (fastest level: the layer is written once, read at every compute start)."""
-    return lz4.frame.compress(pages, compression_level=0, store_size=True, content_checksum=False)
+    """One LZ4 frame (fastest level: a layer is written once, read at every compute start), with a
+    content checksum: a damaged layer fails to decompress, here or at the client it travels to."""
+    return lz4.frame.compress(pages, compression_level=0, store_size=True, content_checksum=True)
 
 
 def decompress_pages(frame: bytes, npages: int) -> bytes:

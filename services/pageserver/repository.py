@@ -856,9 +856,12 @@ class Repository:
         below the LSN read there."""
         conn = self._conn()
         for i, (t, upto) in enumerate(lineage):
+            # Not below the GC cutoff: GC rewrites the history a layer's readers rely on there (the
+            # relation sizes that tell a truncation after the layer); GC removes such layers.
             row = conn.execute(
                 "SELECT id, tl, lsn, file, checksums, nbytes FROM image_layers WHERE tl = ? AND lsn <= ?"
-                " AND checksums = ? ORDER BY lsn DESC LIMIT 1", (t.id, upto, int(checksums))).fetchone()
+                " AND lsn >= ? AND checksums = ? ORDER BY lsn DESC LIMIT 1",
+                (t.id, upto, t.gc_cutoff_lsn, int(checksums))).fetchone()
             if row is not None:
                 return i, self._layer_from_row(row)
         return None
@@ -1033,9 +1036,7 @@ class Repository:
                                      [(layer_id, rel.encode(), c.first_blk, c.npages, c.offset, c.length)
                                       for rel, c in writer.chunks])
                     older = [la for la in self.image_layers(tl) if la.id != layer_id]
-                    for la in older:
-                        conn.execute("DELETE FROM image_layer_chunks WHERE layer = ?", (la.id,))
-                        conn.execute("DELETE FROM image_layers WHERE id = ?", (la.id,))
+                    self._drop_layers(conn, older)
                 for la in older:  # base backups that hold it open read on; the name goes now
                     la.path.unlink(missing_ok=True)
         layer = ImageLayer(layer_id, tl.id, lsn, writer.path, checksums, writer.nbytes)
@@ -1043,6 +1044,12 @@ class Repository:
             "timeline": tl.timeline, "lsn": format_lsn(lsn), "chunks": len(writer.chunks), "bytes": writer.nbytes,
             "replaced": len(older), "seconds": round(time.monotonic() - started, 2)})
         return layer
+
+    def _drop_layers(self, conn: sqlite3.Connection, layers: Sequence[ImageLayer]) -> None:
+        """Their index rows (the caller holds the layers lock, then unlinks the files after COMMIT)."""
+        for la in layers:
+            conn.execute("DELETE FROM image_layer_chunks WHERE layer = ?", (la.id,))
+            conn.execute("DELETE FROM image_layers WHERE id = ?", (la.id,))
 
     def _remove_orphan_layer_files(self) -> None:
         """Files of layers whose index never committed (a crash while writing one)."""
@@ -1115,6 +1122,12 @@ class Repository:
                 branch_points = sorted({c.ancestor_lsn for c in self._timelines.values()
                                         if c.ancestor_id == tl.id and c.ancestor_lsn < cutoff}, reverse=True)
             result = GcResult(tl.timeline, previous, cutoff, retained_lsns=sorted(branch_points))
+            with self._layers_lock:
+                stale = [la for la in self.image_layers(tl) if la.lsn < cutoff]
+                with self._write() as conn:
+                    self._drop_layers(conn, stale)
+            for la in stale:
+                la.path.unlink(missing_ok=True)
             if cutoff > 0:
                 kept_records = self._gc_keys(tl, cutoff, branch_points, result)
                 self._gc_sizes(tl, cutoff, branch_points, result)
