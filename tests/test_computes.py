@@ -148,7 +148,10 @@ def test_diverging_pgbench_and_restart_after_kill(cluster: Cluster) -> None:
     def run_pgbench(compute: str) -> None:
         p = cluster.computes()[compute]["port"]
         subprocess.run(["runuser", "-u", "postgres", "--", str(pg_bindir() / "pgbench"), "-h", "127.0.0.1",
-                        "-p", str(p), "-U", "postgres", "-c", "2", "-t", "150", "-n", "postgres"],
+                        "-p", str(p), "-U", "postgres", "-c", "2", "-t", "150", "-n",
+                        # Distinct seeds: pgbench's default seed comes from the current time, which two
+                        # runs launched together can share (same updates, same sums: no divergence to see).
+                        f"--random-seed={1 if compute == 'main' else 2}", "postgres"],
                        check=True, capture_output=True)
 
     threads = [threading.Thread(target=run_pgbench, args=(c,)) for c in ("main", "bench")]
