@@ -726,13 +726,9 @@ class Repository:
                 found.setdefault(bytes(key), None if k == KIND_DELETED else bytes(data))
         return {k: v for k, v in found.items() if v is not None}
 
-    def get_page(self, tl: Timeline, key: bytes, lsn: int, wait: bool = True, timeout: float = 30.0,
-                 rebuilt: list[tuple[int, bytes, int, bytes]] | None = None) -> tuple[bytes, int]:
-        """The page `key` as of `lsn`: (8192 bytes, its pd_lsn; for SLRU pages the LSN of its last change).
-
-        With `rebuilt`, a page made by redo is also appended there as (timeline id, key, LSN, image),
-        for the caller to store as an image in one transaction with others.
-        """
+    def get_page(self, tl: Timeline, key: bytes, lsn: int, wait: bool = True,
+                 timeout: float = 30.0) -> tuple[bytes, int]:
+        """The page `key` as of `lsn`: (8192 bytes, its pd_lsn; for SLRU pages the LSN of its last change)."""
         if wait:
             self.wait_for_lsn(tl, lsn, timeout)
         conn = self._conn()
@@ -744,9 +740,7 @@ class Repository:
             return self._missing_page(tl, key, lsn), 0
         records = self._chain_records(conn, chain)
         page = self.redo.redo(key, chain.base, records)
-        if rebuilt is not None:
-            rebuilt.append((chain.records[0][0], key, chain.records[0][1], page))
-        elif len(records) > MATERIALIZE_AFTER:
+        if len(records) > MATERIALIZE_AFTER:
             self._materialize(chain.records[0][0], key, chain.records[0][1], page)
         # pd_lsn, as Postgres sets it (a record need not bump it: heap_xlog_visible leaves the heap page's
         # LSN alone without checksums); SLRU pages have none: the last record applied.
@@ -826,11 +820,9 @@ class Repository:
         try:
             view = BackupView(tl, lsn, checksums, lineage, reader)
             if found is not None:
-                k, layer = found
+                layer = found[1]
                 conn = self._conn()
-                # Changes on the timelines nearer than the layer's, and on its own after the layer.
-                for i, (t, upto) in enumerate(lineage[:k + 1]):
-                    after = layer.lsn if i == k else -1
+                for t, after, upto in _beyond_layer(lineage, found):
                     for (key,) in conn.execute(
                             "SELECT DISTINCT key FROM page_versions WHERE tl = ? AND lsn > ? AND lsn <= ?",
                             (t.id, after, upto)):
@@ -901,22 +893,26 @@ class Repository:
                   changed: set[int]) -> bytes:
         conn = self._conn()
         pages: list[bytes | None] = [None] * n
+
+        def layer_page(blk: int) -> bytes:
+            off = (blk - first) * BLCKSZ
+            return layer_pages[off:off + BLCKSZ]
+
         wanted: list[int] = []
         for blk in range(first, first + n):
             if blk < covered and blk not in changed:
-                off = (blk - first) * BLCKSZ
-                pages[blk - first] = layer_pages[off:off + BLCKSZ]
+                pages[blk - first] = layer_page(blk)
             else:
                 wanted.append(blk)
         if wanted:
             # One range scan per timeline finds each wanted key's newest version; most are images.
-            newest: dict[bytes, tuple[int, int, bytes | None]] = {}
+            newest: dict[bytes, tuple[int, int, int, bytes | None]] = {}  # key -> (tl id, lsn, kind, data)
             for t, upto in view.lineage:
                 for key, vlsn, kind, data in conn.execute(
                     "SELECT key, lsn, kind, data FROM page_versions WHERE tl = ? AND key >= ? AND key < ? AND lsn <= ?"
                     " ORDER BY key, lsn DESC, kind", (t.id, rel.page_key(wanted[0]), rel.page_key(wanted[-1] + 1), upto),
                 ):
-                    newest.setdefault(key, (t.id, vlsn, kind if kind != KIND_IMAGE else -1, data))  # type: ignore[arg-type]
+                    newest.setdefault(key, (t.id, vlsn, kind, data))
                 if view.floor is not None and t.id == view.floor[0]:
                     break  # beyond the layer's timeline only blocks it does not hold are read, below
             jobs: list[RedoJob] = []
@@ -925,20 +921,15 @@ class Repository:
                 key = rel.page_key(blk)
                 floor = view.floor if blk < covered else None
                 hit = newest.get(key)
-                if hit is not None and hit[2] == -1 and not (floor and hit[0] == floor[0] and hit[1] <= floor[1]):
-                    pages[blk - first] = bytes(hit[3])  # type: ignore[arg-type]
+                if (hit is not None and hit[2] == KIND_IMAGE and hit[3] is not None
+                        and not (floor and hit[0] == floor[0] and hit[1] <= floor[1])):
+                    pages[blk - first] = bytes(hit[3])
                     continue
                 chain = self._chain(conn, view.lineage, key, floor)
-                if chain.from_layer and not chain.records:
-                    off = (blk - first) * BLCKSZ
-                    pages[blk - first] = layer_pages[off:off + BLCKSZ]
-                elif not chain.records:
-                    pages[blk - first] = chain.base if chain.base is not None else ZERO_PAGE
+                base = layer_page(blk) if chain.from_layer else chain.base
+                if not chain.records:
+                    pages[blk - first] = base if base is not None else ZERO_PAGE
                 else:
-                    base = chain.base
-                    if chain.from_layer:
-                        off = (blk - first) * BLCKSZ
-                        base = layer_pages[off:off + BLCKSZ]
                     jobs.append((key, base, self._chain_records(conn, chain)))
                     job_blocks.append((blk, chain))
             if jobs:
@@ -972,14 +963,12 @@ class Repository:
         up to limit(pages in that layer); pages in that layer, 0 without one)."""
         lineage = list(self._lineage(tl, tl.last_record_lsn))
         found = self._layer_in_reach(lineage, self._checksums_at(tl, tl.last_record_lsn))
-        k, layer = found if found is not None else (len(lineage) - 1, None)
         conn = self._conn()
-        pages = 0 if layer is None else int(conn.execute(
-            "SELECT coalesce(sum(npages), 0) FROM image_layer_chunks WHERE layer = ?", (layer.id,)).fetchone()[0])
+        pages = 0 if found is None else int(conn.execute(
+            "SELECT coalesce(sum(npages), 0) FROM image_layer_chunks WHERE layer = ?", (found[1].id,)).fetchone()[0])
         cap = limit(pages)
         count = 0
-        for i, (t, upto) in enumerate(lineage[:k + 1]):
-            after = layer.lsn if layer is not None and i == k else -1
+        for t, after, upto in _beyond_layer(lineage, found):
             count += conn.execute(
                 "SELECT count(*) FROM (SELECT 1 FROM page_versions WHERE tl = ? AND lsn > ? AND lsn <= ? LIMIT ?)",
                 (t.id, after, upto, cap - count)).fetchone()[0]
@@ -1270,6 +1259,17 @@ def _migrate(conn: sqlite3.Connection) -> None:
     if "gc_cutoff_lsn" not in columns:
         conn.execute("ALTER TABLE timelines ADD COLUMN gc_cutoff_lsn INTEGER NOT NULL DEFAULT 0")
         log.info("repository schema: added timelines.gc_cutoff_lsn")
+
+
+def _beyond_layer(lineage: Sequence[tuple[Timeline, int]],
+                  found: tuple[int, ImageLayer] | None) -> list[tuple[Timeline, int, int]]:
+    """(timeline, after, upto): the LSN ranges whose page versions a read over the layer in reach must
+    still look at: all of every timeline nearer than the layer's, and the layer's own after the layer
+    (without a layer, the whole lineage)."""
+    if found is None:
+        return [(t, -1, upto) for t, upto in lineage]
+    k, layer = found
+    return [(t, layer.lsn if i == k else -1, upto) for i, (t, upto) in enumerate(lineage[:k + 1])]
 
 
 def _describe(tl: Timeline) -> str:
