@@ -25,7 +25,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Final
+from typing import Final, TypeVar
 
 from .constants import BLCKSZ
 from .errors import FormatError
@@ -92,16 +92,24 @@ def header_size(version: int) -> int:
     return 24 if version == 3 else 16
 
 
+_Tag = TypeVar("_Tag", bound=IntEnum)
+
+
+def _first_tag(data: bytes, tags: type[_Tag], what: str) -> _Tag:
+    """The message's first byte as a tag of `tags`; PagestreamError when empty or unknown."""
+    if not data:
+        raise PagestreamError(f"empty pagestream {what}")
+    try:
+        return tags(data[0])
+    except ValueError:
+        raise PagestreamError(f"unknown pagestream {what} tag {data[0]}") from None
+
+
 def parse_request(data: bytes, version: int) -> PagestreamRequest:
     """Decode one request (the CopyData payload) of protocol `version` 2 or 3."""
     if version not in (2, 3):
         raise ValueError(f"unknown pagestream version {version}")
-    if not data:
-        raise PagestreamError("empty pagestream request")
-    try:
-        tag = RequestTag(data[0])
-    except ValueError:
-        raise PagestreamError(f"unknown pagestream request tag {data[0]}") from None
+    tag = _first_tag(data, RequestTag, "request")
     hsize = header_size(version)
     expected = 1 + hsize + _BODY_SIZE[tag]
     if len(data) != expected:
@@ -195,12 +203,7 @@ class PagestreamResponse:
 
 def parse_response(data: bytes, version: int, request_tag: RequestTag | None = None) -> PagestreamResponse:
     """Decode a response; v3 needs the request's tag to know how much is echoed (errors echo 24 bytes)."""
-    if not data:
-        raise PagestreamError("empty pagestream response")
-    try:
-        tag = ResponseTag(data[0])
-    except ValueError:
-        raise PagestreamError(f"unknown pagestream response tag {data[0]}") from None
+    tag = _first_tag(data, ResponseTag, "response")
     pos = 1
     if version == 3:
         if tag == ResponseTag.ERROR:
