@@ -24,12 +24,21 @@ One run, one WAL stream, three replays:
 Prints records/s for each (best of --repeat runs) and our/Postgres ratios.
 Records/s counts WAL records of the stream (the standby replays the same
 records).
+
+    .venv/bin/python bench/redo.py --profile [--scale 5] [--transactions 1000]
+
+makes the same WAL and, instead of the comparison, profiles the in-process
+replay: seconds per record type (decode + redo of each record, timed one by
+one) and cProfile's top functions by own time.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import os
+import pstats
 import re
 import subprocess
 import sys
@@ -43,6 +52,7 @@ import grpc
 import psycopg
 
 from pgformat.lsn import format_lsn, parse_lsn
+from pgformat.rmgr import record_type_name, rmgr_name
 from pgformat.xlogreader import RawRecord, iter_segment_records
 from pgformat.xlogrecord import decode_record
 from pgredo.engine import BufferTag, apply_block, apply_record, implied_tags
@@ -236,6 +246,54 @@ def replay_through_pool(
         proc.wait(30)
 
 
+def profile_in_process(wal: Wal, top: int = 30) -> None:
+    """Print where the in-process replay spends its time: per record type, then per function."""
+    per_type: dict[str, list[float]] = {}  # type -> [records, seconds, block applications]
+    pages: dict[BufferTag, bytearray] = {}
+    clock = time.perf_counter
+    t_all = clock()
+    for raw in wal.records:
+        t0 = clock()
+        rec = decode_record(raw.data, raw.lsn, raw.end_lsn, verify_crc=True)
+        for tag in implied_tags(rec):
+            page = pages.get(tag)
+            if page is not None:
+                pages[tag] = apply_record(tag, page, rec)
+        nblocks = 0
+        for block in rec.blocks:
+            tag = BufferTag(block.rnode, block.forknum, block.blkno)
+            base = pages.get(tag)
+            if base is None and not block.will_init and not block.apply_image:
+                continue
+            nblocks += 1
+            try:
+                pages[tag] = apply_block(block, base, rec)
+            except RedoError:
+                pages.pop(tag, None)
+        name = f"{rmgr_name(rec.rmid)}/{record_type_name(rec.rmid, rec.info)}"
+        if any(b.apply_image for b in rec.blocks):
+            name += " +FPI"
+        entry = per_type.setdefault(name, [0, 0.0, 0])
+        entry[0] += 1
+        entry[1] += clock() - t0
+        entry[2] += nblocks
+    total = clock() - t_all
+    print(f"per record type (decode with CRC + redo of every block; timed one by one, total {total:.2f} s)")
+    print(f"{'record type':40} {'records':>8} {'blocks':>8} {'seconds':>8} {'share':>6} {'us/record':>10}")
+    for name, (count, secs, nblocks) in sorted(per_type.items(), key=lambda kv: -kv[1][1]):
+        print(f"{name:40} {int(count):8d} {int(nblocks):8d} {secs:8.3f} {100 * secs / total:5.1f}% "
+              f"{1e6 * secs / count:10.1f}")
+    prof = cProfile.Profile()
+    prof.enable()
+    replay_in_process(wal)
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    print("\ncProfile of replay_in_process, by own time")
+    print("\n".join(line for line in out.getvalue().splitlines() if line.strip()
+                    and not line.startswith(("   Ordered by", "   List reduced"))))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", type=int, default=5)
@@ -243,10 +301,16 @@ def main() -> None:
     ap.add_argument("--workers", default=str(os.cpu_count() or 1),
                     help="pool sizes to measure, comma-separated (default: CPUs)")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each replay; the best is reported")
+    ap.add_argument("--profile", action="store_true", help="profile the in-process replay instead of comparing")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="zenith-bench-", dir="/tmp") as tmp:
         workdir = make_pg_owned_dir(Path(tmp))
         wal = make_wal(args.scale, args.transactions, workdir)
+        if args.profile:
+            print(f"WAL: {len(wal.records)} records, {sum(len(r.data) for r in wal.records) / 1e6:.1f} MB "
+                  f"(pgbench -i -s {args.scale}, 4 clients x {args.transactions} transactions)")
+            profile_in_process(wal)
+            return
         n = len(wal.records)
         mb = sum(len(r.data) for r in wal.records) / 1e6
         standby_runs = [time_standby(wal, workdir) for _ in range(args.repeat)]
