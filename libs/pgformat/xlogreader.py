@@ -89,6 +89,20 @@ def parse_page_header(buf: bytes | memoryview, offset: int = 0, lsn: int = 0) ->
     return WalPageHeader(magic, info, tli, pageaddr, rem_len)
 
 
+def next_record_starts(end_lsn: int) -> tuple[int, ...]:
+    """Where the record after one ending at `end_lsn` (its EndRecPtr) can start.
+
+    Records follow each other MAXALIGNed in the page; a record that ends on a
+    page boundary (or an XLOG_SWITCH, whose end is its segment's end) is
+    followed by a page header: short, or long on a segment's first page
+    (xlogreader.c XLogDecodeNextRecord). Without the segment size both
+    header sizes are possible there.
+    """
+    if end_lsn % XLOG_BLCKSZ:
+        return (end_lsn,)
+    return (end_lsn + SIZE_OF_XLOG_SHORT_PHD, end_lsn + SIZE_OF_XLOG_LONG_PHD)
+
+
 @dataclass(slots=True)
 class RawRecord:
     """A complete, CRC-checked record: its bytes and where it starts and ends.
