@@ -169,6 +169,15 @@ def test_errors_map_to_status_codes(primary, tmp_path: Path, pg_base_dir: Path) 
                                                                     records=[good, proto])])))
         info = ps.stub.GetTimeline(pageserver_pb2.GetTimelineRequest(tenant=tenant, timeline=tl))
         assert info.last_record_lsn == summary.start_lsn
+        # WAL that does not continue the timeline (a record skipped: a gap) is refused, nothing stored.
+        after = [r for r in iter_file_records([primary.waldir]) if r.lsn >= summary.start_lsn][:3]
+        with pytest.raises(grpc.RpcError) as ei:
+            list(ps.stub.Ingest(iter([pageserver_pb2.IngestRequest(
+                tenant=tenant, timeline=tl, batch_seq=1, records=[record_proto(after[0]), record_proto(after[2])])])))
+        assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "gap" in (ei.value.details() or "")
+        info = ps.stub.GetTimeline(pageserver_pb2.GetTimelineRequest(tenant=tenant, timeline=tl))
+        assert info.last_record_lsn == summary.start_lsn
         assert len(get_page(ps.stub, TIMELINE, rel, 0)) == BLCKSZ
     finally:
         ps.close()

@@ -49,6 +49,8 @@ EXPECTED_SERVICES: dict[tuple[ModuleType, str], dict[str, tuple[bool, bool]]] = 
         "FindLsnByTimestamp": UNARY,
         "Gc": UNARY,
         "CreateImageLayer": UNARY,
+        "ClaimTimeline": UNARY,
+        "ReleaseTimeline": UNARY,
         "Import": CLIENT_STREAM,
         "Ingest": BIDI,
     },
@@ -148,6 +150,9 @@ def example_requests() -> list[Message]:
         pageserver_pb2.FindLsnByTimestampRequest(tenant=TENANT, timeline=TIMELINE, timestamp_us=817_000_000_000_000),
         pageserver_pb2.GcRequest(tenant=TENANT, timeline=TIMELINE, keep_bytes=64 << 20),
         pageserver_pb2.CreateImageLayerRequest(tenant=TENANT, timeline=TIMELINE),
+        pageserver_pb2.ClaimTimelineRequest(tenant=TENANT, timeline=TIMELINE, kind=pageserver_pb2.WRITER_KIND_COMPUTE,
+                                            name="main", takeover=True),
+        pageserver_pb2.ReleaseTimelineRequest(tenant=TENANT, timeline=TIMELINE, epoch=3),
         pageserver_pb2.ImportRequest(
             begin=pageserver_pb2.ImportBegin(
                 tenant=TENANT,

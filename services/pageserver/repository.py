@@ -48,6 +48,8 @@ from pgformat.constants import BLCKSZ, FSM_FORKNUM
 from pgformat.controlfile import parse_checkpoint, parse_control_file
 from pgformat.errors import FormatError
 from pgformat.lsn import format_lsn
+from pgformat.rmgr import RM_XLOG_ID, XLOG_OVERWRITE_CONTRECORD
+from pgformat.xlogreader import next_record_starts
 from pgformat.xlogrecord import DecodedRecord, decode_record
 from pgredo.errors import RedoError
 
@@ -85,6 +87,12 @@ DEFAULT_TENANT: Final = "00000000000000000000000000000000"
 MAX_LSN: Final = (1 << 63) - 1  # SQLite integers are signed 64-bit; no real LSN gets near
 ZERO_PAGE: Final = bytes(BLCKSZ)
 
+# Writer kinds, as pageserver.proto's WriterKind numbers them.
+WRITER_NONE: Final = 0
+WRITER_PRIMARY: Final = 1
+WRITER_COMPUTE: Final = 2
+WRITER_KINDS: Final = {WRITER_PRIMARY: "primary", WRITER_COMPUTE: "compute"}
+
 # Replaying more than this many records for one GetPage stores the result as an image.
 MATERIALIZE_AFTER: Final = 16
 # GC works through a timeline's keys this many per transaction, so ingest waits at most one batch.
@@ -110,6 +118,9 @@ CREATE TABLE IF NOT EXISTS timelines (
     pg_version INTEGER NOT NULL DEFAULT 15,
     created_at REAL NOT NULL,
     gc_cutoff_lsn INTEGER NOT NULL DEFAULT 0,
+    writer_kind INTEGER NOT NULL DEFAULT 0,
+    writer_name TEXT NOT NULL DEFAULT '',
+    writer_epoch INTEGER NOT NULL DEFAULT 0,
     UNIQUE (tenant, timeline)
 );
 CREATE TABLE IF NOT EXISTS wal_records (
@@ -178,6 +189,11 @@ class AlreadyExistsError(RepositoryError):
 
 class InvalidRequestError(RepositoryError):
     """A request that can never succeed as given (INVALID_ARGUMENT / OUT_OF_RANGE)."""
+
+
+class ConflictError(RepositoryError):
+    """The request conflicts with the timeline's state: a WAL gap or fork, or a writer that is not
+    (or no longer) the timeline's writer. Nothing was changed."""
 
 
 class LsnTimeoutError(RepositoryError):
@@ -269,6 +285,10 @@ class Timeline:
     created_at: float
     # Reads below this LSN are refused; the history below it was garbage-collected.
     gc_cutoff_lsn: int = 0
+    # The single writer (WRITER_* kind, who) and its epoch; epoch 0 = never claimed, not fenced.
+    writer_kind: int = 0
+    writer_name: str = ""
+    writer_epoch: int = 0
     # Ingest-side cache of relation sizes at last_record_lsn (None: dropped / unknown).
     rel_size_cache: dict[RelTag, int | None] = field(default_factory=dict, repr=False)
     lsn_changed: threading.Condition = field(default_factory=threading.Condition, repr=False)
@@ -338,7 +358,8 @@ class Repository:
     def _load_timelines(self) -> None:
         rows = self._conn().execute(
             "SELECT id, tenant, timeline, name, ancestor_id, ancestor_lsn, start_lsn, last_record_lsn,"
-            " prev_record_lsn, system_id, pg_version, created_at, gc_cutoff_lsn FROM timelines"
+            " prev_record_lsn, system_id, pg_version, created_at, gc_cutoff_lsn, writer_kind, writer_name,"
+            " writer_epoch FROM timelines"
         ).fetchall()
         for row in rows:
             tl = Timeline(*row)
@@ -396,28 +417,32 @@ class Repository:
                 ancestor_id = None
                 if ancestor is not None:
                     parent = self.timeline(tenant, ancestor)
-                    lsn = parent.last_record_lsn if not ancestor_lsn else ancestor_lsn
-                    if lsn > parent.last_record_lsn:
+                    requested = parent.last_record_lsn if not ancestor_lsn else ancestor_lsn
+                    if requested > parent.last_record_lsn:
                         raise InvalidRequestError(
-                            f"branch point {format_lsn(lsn)} is beyond the last record of the parent "
+                            f"branch point {format_lsn(requested)} is beyond the last record of the parent "
                             f"({format_lsn(parent.last_record_lsn)})"
                         )
-                    if lsn < parent.start_lsn:
+                    if requested < parent.start_lsn:
                         raise InvalidRequestError(
-                            f"branch point {format_lsn(lsn)} is before the parent's start "
+                            f"branch point {format_lsn(requested)} is before the parent's start "
                             f"({format_lsn(parent.start_lsn)})"
                         )
+                    # The one definition of a branch point: the end of the last record at or
+                    # before the requested LSN, where a standby's recovery target would stop.
+                    lsn, prev_record_lsn = self.record_boundary_at(parent, requested)
                     if lsn < parent.gc_cutoff_lsn:
                         # Checked under the write lock GC takes to move the cutoff: no GC can
                         # slip in between and remove what the new branch point needs.
+                        point = format_lsn(lsn) if lsn == requested else \
+                            f"{format_lsn(lsn)} (the end of the last record at or before {format_lsn(requested)})"
                         raise LsnOutOfRangeError(
-                            f"branch point {format_lsn(lsn)} is below the GC cutoff {format_lsn(parent.gc_cutoff_lsn)} "
+                            f"branch point {point} is below the GC cutoff {format_lsn(parent.gc_cutoff_lsn)} "
                             f"of {_describe(parent)}: the history before the cutoff was garbage-collected; "
                             f"branch at {format_lsn(parent.gc_cutoff_lsn)} or later"
                         )
                     ancestor_id, ancestor_lsn = parent.id, lsn
                     start_lsn = lsn
-                    prev_record_lsn = self._prev_record_at(parent, lsn)
                     system_id, pg_version = parent.system_id, parent.pg_version
                 now = time.time()
                 cur = conn.execute(
@@ -433,16 +458,27 @@ class Repository:
             self._by_name[(tenant, timeline)] = tl.id
         return tl
 
-    def _prev_record_at(self, tl: Timeline, lsn: int) -> int:
-        """Start LSN of the record ending at `lsn` (xl_prev of the next record), 0 if unknown."""
+    def record_boundary_at(self, tl: Timeline, lsn: int) -> tuple[int, int]:
+        """(end, start) of the last record of `tl`'s lineage that ends at or before `lsn`.
+
+        The end is where WAL continues after that record (Postgres's EndRecPtr,
+        MAXALIGNed; a page boundary when the record filled its page), the start
+        is the next record's xl_prev. With no such record it is the lineage's
+        start (the import LSN), with the xl_prev stored for it when known.
+        """
+        conn = self._conn()
+        root = tl
         for t, upto in self._lineage(tl, lsn):
-            row = self._conn().execute(
-                "SELECT start_lsn FROM wal_records WHERE tl = ? AND end_lsn <= ? ORDER BY end_lsn DESC LIMIT 1",
+            row = conn.execute(
+                "SELECT end_lsn, start_lsn FROM wal_records WHERE tl = ? AND end_lsn <= ? ORDER BY end_lsn DESC LIMIT 1",
                 (t.id, upto),
             ).fetchone()
             if row:
-                return int(row[0])
-        return tl.prev_record_lsn if lsn == tl.start_lsn else 0
+                return int(row[0]), int(row[1])
+            root = t
+        # Nothing ingested between the root's import LSN and `lsn`.
+        prev = root.prev_record_lsn if root.last_record_lsn == root.start_lsn else 0
+        return root.start_lsn, prev
 
     def timeline(self, tenant: str, timeline: str) -> Timeline:
         tid = self._by_name.get((tenant, timeline))
@@ -478,16 +514,22 @@ class Repository:
 
     # -- ingest -------------------------------------------------------------------
 
-    def ingest(self, tl: Timeline, records: Sequence[DecodedRecord]) -> int:
+    def ingest(self, tl: Timeline, records: Sequence[DecodedRecord], writer_epoch: int = 0) -> int:
         """Store a batch of consecutive records durably; return the new last record LSN.
 
         Records ending at or before what is already stored are skipped, so a
-        walreceiver may resend after a reconnect. Each batch is one SQLite
+        walreceiver may resend after a reconnect. The others must continue the
+        stored WAL: start where the last record ended (after a page header on
+        a page boundary) and link back to it by xl_prev; and a timeline that
+        was ever claimed takes them only from its writer's epoch. Otherwise
+        ConflictError and nothing is stored. Each batch is one SQLite
         transaction: all of it is durable when this returns, or none of it.
         """
         # The write lock spans the commit and the in-memory LSN update, so a second
-        # Ingest stream (a walreceiver reconnecting) never reads a stale position.
+        # Ingest stream (a walreceiver reconnecting) never reads a stale position;
+        # claims take it too, so no batch of a fenced writer lands after the claim.
         with self._write_lock:
+            self.check_writer(tl, writer_epoch)
             with self._write() as conn:
                 last = tl.last_record_lsn
                 prev = tl.prev_record_lsn
@@ -498,6 +540,8 @@ class Repository:
                         raise InvalidRequestError(
                             f"record at {format_lsn(rec.lsn)} overlaps the stored WAL ending at {format_lsn(last)}"
                         )
+                    if last:
+                        _check_continuity(tl, rec, last, prev)
                     self._apply(conn, tl, rec, plan_record(rec))
                     prev, last = rec.lsn, rec.end_lsn
                 if last != tl.last_record_lsn:
@@ -509,6 +553,51 @@ class Repository:
                 tl.last_record_lsn, tl.prev_record_lsn = last, prev
                 tl.lsn_changed.notify_all()
         return last
+
+    # -- the single writer -------------------------------------------------------------
+
+    def check_writer(self, tl: Timeline, writer_epoch: int) -> None:
+        """ConflictError unless WAL of `writer_epoch` may be stored on `tl` now."""
+        if tl.writer_epoch == 0:
+            return  # never claimed: not fenced
+        if tl.writer_kind == WRITER_NONE:
+            raise ConflictError(
+                f"timeline {tl.timeline} has no writer (released at epoch {tl.writer_epoch}); claim it first")
+        if writer_epoch != tl.writer_epoch:
+            raise ConflictError(
+                f"WAL of writer epoch {writer_epoch} refused: timeline {tl.timeline} is written by "
+                f"{describe_writer(tl)}")
+
+    def claim_timeline(self, tl: Timeline, kind: int, name: str, *, takeover: bool = False) -> Timeline:
+        """Make (kind, name) the timeline's only writer with a new epoch; the previous epoch is fenced."""
+        if kind == WRITER_NONE or kind not in WRITER_KINDS or not name:
+            raise InvalidRequestError("a writer needs a kind (primary or compute) and a name")
+        with self._write_lock:
+            held = tl.writer_kind != WRITER_NONE
+            if held and (tl.writer_kind, tl.writer_name) != (kind, name) and not takeover:
+                raise ConflictError(
+                    f"timeline {tl.timeline} is written by {describe_writer(tl)}; "
+                    f"{WRITER_KINDS[kind]} {name!r} cannot write it too")
+            self._set_writer(tl, kind, name, tl.writer_epoch + 1)
+        log.info("timeline %s: writer is now %s", tl.timeline, describe_writer(tl))
+        return tl
+
+    def release_timeline(self, tl: Timeline, epoch: int = 0) -> Timeline:
+        """No writer from now on (the epoch goes up); ConflictError if `epoch` is given and stale."""
+        with self._write_lock:
+            if epoch and epoch != tl.writer_epoch:
+                raise ConflictError(f"cannot release writer epoch {epoch}: timeline {tl.timeline} is written by "
+                                    f"{describe_writer(tl)}")
+            was = describe_writer(tl)
+            self._set_writer(tl, WRITER_NONE, "", tl.writer_epoch + 1)
+        log.info("timeline %s: writer %s released", tl.timeline, was)
+        return tl
+
+    def _set_writer(self, tl: Timeline, kind: int, name: str, epoch: int) -> None:
+        with self._write() as conn:
+            conn.execute("UPDATE timelines SET writer_kind = ?, writer_name = ?, writer_epoch = ? WHERE id = ?",
+                         (kind, name, epoch, tl.id))
+        tl.writer_kind, tl.writer_name, tl.writer_epoch = kind, name, epoch
 
     def _apply(self, conn: sqlite3.Connection, tl: Timeline, rec: DecodedRecord, plan: IngestPlan) -> None:
         lsn = rec.end_lsn
@@ -1078,7 +1167,8 @@ class Repository:
     # -- garbage collection --------------------------------------------------------------
 
     def gc(self, tl: Timeline, horizon_lsn: int) -> GcResult:
-        """Move the GC cutoff of `tl` up to min(horizon, last record LSN) and delete what no read needs.
+        """Move the GC cutoff of `tl` up to min(horizon, last record LSN), snapped back to the end of a
+        record, and delete what no read needs.
 
         Kept: everything above the cutoff; every key's value as of the cutoff
         (written as an image when it was a chain of records); the chain of
@@ -1103,7 +1193,8 @@ class Repository:
             # the children seen here are all the children that will ever read below it.
             with self._write_lock:
                 previous = tl.gc_cutoff_lsn
-                cutoff = max(previous, min(horizon_lsn, tl.last_record_lsn))
+                # A record boundary, as branch points are: a branch at the cutoff stays possible.
+                cutoff = max(previous, self.record_boundary_at(tl, min(horizon_lsn, tl.last_record_lsn))[0])
                 if cutoff != previous:
                     with self._write() as conn:
                         conn.execute("UPDATE timelines SET gc_cutoff_lsn = ? WHERE id = ?", (cutoff, tl.id))
@@ -1256,9 +1347,12 @@ class ImportWriter:
 def _migrate(conn: sqlite3.Connection) -> None:
     """Bring a repository written by an older version up to the current schema."""
     columns = {row[1] for row in conn.execute("PRAGMA table_info(timelines)")}
-    if "gc_cutoff_lsn" not in columns:
-        conn.execute("ALTER TABLE timelines ADD COLUMN gc_cutoff_lsn INTEGER NOT NULL DEFAULT 0")
-        log.info("repository schema: added timelines.gc_cutoff_lsn")
+    added = [("gc_cutoff_lsn", "INTEGER NOT NULL DEFAULT 0"), ("writer_kind", "INTEGER NOT NULL DEFAULT 0"),
+             ("writer_name", "TEXT NOT NULL DEFAULT ''"), ("writer_epoch", "INTEGER NOT NULL DEFAULT 0")]
+    for name, decl in added:
+        if name not in columns:
+            conn.execute(f"ALTER TABLE timelines ADD COLUMN {name} {decl}")
+            log.info("repository schema: added timelines.%s", name)
 
 
 def _beyond_layer(lineage: Sequence[tuple[Timeline, int]],
@@ -1270,6 +1364,31 @@ def _beyond_layer(lineage: Sequence[tuple[Timeline, int]],
         return [(t, -1, upto) for t, upto in lineage]
     k, layer = found
     return [(t, layer.lsn if i == k else -1, upto) for i, (t, upto) in enumerate(lineage[:k + 1])]
+
+
+def _check_continuity(tl: Timeline, rec: DecodedRecord, last: int, prev: int) -> None:
+    """ConflictError unless `rec` continues the WAL that ends at `last` (the record before starts at
+    `prev`, 0 if unknown)."""
+    if rec.rmid == RM_XLOG_ID and rec.info & 0xF0 == XLOG_OVERWRITE_CONTRECORD \
+            and rec.prev in next_record_starts(last) and rec.lsn > rec.prev:
+        # The primary crashed inside the record that started where the stored WAL ends and
+        # overwrote its tail (xlog.c CreateOverwriteContrecordRecord): this record, after the
+        # aborted one's partial bytes, links back to it.
+        return
+    if rec.lsn not in next_record_starts(last):
+        raise ConflictError(
+            f"record at {format_lsn(rec.lsn)} does not continue timeline {tl.timeline}, whose WAL ends at "
+            f"{format_lsn(last)}: a gap in the WAL")
+    if prev and rec.prev != prev:
+        raise ConflictError(
+            f"record at {format_lsn(rec.lsn)} links back to {format_lsn(rec.prev)}, but the last record of "
+            f"timeline {tl.timeline} starts at {format_lsn(prev)}: foreign or diverged WAL")
+
+
+def describe_writer(tl: Timeline) -> str:
+    if tl.writer_kind == WRITER_NONE:
+        return f"no writer (epoch {tl.writer_epoch})"
+    return f"{WRITER_KINDS[tl.writer_kind]} {tl.writer_name!r} (epoch {tl.writer_epoch})"
 
 
 def _describe(tl: Timeline) -> str:

@@ -4,7 +4,8 @@ Every error is a typed exception mapped to one status code here:
 NOT_FOUND (unknown tenant, timeline, relation), INVALID_ARGUMENT (malformed
 request), DEADLINE_EXCEEDED (the request LSN was not ingested in time),
 OUT_OF_RANGE (the request LSN or branch point is below the GC cutoff),
-ALREADY_EXISTS, FAILED_PRECONDITION (redo could not build the page).
+ALREADY_EXISTS, FAILED_PRECONDITION (redo could not build the page; a WAL
+gap or fork, or a writer that does not hold the timeline).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from .keys import CONTROL_FILE_KEY, KeyKind, RelTag, relmap_key, slru_page_key, 
 from .repository import (
     DEFAULT_TENANT,
     AlreadyExistsError,
+    ConflictError,
     InvalidRequestError,
     LsnOutOfRangeError,
     LsnTimeoutError,
@@ -59,6 +61,8 @@ def _status_for(e: Exception) -> grpc.StatusCode:
         return grpc.StatusCode.NOT_FOUND
     if isinstance(e, AlreadyExistsError):
         return grpc.StatusCode.ALREADY_EXISTS
+    if isinstance(e, ConflictError):
+        return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(e, LsnOutOfRangeError):
         return grpc.StatusCode.OUT_OF_RANGE
     if isinstance(e, (InvalidRequestError, FormatError)):
@@ -162,6 +166,8 @@ class PageServerServicer(pageserver_pb2_grpc.PageServerServicer):
             state=pageserver_pb2.TIMELINE_STATE_ACTIVE,
             name=tl.name or "",
             image_layer_lsn=max((la.lsn for la in self.repo.image_layers(tl)), default=0),
+            writer=pageserver_pb2.TimelineWriter(kind=pageserver_pb2.WriterKind.Name(tl.writer_kind), name=tl.writer_name,
+                                               epoch=tl.writer_epoch),
         )
 
     def _get_page(self, tl: Timeline, key: bytes, req_lsn: common_pb2.RequestLsn,
@@ -314,6 +320,21 @@ class PageServerServicer(pageserver_pb2_grpc.PageServerServicer):
 
         return _handle(context, run)
 
+    def ClaimTimeline(self, request: Any, context: grpc.ServicerContext) -> Any:
+        def run() -> Any:
+            tl = self._timeline(request.tenant, request.timeline)
+            return self.timeline_info(self.repo.claim_timeline(tl, request.kind, request.name.strip(),
+                                                               takeover=request.takeover))
+
+        return _handle(context, run)
+
+    def ReleaseTimeline(self, request: Any, context: grpc.ServicerContext) -> Any:
+        def run() -> Any:
+            tl = self._timeline(request.tenant, request.timeline)
+            return self.timeline_info(self.repo.release_timeline(tl, request.epoch))
+
+        return _handle(context, run)
+
     def FindLsnByTimestamp(self, request: Any, context: grpc.ServicerContext) -> Any:
         def run() -> Any:
             lsn, ts = self.repo.find_lsn_by_timestamp(
@@ -418,7 +439,7 @@ class PageServerServicer(pageserver_pb2_grpc.PageServerServicer):
             try:
                 tl = self._timeline(batch.tenant, batch.timeline)
                 records = [_decode_ingest_record(r) for r in batch.records]
-                durable = self.repo.ingest(tl, records)
+                durable = self.repo.ingest(tl, records, batch.writer_epoch)
             except _EXPECTED as e:
                 context.abort(_status_for(e), str(e))
             except Exception as e:
