@@ -43,7 +43,7 @@ from typing import Any, Final, Protocol
 
 import grpc
 import psycopg
-from psycopg import pq
+from psycopg import pq, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgformat.errors import FormatError
@@ -221,6 +221,7 @@ class AttachConfig:
     slot_name: str
     create_slot: bool = False
     start_lsn: int | None = None
+    writer_epoch: int = 0  # the page server's epoch of this writer's claim; 0 = the timeline is not fenced
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,9 @@ class ReceiverOptions:
     backoff_initial: float = 0.1
     backoff_max: float = 5.0
     drain_timeout: float = 5.0  # how long a closing session waits for outstanding acks
+    # Sessions in a row ending with the same error and no progress before the attachment is
+    # reported FAILING (and a warning goes to the primary's log).
+    failing_after: int = 4
 
 
 class State(enum.Enum):
@@ -246,6 +250,7 @@ class State(enum.Enum):
     BACKOFF = "backoff"
     STOPPED = "stopped"
     FAILED = "failed"
+    FAILING = "failing"  # retrying, but the same error keeps ending every session with no progress
 
 
 @dataclass(frozen=True)
@@ -263,6 +268,7 @@ class ReceiverStatus:
     last_error: str
     last_error_time_us: int  # Unix time
     reconnects: int
+    repeated_errors: int = 0  # sessions in a row that ended with last_error and made no progress
 
     @property
     def lag_bytes(self) -> int:
@@ -273,6 +279,8 @@ class ReceiverStatus:
         text = (f"{self.tenant}/{self.timeline} {self.state.value}: received {format_lsn(self.received_lsn)}, "
                 f"durable {format_lsn(self.durable_lsn)}, primary {format_lsn(self.primary_lsn)}, "
                 f"lag {self.lag_bytes} bytes, {self.reconnects} reconnects")
+        if self.repeated_errors > 1:
+            text += f", the same error {self.repeated_errors} times in a row"
         return text + (f"; last error: {self.last_error}" if self.last_error else "")
 
 
@@ -539,9 +547,10 @@ class IngestStream:
     """One Ingest call: batches go out through a queue, acks are read on a thread of their own."""
 
     def __init__(self, stub: pageserver_pb2_grpc.PageServerStub, tenant: str, timeline: str,
-                 durable_lsn: int, on_ack: Callable[[int], None]) -> None:
+                 durable_lsn: int, on_ack: Callable[[int], None], writer_epoch: int = 0) -> None:
         self._tenant = common_pb2.TenantId(id=tenant)
         self._timeline = common_pb2.TimelineId(id=timeline)
+        self._writer_epoch = writer_epoch
         self._queue: queue.SimpleQueue[pageserver_pb2.IngestRequest | None] = queue.SimpleQueue()
         self._on_ack = on_ack
         self._lock = threading.Lock()
@@ -569,7 +578,10 @@ class IngestStream:
             if not self._closing:
                 self.error = PageServerError("the page server ended the Ingest stream")
         except grpc.RpcError as e:
-            if not self._closing or e.code() != grpc.StatusCode.CANCELLED:
+            if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                # Fenced by a newer writer, or WAL that does not continue the timeline: resending cannot help.
+                self.error = FatalError(f"the page server refused the WAL: {e.details()}")
+            elif not self._closing or e.code() != grpc.StatusCode.CANCELLED:
                 self.error = PageServerError(f"Ingest: {e.code().name}: {e.details()}")
         except Exception as e:  # pragma: no cover - defensive
             log.exception("BUG: Ingest ack reader failed")
@@ -588,7 +600,7 @@ class IngestStream:
             seq = self.sent_seq
         self._queue.put(pageserver_pb2.IngestRequest(
             tenant=self._tenant, timeline=self._timeline, batch_seq=seq, records=records,
-            up_to_lsn=up_to_lsn, flush=flush,
+            up_to_lsn=up_to_lsn, flush=flush, writer_epoch=self._writer_epoch,
         ))
 
     def check(self) -> None:
@@ -609,6 +621,20 @@ class IngestStream:
         self._call.cancel()
         self._queue.put(None)
         self._thread.join()
+
+
+def check_writer(info: pageserver_pb2.TimelineInfo, writer_epoch: int) -> None:
+    """FatalError unless an attachment of `writer_epoch` is the timeline's writer (or it was never claimed)."""
+    w = info.writer
+    if w.epoch == 0:
+        return
+    if w.kind == pageserver_pb2.WRITER_KIND_NONE:
+        raise FatalError(f"timeline {info.timeline.id} has no writer (released at epoch {w.epoch}): "
+                         "claim it on the page server before attaching")
+    if writer_epoch != w.epoch:
+        kind = pageserver_pb2.WriterKind.Name(w.kind).removeprefix("WRITER_KIND_").lower()
+        raise FatalError(f"timeline {info.timeline.id} is written by {kind} {w.name!r} (epoch {w.epoch}); "
+                         f"this attachment's writer epoch is {writer_epoch}")
 
 
 # -- one attachment ------------------------------------------------------------------------------
@@ -661,8 +687,71 @@ class WalReceiver:
         with self._lock:
             self._status = replace(self._status, **changes)
 
+    def _set_state(self, state: State) -> None:
+        """A session's progress; a FAILING attachment stays FAILING until WAL gets through again."""
+        with self._lock:
+            if self._status.state is not State.FAILING:
+                self._status = replace(self._status, state=state)
+
+    def _on_durable(self, durable: int) -> None:
+        """The page server acknowledged WAL up to `durable`: progress clears a run of errors."""
+        with self._lock:
+            progress = durable > self._status.durable_lsn
+            self._status = replace(self._status, durable_lsn=durable)
+        if progress:
+            self._recovered()
+
+    def _recovered(self) -> None:
+        """WAL got through, or a session streamed long without an error: not FAILING any more."""
+        with self._lock:
+            st = self._status
+            if not st.repeated_errors:
+                return
+            self._status = replace(st, repeated_errors=0,
+                                   state=State.STREAMING if st.state is State.FAILING else st.state)
+        if st.state is State.FAILING:
+            log.info("timeline %s: streaming again after %d failed sessions", self.config.timeline,
+                     st.repeated_errors)
+
     def _error(self, message: str, state: State) -> None:
         self._update(state=state, last_error=message, last_error_time_us=time.time_ns() // 1000)
+
+    def _session_failed(self, message: str, delay: float) -> None:
+        """A session ended on a retryable error; the same one again and again without progress is FAILING."""
+        with self._lock:
+            st = self._status
+            repeats = st.repeated_errors + 1 if message == st.last_error and st.repeated_errors else 1
+            failing = repeats >= self.options.failing_after
+            self._status = replace(st, state=State.FAILING if failing else State.BACKOFF, last_error=message,
+                                   last_error_time_us=time.time_ns() // 1000, repeated_errors=repeats)
+        if failing and repeats == self.options.failing_after:
+            log.error("timeline %s: failing: the same error %d times in a row with no progress, retrying every "
+                      "%.1f s: %s", self.config.timeline, repeats, self.options.backoff_max, message)
+            self._warn_primary(f"replication is failing ({message}); commits waiting for this synchronous "
+                               "standby do not complete until the cause is fixed")
+        else:
+            log.warning("timeline %s: %s; reconnecting in %.2f s", self.config.timeline, message, delay)
+
+    def _warn_primary(self, message: str) -> None:
+        """Best effort, on a thread of its own: `message` as a WARNING in the primary's server log,
+        where the user of a compute whose commits wait looks first."""
+        text = f"zenith walreceiver for timeline {self.config.timeline}: {message}".replace("$", "")
+        params = conninfo_to_dict(self.config.conninfo)
+        params.pop("replication", None)
+        params["connect_timeout"] = "5"
+        conninfo = make_conninfo("", **params)
+
+        def run() -> None:
+            try:
+                with psycopg.connect(conninfo, autocommit=True) as conn:
+                    conn.execute("SET statement_timeout = '5s'")
+                    conn.execute(sql.SQL("DO $zenith$ BEGIN RAISE WARNING '%', {}; END $zenith$").format(
+                        sql.Literal(text)))
+            except psycopg.Error as e:
+                log.info("timeline %s: could not write the warning into the primary's log: %s",
+                         self.config.timeline, str(e).strip())
+
+        threading.Thread(target=run, name=f"warn-primary-{self.config.timeline[:8]}", daemon=True).start()
 
     def _wake(self) -> None:
         try:
@@ -690,7 +779,7 @@ class WalReceiver:
                 if not first:
                     self._update(reconnects=self.status().reconnects + 1)
                 first = False
-                self._update(state=State.CONNECTING)
+                self._set_state(State.CONNECTING)
                 started = time.monotonic()
                 durable_before = self.status().durable_lsn
                 try:
@@ -700,14 +789,15 @@ class WalReceiver:
                 except FatalError as e:
                     log.error("timeline %s: walreceiver failed: %s", self.config.timeline, e)
                     self._error(str(e), State.FAILED)
+                    self._warn_primary(f"replication stopped ({e}); commits waiting for this synchronous "
+                                       "standby do not complete")
                     return
                 except (WalReceiverError, FormatError) as e:
-                    self._error(str(e), State.BACKOFF)
-                    log.warning("timeline %s: %s; reconnecting in %.2f s", self.config.timeline, e, delay)
+                    self._session_failed(str(e), delay)
                 except Exception as e:
                     log.exception("BUG: unexpected error in the walreceiver session of timeline %s",
                                   self.config.timeline)
-                    self._error(f"internal error: {type(e).__name__}: {e}", State.BACKOFF)
+                    self._session_failed(f"internal error: {type(e).__name__}: {e}", delay)
                 # A session that made progress or lived long resets the backoff.
                 if self.status().durable_lsn > durable_before or time.monotonic() - started > opts.backoff_max * 2:
                     delay = opts.backoff_initial
@@ -730,13 +820,20 @@ class WalReceiver:
         try:
             stub = pageserver_pb2_grpc.PageServerStub(channel)
             info = self._get_timeline(stub)
-            # Stream from where the page server's WAL ends (it holds every record before), or
-            # from the Attach start LSN when that is later (nothing before it is wanted).
-            resume = max(info.last_record_lsn, cfg.start_lsn or 0)
+            check_writer(info, cfg.writer_epoch)
+            # Stream from where the page server's WAL ends: the end of its last record (or the
+            # timeline's branch point or import LSN), a record boundary, and it holds every
+            # record before. Only a timeline with no WAL yet starts at the Attach start LSN.
+            last = info.last_record_lsn
+            if cfg.start_lsn and last and cfg.start_lsn > last:
+                raise FatalError(
+                    f"the attach start LSN {format_lsn(cfg.start_lsn)} is beyond the end of the timeline's WAL "
+                    f"({format_lsn(last)}): streaming from there would leave a gap")
+            resume = last or cfg.start_lsn or 0
             if resume == 0:
                 raise FatalError("the timeline has no WAL position yet (not imported); attach with start_lsn")
             # Flushed, for the primary, is only what the page server made durable.
-            durable = max(info.durable_lsn or info.last_record_lsn, cfg.start_lsn or 0)
+            durable = info.durable_lsn or resume
             self._update(durable_lsn=durable, received_lsn=resume)
             conn = self._connect(self._conninfo, self._stop, opts.connect_timeout)
             try:
@@ -775,14 +872,15 @@ class WalReceiver:
         expect_prev = info.prev_record_lsn if resume == info.last_record_lsn and info.prev_record_lsn else None
 
         def on_ack(durable: int) -> None:
-            self._update(durable_lsn=durable)
+            self._on_durable(durable)
             self._wake()
 
-        ingest = IngestStream(stub, cfg.tenant, cfg.timeline, durable, on_ack)
+        ingest = IngestStream(stub, cfg.tenant, cfg.timeline, durable, on_ack, cfg.writer_epoch)
         graceful = False
         try:
             conn.start_replication(cfg.slot_name, resume, stop, opts.rpc_timeout)
-            self._update(state=State.STREAMING, primary_lsn=max(self.status().primary_lsn, primary_flush))
+            self._set_state(State.STREAMING)
+            self._update(primary_lsn=max(self.status().primary_lsn, primary_flush))
             log.info("timeline %s: streaming from %s (primary system %d, timeline %d, slot %s)",
                      cfg.timeline, format_lsn(resume), sysid, tli, cfg.slot_name)
             self._pump(conn, ingest, reader, expect_prev)
@@ -800,6 +898,7 @@ class WalReceiver:
         """The streaming loop: read, verify, batch, send, report."""
         opts = self.options
         batch = _Batch(expect_prev)
+        healthy_after = time.monotonic() + 2 * opts.backoff_max  # streaming this long without an error
         received = reader.position
         primary_lsn = self.status().primary_lsn
         reported_flush = -1
@@ -822,6 +921,8 @@ class WalReceiver:
             now = time.monotonic()
             if ingest.durable_lsn != reported_flush or now - last_reply >= opts.status_interval:
                 reply(now)
+                if now >= healthy_after:
+                    self._recovered()
 
             # Read what has arrived, while the batch has room for it.
             drained = False

@@ -26,12 +26,14 @@ from zproto import common_pb2, pageserver_pb2, pageserver_pb2_grpc, walreceiver_
 from .receiver import (
     DEFAULT_TENANT,
     AttachConfig,
+    FatalError,
     ReceiverOptions,
     ReceiverStatus,
     ReplicationError,
     State,
     WalReceiver,
     WalReceiverError,
+    check_writer,
     replication_conninfo,
     validate_id,
     validate_slot_name,
@@ -45,6 +47,7 @@ _STATE_TO_PROTO = {
     State.BACKOFF: walreceiver_pb2.ATTACHMENT_STATE_BACKOFF,
     State.STOPPED: walreceiver_pb2.ATTACHMENT_STATE_STOPPED,
     State.FAILED: walreceiver_pb2.ATTACHMENT_STATE_FAILED,
+    State.FAILING: walreceiver_pb2.ATTACHMENT_STATE_FAILING,
 }
 
 
@@ -54,7 +57,7 @@ def status_to_proto(s: ReceiverStatus) -> walreceiver_pb2.AttachmentStatus:
         primary_conninfo=s.conninfo, slot_name=s.slot_name, state=_STATE_TO_PROTO[s.state],
         received_lsn=s.received_lsn, durable_lsn=s.durable_lsn, primary_lsn=s.primary_lsn,
         lag_bytes=s.lag_bytes, last_error=s.last_error, last_error_time_us=s.last_error_time_us,
-        reconnects=s.reconnects,
+        reconnects=s.reconnects, repeated_errors=s.repeated_errors,
     )
 
 
@@ -71,6 +74,7 @@ def _config_to_json(c: AttachConfig) -> dict[str, Any]:
     return {
         "tenant": c.tenant, "timeline": c.timeline, "primary_conninfo": c.conninfo, "slot_name": c.slot_name,
         "start_lsn": None if c.start_lsn is None else format_lsn(c.start_lsn), "create_slot": c.create_slot,
+        "writer_epoch": c.writer_epoch,
     }
 
 
@@ -90,10 +94,13 @@ def _config_from_json(entry: Any) -> AttachConfig:
     create_slot = entry.get("create_slot", False)
     if not isinstance(create_slot, bool):
         raise ValueError("create_slot must be true or false")
+    writer_epoch = entry.get("writer_epoch", 0)
+    if not isinstance(writer_epoch, int) or isinstance(writer_epoch, bool) or writer_epoch < 0:
+        raise ValueError("writer_epoch must be a non-negative integer")
     config = AttachConfig(
         tenant=validate_id(entry["tenant"], "tenant"), timeline=validate_id(entry["timeline"], "timeline"),
         conninfo=entry["primary_conninfo"], slot_name=validate_slot_name(entry["slot_name"]),
-        create_slot=create_slot, start_lsn=None if start is None else parse_lsn(start),
+        create_slot=create_slot, start_lsn=None if start is None else parse_lsn(start), writer_epoch=writer_epoch,
     )
     replication_conninfo(config.conninfo, config.timeline)  # raises ValueError if libpq cannot parse it
     return config
@@ -236,6 +243,7 @@ class WalReceiverServicer(walreceiver_pb2_grpc.WalReceiverServicer):
             tenant=tenant, timeline=timeline, conninfo=request.primary_conninfo, slot_name=slot,
             create_slot=request.create_slot,
             start_lsn=request.start_lsn if request.HasField("start_lsn") else None,
+            writer_epoch=request.writer_epoch,
         )
         try:
             replication_conninfo(config.conninfo, timeline)
@@ -278,6 +286,14 @@ class WalReceiverServicer(walreceiver_pb2_grpc.WalReceiverServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"timeline {config.timeline} has no WAL position yet (import a base image first, "
                           "or give start_lsn)")
+        if config.start_lsn and info.last_record_lsn and config.start_lsn > info.last_record_lsn:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"start_lsn {format_lsn(config.start_lsn)} is beyond the end of timeline "
+                          f"{config.timeline}'s WAL ({format_lsn(info.last_record_lsn)}): that would leave a gap")
+        try:
+            check_writer(info, config.writer_epoch)
+        except FatalError as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
 
     def Detach(self, request: Any, context: grpc.ServicerContext) -> Any:
         tenant, timeline = _ids(context, request.tenant, request.timeline)
