@@ -130,8 +130,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     console = Console()
     console.print(table)
     for a in attachments:
-        console.print(f"walreceiver {a['timeline']}: {a['state']} received {a['received_lsn']} "
-                      f"durable {a['durable_lsn']} lag {a['lag_bytes']} bytes {a['last_error']}")
+        failing = a["state"] in ("ATTACHMENT_STATE_FAILED", "ATTACHMENT_STATE_FAILING")
+        state = a["state"].removeprefix("ATTACHMENT_STATE_").lower()
+        line = (f"walreceiver {a['timeline']}: {'[red]' + state + '[/red]' if failing else state} received "
+                f"{a['received_lsn']} durable {a['durable_lsn']} lag {a['lag_bytes']} bytes")
+        if a["last_error"]:
+            line += f"; last error: {a['last_error']}"
+        console.print(line, highlight=False)
     return 0
 
 
@@ -166,15 +171,20 @@ def cmd_attach(args: argparse.Namespace) -> int:
                 raise CommandError(f"pg_basebackup failed: {proc.stderr.strip()}")
         summary = scan_backup(backup)
         total = sum(f.stat().st_size for f in backup.rglob("*") if f.is_file()) // 8192
+        tenant, tl_id = common_pb2.TenantId(id=DEFAULT_TENANT), common_pb2.TimelineId(id=timeline)
         try:
-            stub.CreateTimeline(pageserver_pb2.CreateTimelineRequest(
-                tenant=common_pb2.TenantId(id=DEFAULT_TENANT), new_timeline=common_pb2.TimelineId(id=timeline),
-                name=args.branch), timeout=10)
+            stub.CreateTimeline(pageserver_pb2.CreateTimelineRequest(tenant=tenant, new_timeline=tl_id,
+                                                                     name=args.branch), timeout=10)
             with Progress(TextColumn("importing"), BarColumn(), TextColumn("{task.completed}/{task.total} pages"),
                           TimeElapsedColumn(), console=console) as progress:
                 task = progress.add_task("import", total=total)
                 stub.Import(import_requests(backup, DEFAULT_TENANT, timeline, summary,
                                             progress=lambda n: progress.advance(task, n)), timeout=3600)
+            # The primary is the branch's only writer: no compute may write it while it follows.
+            info = stub.GetTimeline(pageserver_pb2.GetTimelineRequest(tenant=tenant, timeline=tl_id), timeout=10)
+            info = stub.ClaimTimeline(pageserver_pb2.ClaimTimelineRequest(
+                tenant=tenant, timeline=tl_id, kind=pageserver_pb2.WRITER_KIND_PRIMARY,
+                name=f"{redacted_conninfo(args.primary)} (system {info.system_identifier})"), timeout=10)
         except grpc.RpcError as e:
             raise _rpc_error(e, "import") from None
     finally:
@@ -182,12 +192,48 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
     try:
         _walreceiver(cluster).Attach(walreceiver_pb2.AttachRequest(
-            tenant=common_pb2.TenantId(id=DEFAULT_TENANT), timeline=common_pb2.TimelineId(id=timeline),
-            primary_conninfo=args.primary, slot_name=slot, start_lsn=summary.start_lsn), timeout=30)
+            tenant=tenant, timeline=tl_id, primary_conninfo=args.primary, slot_name=slot,
+            start_lsn=summary.start_lsn, writer_epoch=info.writer.epoch), timeout=30)
     except grpc.RpcError as e:
         raise _rpc_error(e, "attaching the walreceiver") from None
     console.print(f"branch [bold]{args.branch}[/bold] (timeline {timeline}) imported at "
                   f"{format_lsn(summary.start_lsn)}: {summary.pages} pages; following the primary through slot {slot}")
+    return 0
+
+
+def redacted_conninfo(conninfo: str) -> str:
+    """A connection string without its password, as it may be shown and stored."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    params = conninfo_to_dict(conninfo)
+    params.pop("password", None)
+    return make_conninfo("", **params)
+
+
+def cmd_detach(args: argparse.Namespace) -> int:
+    """Stop following an external primary: the branch becomes writable (its WAL forks from here on)."""
+    cluster = _cluster(args)
+    stub = _pageserver(cluster)
+    branch = find_branch(stub, args.branch)
+    if branch.writer.kind != pageserver_pb2.WRITER_KIND_PRIMARY:
+        raise CommandError(f"branch {args.branch!r} does not follow an external primary"
+                           + (f" (it is written by compute {branch.writer.name}: `zctl pg stop` it)"
+                              if branch.writer.kind == pageserver_pb2.WRITER_KIND_COMPUTE else ""))
+    tenant = common_pb2.TenantId(id=DEFAULT_TENANT)
+    try:
+        _walreceiver(cluster).Detach(walreceiver_pb2.DetachRequest(
+            tenant=tenant, timeline=branch.timeline, drop_slot=args.drop_slot), timeout=60)
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.NOT_FOUND:
+            raise _rpc_error(e, "detaching the walreceiver") from None
+    try:
+        info = stub.ReleaseTimeline(pageserver_pb2.ReleaseTimelineRequest(
+            tenant=tenant, timeline=branch.timeline, epoch=branch.writer.epoch), timeout=10)
+    except grpc.RpcError as e:
+        raise _rpc_error(e, f"releasing branch {args.branch!r}") from None
+    print(f"branch {args.branch} no longer follows {branch.writer.name}; it ends at "
+          f"{format_lsn(info.last_record_lsn)}. A writable compute on it now forks it from there "
+          f"(`zctl pg create NAME --branch {args.branch}`).")
     return 0
 
 
@@ -295,6 +341,11 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--primary", required=True, metavar="CONNSTR", help="libpq connection string of the primary")
     p.add_argument("--branch", default="main", help="name of the branch to create (default: main)")
     p.set_defaults(func=cmd_attach)
+    p = sub.add_parser("detach", help="stop following an external primary; the branch becomes writable")
+    p.add_argument("--branch", required=True, help="the branch that follows the primary")
+    p.add_argument("--drop-slot", action="store_true",
+                   help="also drop the replication slot on the primary (it stops retaining WAL)")
+    p.set_defaults(func=cmd_detach)
     p = sub.add_parser("lsn", help="last ingested record's end LSN of a branch")
     p.add_argument("--branch", default="main")
     p.set_defaults(func=cmd_lsn)

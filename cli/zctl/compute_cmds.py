@@ -23,7 +23,7 @@ from services.runtime import ShutdownSignal
 from zproto import common_pb2, pageserver_pb2
 
 from .cluster_cmds import DEFAULT_TENANT, CommandError, _cluster, _pageserver, _rpc_error, _walreceiver, find_branch
-from .computes import ComputeError, Computes
+from .computes import ComputeError, Computes, check_writable
 from .importer import import_requests, scan_stopped_datadir
 from .postgres import PG_OS_USER, PostgresNode, make_pg_owned_dir, unreachable_ancestor
 from .supervisor import SupervisorError
@@ -73,6 +73,9 @@ def cmd_branch_create(args: argparse.Namespace) -> int:
                                f"branch's gc_cutoff_lsn") from None
         raise _rpc_error(e, f"creating branch {args.name!r}") from None
     print(f"branch {args.name} created from {args.parent} at {format_lsn(info.ancestor_lsn)} (timeline {info.timeline.id})")
+    if lsn and info.ancestor_lsn != lsn:
+        print(f"note: {format_lsn(lsn)} is not the end of a WAL record; the branch starts at "
+              f"{format_lsn(info.ancestor_lsn)}, the end of the last record before it")
     return 0
 
 
@@ -88,9 +91,17 @@ def _branch_rows(stub: Any) -> list[dict[str, Any]]:
          "parent": names.get(t.ancestor_timeline.id) if t.ancestor_timeline.id else None,
          "branch_lsn": format_lsn(t.ancestor_lsn) if t.ancestor_timeline.id else None,
          "start_lsn": format_lsn(t.start_lsn), "last_lsn": format_lsn(t.last_record_lsn),
-         "gc_cutoff_lsn": format_lsn(t.gc_cutoff_lsn)}
+         "gc_cutoff_lsn": format_lsn(t.gc_cutoff_lsn), "writer": _writer_text(t.writer)}
         for t in tls
     ]
+
+
+def _writer_text(w: Any) -> str | None:
+    if w.kind == pageserver_pb2.WRITER_KIND_PRIMARY:
+        return f"follows primary {w.name}"
+    if w.kind == pageserver_pb2.WRITER_KIND_COMPUTE:
+        return f"written by compute {w.name}"
+    return None
 
 
 def cmd_branch_list(args: argparse.Namespace) -> int:
@@ -107,7 +118,9 @@ def cmd_branch_list(args: argparse.Namespace) -> int:
         for r in sorted(children.get(parent, []), key=lambda r: r["branch_lsn"] or ""):
             at = f" @ {r['branch_lsn']}" if r["branch_lsn"] else ""
             gc = f"  gc cutoff {r['gc_cutoff_lsn']}" if r["gc_cutoff_lsn"] != format_lsn(0) else ""
-            sub = node.add(f"[bold]{r['name']}[/bold]{at}  last {r['last_lsn']}{gc}  [dim]{r['timeline_id']}[/dim]")
+            writer = f"  ({r['writer']})" if r["writer"] else ""
+            sub = node.add(f"[bold]{r['name']}[/bold]{at}  last {r['last_lsn']}{gc}{writer}  "
+                           f"[dim]{r['timeline_id']}[/dim]")
             add(sub, r["name"])
 
     add(tree, None)
@@ -128,6 +141,8 @@ def cmd_pg_create(args: argparse.Namespace) -> int:
     branch = find_branch(computes.pageserver, args.branch)
     lsn = parse_lsn(args.lsn) if args.lsn else None
     try:
+        if lsn is None:
+            check_writable(args.branch, branch)
         spec = computes.create(args.name, args.branch, branch.timeline.id, lsn, args.port)
     except ComputeError as e:
         raise CommandError(str(e)) from None

@@ -47,6 +47,17 @@ def replication_slot_name(timeline: str) -> str:
     return f"zenith_{timeline[:24]}"
 
 
+def check_writable(branch: str, info: pageserver_pb2.TimelineInfo) -> None:
+    """ComputeError if a writable compute on the branch would fork the WAL of its writer."""
+    w = info.writer
+    if w.kind == pageserver_pb2.WRITER_KIND_PRIMARY:
+        raise ComputeError(
+            f"branch {branch!r} follows the external primary {w.name}: a writable compute on it would fork it "
+            f"silently. Use a read-only compute at an LSN (`zctl pg create NAME --branch {branch} --lsn LSN`), "
+            f"a new branch of it (`zctl branch create dev --parent {branch}`), or stop following the primary "
+            f"first (`zctl detach --branch {branch}`)")
+
+
 @dataclass
 class ComputeSpec:
     name: str
@@ -128,12 +139,47 @@ class Computes:
                         f"(port {other.port}); stop it first or create a read-only compute with --lsn"
                     )
         node = self.node(spec)
+        # A writable compute claims its branch first: every earlier writer (a previous
+        # incarnation still streaming, say) is fenced before the base backup is taken.
+        epoch = self._claim(spec) if spec.lsn is None else 0
         lsn = self._fetch_basebackup(spec, node.datadir)
         self._configure(spec, node)
         node.start()
         if spec.lsn is None:
-            self._attach_walreceiver(spec, node, lsn)
+            self._attach_walreceiver(spec, node, lsn, epoch)
         return spec, lsn
+
+    def _timeline_request(self, spec: ComputeSpec) -> tuple[common_pb2.TenantId, common_pb2.TimelineId]:
+        return common_pb2.TenantId(id=DEFAULT_TENANT), common_pb2.TimelineId(id=spec.timeline)
+
+    def _claim(self, spec: ComputeSpec) -> int:
+        """Make this compute its branch's writer; the new writer epoch."""
+        tenant, timeline = self._timeline_request(spec)
+        try:
+            info = self.pageserver.GetTimeline(pageserver_pb2.GetTimelineRequest(tenant=tenant, timeline=timeline),
+                                               timeout=10)
+            check_writable(spec.branch, info)
+            # Another compute's claim is taken over: start() checked that no other writable
+            # compute of the branch runs, and the claim fences it if it still streams.
+            info = self.pageserver.ClaimTimeline(pageserver_pb2.ClaimTimelineRequest(
+                tenant=tenant, timeline=timeline, kind=pageserver_pb2.WRITER_KIND_COMPUTE, name=spec.name,
+                takeover=info.writer.kind == pageserver_pb2.WRITER_KIND_COMPUTE), timeout=10)
+        except grpc.RpcError as e:
+            raise ComputeError(f"compute {spec.name!r} cannot write branch {spec.branch!r}: {e.details()}") from None
+        return int(info.writer.epoch)
+
+    def _release(self, spec: ComputeSpec) -> None:
+        """Give up the branch's writer claim if this compute still holds it."""
+        tenant, timeline = self._timeline_request(spec)
+        try:
+            info = self.pageserver.GetTimeline(pageserver_pb2.GetTimelineRequest(tenant=tenant, timeline=timeline),
+                                               timeout=10)
+            w = info.writer
+            if w.kind == pageserver_pb2.WRITER_KIND_COMPUTE and w.name == spec.name:
+                self.pageserver.ReleaseTimeline(pageserver_pb2.ReleaseTimelineRequest(
+                    tenant=tenant, timeline=timeline, epoch=w.epoch), timeout=10)
+        except grpc.RpcError:
+            pass  # the next writable compute takes the claim over
 
     def _fetch_basebackup(self, spec: ComputeSpec, datadir: Path) -> int:
         """Stream the page server's base backup (LZ4 frames of a tar) into the data directory as it
@@ -190,9 +236,8 @@ class Computes:
         hba.write_text("\n".join(hba_lines) + "\n")
         _chown_tree(node.datadir)
 
-    def _attach_walreceiver(self, spec: ComputeSpec, node: PostgresNode, lsn: int) -> None:
-        tenant = common_pb2.TenantId(id=DEFAULT_TENANT)
-        timeline = common_pb2.TimelineId(id=spec.timeline)
+    def _attach_walreceiver(self, spec: ComputeSpec, node: PostgresNode, lsn: int, epoch: int) -> None:
+        tenant, timeline = self._timeline_request(spec)
         try:
             self.walreceiver.Detach(walreceiver_pb2.DetachRequest(tenant=tenant, timeline=timeline), timeout=30)
         except grpc.RpcError as e:
@@ -203,10 +248,53 @@ class Computes:
                 tenant=tenant, timeline=timeline,
                 primary_conninfo=(f"host={spec.advertise_host} port={spec.port} user={node.user} dbname=postgres "
                                   f"application_name={walreceiver_application_name(spec.timeline)}"),
-                slot_name=replication_slot_name(spec.timeline), create_slot=True, start_lsn=lsn), timeout=30)
+                slot_name=replication_slot_name(spec.timeline), create_slot=True, start_lsn=lsn,
+                writer_epoch=epoch), timeout=30)
         except grpc.RpcError as e:
             node.stop(mode="immediate")
             raise ComputeError(f"could not attach the walreceiver to compute {spec.name!r}: {e.details()}") from None
+        try:
+            self._wait_streaming(spec, node)
+        except ComputeError:
+            self._detach(spec)
+            self._release(spec)
+            node.stop(mode="immediate")
+            raise
+
+    def _wait_streaming(self, spec: ComputeSpec, node: PostgresNode, timeout: float = 60.0) -> None:
+        """Return once the page server durably holds the compute's WAL as of now, so that its commits
+        complete; ComputeError with the walreceiver's error if that does not happen."""
+        target = node.flush_lsn()
+        tenant, timeline = self._timeline_request(spec)
+        request = walreceiver_pb2.StatusRequest(tenant=tenant, timeline=timeline)
+        deadline = time.monotonic() + timeout
+        last_error = ""
+        while True:
+            try:
+                attachments = self.walreceiver.Status(request, timeout=10).attachments
+            except grpc.RpcError as e:
+                raise ComputeError(f"walreceiver: {e.details()}") from None
+            if attachments:
+                a = attachments[0]
+                last_error = a.last_error
+                if a.durable_lsn >= target:
+                    return
+                if a.state in (walreceiver_pb2.ATTACHMENT_STATE_FAILED, walreceiver_pb2.ATTACHMENT_STATE_FAILING):
+                    break
+            if time.monotonic() > deadline:
+                last_error = f"its WAL did not reach the page server within {timeout:g} s" + (
+                    f"; last error: {last_error}" if last_error else "")
+                break
+            time.sleep(0.05)
+        raise ComputeError(f"compute {spec.name!r} was stopped: the walreceiver cannot store its WAL, so its "
+                           f"commits would never complete: {last_error}")
+
+    def _detach(self, spec: ComputeSpec) -> None:
+        tenant, timeline = self._timeline_request(spec)
+        try:
+            self.walreceiver.Detach(walreceiver_pb2.DetachRequest(tenant=tenant, timeline=timeline), timeout=30)
+        except grpc.RpcError:
+            pass
 
     def stop(self, name: str, wait_for_pageserver: float = 30.0) -> ComputeSpec:
         spec = self.spec(name)
@@ -221,17 +309,14 @@ class Computes:
             deadline = time.monotonic() + wait_for_pageserver
             while time.monotonic() < deadline and self._branch_lsn(spec) < end_lsn:
                 time.sleep(0.1)
-            try:
-                self.walreceiver.Detach(walreceiver_pb2.DetachRequest(
-                    tenant=common_pb2.TenantId(id=DEFAULT_TENANT), timeline=common_pb2.TimelineId(id=spec.timeline)),
-                    timeout=30)
-            except grpc.RpcError:
-                pass
+            self._detach(spec)
+            self._release(spec)
         return spec
 
     def _branch_lsn(self, spec: ComputeSpec) -> int:
-        info = self.pageserver.GetTimeline(pageserver_pb2.GetTimelineRequest(
-            tenant=common_pb2.TenantId(id=DEFAULT_TENANT), timeline=common_pb2.TimelineId(id=spec.timeline)), timeout=10)
+        tenant, timeline = self._timeline_request(spec)
+        info = self.pageserver.GetTimeline(pageserver_pb2.GetTimelineRequest(tenant=tenant, timeline=timeline),
+                                           timeout=10)
         return int(info.last_record_lsn)
 
     def destroy(self, name: str) -> None:
@@ -262,4 +347,4 @@ def _port_free(port: int) -> bool:
     return True
 
 
-__all__ = ["Computes", "ComputeSpec", "ComputeError", "free_port"]
+__all__ = ["ComputeError", "ComputeSpec", "Computes", "check_writable", "free_port"]

@@ -253,6 +253,11 @@ class PostgresNode:
 
         return parse_lsn(self.sql("SELECT pg_current_wal_insert_lsn()::text")[0][0])
 
+    def flush_lsn(self) -> int:
+        from pgformat.lsn import parse_lsn
+
+        return parse_lsn(self.sql("SELECT pg_current_wal_flush_lsn()::text")[0][0])
+
     def psql(self, *args: str, dbname: str = "postgres") -> str:
         out = run_as_pg_user([self.bin("psql"), "-X", "-h", self.host, "-p", str(self.port),
                               "-U", self.user, "-d", dbname, "-v", "ON_ERROR_STOP=1", *args])
