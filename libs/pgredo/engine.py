@@ -18,13 +18,20 @@ heap truncation trims the last VM and FSM pages): an rmgr may register an
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from pgformat.constants import BLCKSZ
-from pgformat.page import PageError, page_get_lsn, page_is_new, page_set_lsn
-from pgformat.xlogrecord import DecodedBlock, DecodedRecord, RelFileNode
+from pgformat.page import PageError, page_get_lsn, page_set_lsn
+from pgformat.xlogrecord import (
+    BKPBLOCK_WILL_INIT,
+    BKPIMAGE_APPLY,
+    BKPIMAGE_COMPRESSED,
+    BlockImage,
+    DecodedBlock,
+    DecodedRecord,
+    RelFileNode,
+)
 
 from .errors import BadRecordError, RedoFailedError, UnsupportedRecordError
 
@@ -51,6 +58,10 @@ ImpliedTags = Callable[[DecodedRecord], "list[BufferTag]"]
 # Runs after a BKPIMAGE_APPLY image is restored, for the few records whose
 # redo still changes the restored page (GiST clears F_FOLLOW_RIGHT on it).
 ImageFixup = Callable[[DecodedRecord, DecodedBlock, bytearray], bool]
+
+_LSN = struct.Struct("<II")  # pd_lsn: xlogid (high half), xrecoff (low half)
+_u16_from = struct.Struct("<H").unpack_from
+_OFF_UPPER = 14
 
 _BLOCK_REDO: dict[int, BlockRedo] = {}
 _IMAGE_FIXUP: dict[int, ImageFixup] = {}
@@ -119,40 +130,68 @@ def apply_record(tag: BufferTag, page: bytearray | None, rec: DecodedRecord) -> 
 
 
 def apply_block(block: DecodedBlock, page: bytearray | None, rec: DecodedRecord) -> bytearray:
-    """XLogReadBufferForRedoExtended plus the rmgr's redo for one block reference."""
-    if block.image is not None and block.image.apply:
-        restored = bytearray(block.image.page())
-        fixup = _IMAGE_FIXUP.get(rec.rmid)
+    """XLogReadBufferForRedoExtended plus the rmgr's redo for one block reference.
+
+    `page` is changed in place and returned (a restored image or an
+    initialized page is a new bytearray): a chain of records runs on one page
+    image without copying it per record.
+    """
+    image = block.image
+    if image is not None and image.bimg_info & BKPIMAGE_APPLY:
+        restored = _restored_page(image)
+        fixup = _IMAGE_FIXUP.get(rec.header.rmid)
         if fixup is not None:
-            with _record_context(rec, block):
+            try:
                 fixup(rec, block, restored)
-        if not page_is_new(restored):
-            page_set_lsn(restored, rec.end_lsn)
+            except _INPUT_ERRORS as e:
+                raise _block_failure(rec, block, e) from e
+        if _u16_from(restored, _OFF_UPPER)[0] != 0:  # !PageIsNew
+            _LSN.pack_into(restored, 0, (rec.end_lsn >> 32) & 0xFFFFFFFF, rec.end_lsn & 0xFFFFFFFF)
         return restored
-    if block.will_init:
+    if block.flags & BKPBLOCK_WILL_INIT:
         page = bytearray(BLCKSZ)
     elif page is None:
         raise RedoFailedError(rec.lsn, rec.rmid, rec.info, f"block {block.block_id} has no base page and no image")
-    elif page_get_lsn(page) >= rec.end_lsn:
-        return page  # BLK_DONE: the change is already there
-    _load_rmgrs()
-    redo = _BLOCK_REDO.get(rec.rmid)
+    else:
+        hi, lo = _LSN.unpack_from(page, 0)
+        if (hi << 32) | lo >= rec.end_lsn:
+            return page  # BLK_DONE: the change is already there
+    if not _rmgrs_loaded:
+        _load_rmgrs()
+    redo = _BLOCK_REDO.get(rec.header.rmid)
     if redo is None:
         raise UnsupportedRecordError(rec.lsn, rec.rmid, rec.info)
-    with _record_context(rec, block):
+    try:
         set_lsn = redo(rec, block, page)
+    except _INPUT_ERRORS as e:
+        raise _block_failure(rec, block, e) from e
     if set_lsn is not False:
-        page_set_lsn(page, rec.end_lsn)
+        _LSN.pack_into(page, 0, (rec.end_lsn >> 32) & 0xFFFFFFFF, rec.end_lsn & 0xFFFFFFFF)
     return page
 
 
-@contextmanager
-def _record_context(rec: DecodedRecord, block: DecodedBlock) -> Iterator[None]:
-    """Turn what rmgr code raises on bad input into one RedoFailedError naming the record and block."""
-    try:
-        yield
-    except (BadRecordError, PageError, struct.error, IndexError) as e:
-        raise RedoFailedError(rec.lsn, rec.rmid, rec.info, f"block {block.block_id} (blk {block.blkno}): {e}") from e
+def _restored_page(image: BlockImage) -> bytearray:
+    """RestoreBlockImage into a new bytearray, with one copy for an uncompressed image."""
+    data = image.data
+    hole = image.hole_length
+    if image.bimg_info & BKPIMAGE_COMPRESSED or len(data) + hole != BLCKSZ:
+        return bytearray(image.page())  # decompresses, and names what is wrong with a bad image
+    if hole == 0:
+        return bytearray(data)
+    off = image.hole_offset
+    page = bytearray(BLCKSZ)
+    page[:off] = data[:off]
+    page[off + hole :] = data[off:]
+    return page
+
+
+# What rmgr code raises on bad input; the engine turns it into one RedoFailedError.
+_INPUT_ERRORS = (BadRecordError, PageError, struct.error, IndexError)
+
+
+def _block_failure(rec: DecodedRecord, block: DecodedBlock, e: Exception) -> RedoFailedError:
+    """A RedoFailedError naming the record and block for what the rmgr code raised."""
+    return RedoFailedError(rec.lsn, rec.rmid, rec.info, f"block {block.block_id} (blk {block.blkno}): {e}")
 
 
 def redo_page(tag: BufferTag, base: bytes | None, records: Iterable[DecodedRecord]) -> bytearray:
