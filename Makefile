@@ -1,6 +1,7 @@
 # Two entry points: `make run` (the embedded demo) and `make test`.
-# Both self-install: Debian packages where missing, a .venv, pip packages and
-# the generated gRPC code.
+# Both self-install: Debian packages where missing, a .venv, pip packages,
+# the generated gRPC code and the compiled page operations (pgformat._native,
+# built by pip from setup.py into libs/pgformat/, never committed).
 
 PYTHON ?= python3
 VENV := .venv
@@ -15,8 +16,8 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml $(PROTOS) scripts/install-system-deps.sh
-	bash scripts/install-system-deps.sh
+$(STAMP): pyproject.toml setup.py libs/pgformat/_native.c $(PROTOS) scripts/install-system-deps.sh
+	PYTHON=$(PYTHON) bash scripts/install-system-deps.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip setuptools wheel
 	$(PIP) install --quiet "grpcio-tools>=1.60"
@@ -45,4 +46,4 @@ bench: install
 	$(PY) bench/wal_decode.py
 
 clean:
-	rm -rf $(VENV) build .pytest_cache
+	rm -rf $(VENV) build .pytest_cache libs/pgformat/_native.*.so

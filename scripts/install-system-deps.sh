@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the project needs, only where missing:
-# the PostgreSQL 15 server and client tools, and python3-venv.
+# the PostgreSQL 15 server and client tools, python3-venv, and a C compiler
+# with the Python headers for the compiled page operations (pgformat._native;
+# without them the install still works and redo runs in pure Python).
 set -euo pipefail
 
 need=()
@@ -8,6 +10,11 @@ need=()
 [ -x /usr/lib/postgresql/15/bin/pg_waldump ] || need+=(postgresql-15)
 command -v psql >/dev/null 2>&1 || need+=(postgresql-client-15)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+command -v gcc >/dev/null 2>&1 || need+=(gcc)
+[ -e /usr/include/stdint.h ] || need+=(libc6-dev)
+"${PYTHON:-python3}" -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' >/dev/null 2>&1 \
+    || need+=(python3-dev)
 
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then

@@ -21,6 +21,7 @@ import struct
 from collections.abc import Callable
 from typing import Final, NamedTuple, Sequence
 
+from pgformat import native
 from pgformat.constants import BLCKSZ, maxalign
 from pgformat.errors import FormatError
 
@@ -557,6 +558,21 @@ def page_add_item_extended(
 ) -> int:
     """PageAddItemExtended (bufpage.c): add an item; return its offset number.
 
+    Runs the compiled twin (pgformat._native) when it is built, else
+    :func:`page_add_item_extended_py`, the reference it is tested against;
+    both behave as documented there.
+    """
+    compiled = native.compiled
+    if compiled is not None:
+        return int(compiled.page_add_item_extended(page, item, offset_number, flags))
+    return page_add_item_extended_py(page, item, offset_number, flags)
+
+
+def page_add_item_extended_py(
+    page: bytearray, item: bytes | bytearray | memoryview, offset_number: int, flags: int
+) -> int:
+    """PageAddItemExtended (bufpage.c), pure Python: add an item; return its offset number.
+
     offset_number is INVALID_OFFSET_NUMBER (0) to take the first free line
     pointer (guided by PD_HAS_FREE_LINES), or 1 .. maxoff+1. With PAI_OVERWRITE
     the item goes into that (unused) slot; without it, later line pointers
@@ -649,6 +665,17 @@ def page_add_item(
 _Compact = tuple[int, int, int]
 
 
+def _move(page: bytearray, dst: int, src: bytes | bytearray, head: int, tail: int) -> None:
+    """page[dst:dst + n] = src[head:tail], refusing a move that would leave the page
+    (overlapping line pointers can ask for one; the slice assignment would resize the page)."""
+    n = tail - head
+    if n <= 0:
+        return
+    if dst < 0 or dst + n > BLCKSZ or head < 0 or tail > BLCKSZ:
+        raise PageError("corrupted line pointers: overlapping items")
+    page[dst : dst + n] = src[head:tail]
+
+
 def _compactify_tuples(page: bytearray, items: list[_Compact], presorted: bool) -> None:
     """compactify_tuples (bufpage.c, PG14+): move tuples to the end of the page.
 
@@ -677,15 +704,13 @@ def _compactify_tuples(page: bytearray, items: list[_Compact], presorted: bool) 
         while i < nitems:
             offsetindex, itemoff, alignedlen = items[i]
             if copy_head != itemoff + alignedlen:
-                n = copy_tail - copy_head
-                page[upper : upper + n] = page[copy_head:copy_tail]  # memmove
+                _move(page, upper, page, copy_head, copy_tail)  # memmove
                 copy_tail = itemoff + alignedlen
             upper -= alignedlen
             copy_head = itemoff
             _set_lp_off(page, linp0 + offsetindex * ITEM_ID_SIZE, upper)
             i += 1
-        n = copy_tail - copy_head
-        page[upper : upper + n] = page[copy_head:copy_tail]
+        _move(page, upper, page, copy_head, copy_tail)
     else:
         scratch = bytes(page)
         if nitems < _max_offset(page_get_lower(page)) // 4:
@@ -705,20 +730,31 @@ def _compactify_tuples(page: bytearray, items: list[_Compact], presorted: bool) 
         while i < nitems:
             offsetindex, itemoff, alignedlen = items[i]
             if copy_head != itemoff + alignedlen:
-                n = copy_tail - copy_head
-                page[upper : upper + n] = scratch[copy_head:copy_tail]  # memcpy
+                _move(page, upper, scratch, copy_head, copy_tail)  # memcpy
                 copy_tail = itemoff + alignedlen
             upper -= alignedlen
             copy_head = itemoff
             _set_lp_off(page, linp0 + offsetindex * ITEM_ID_SIZE, upper)
             i += 1
-        n = copy_tail - copy_head
-        page[upper : upper + n] = scratch[copy_head:copy_tail]
+        _move(page, upper, scratch, copy_head, copy_tail)
     _u16_into(page, _OFF_UPPER, upper)
 
 
 def page_repair_fragmentation(page: bytearray) -> None:
     """PageRepairFragmentation (bufpage.c, PG15): defragment a heap page.
+
+    Runs the compiled twin (pgformat._native) when it is built, else
+    :func:`page_repair_fragmentation_py`, the reference it is tested against.
+    """
+    compiled = native.compiled
+    if compiled is not None:
+        compiled.page_repair_fragmentation(page)
+    else:
+        page_repair_fragmentation_py(page)
+
+
+def page_repair_fragmentation_py(page: bytearray) -> None:
+    """PageRepairFragmentation (bufpage.c, PG15), pure Python: defragment a heap page.
 
     Zeroes LP_UNUSED line pointers, compacts tuple storage to the end of the
     page (compactify_tuples, with its presorted fast path), truncates trailing

@@ -29,6 +29,7 @@ from __future__ import annotations
 from array import array
 from dataclasses import dataclass
 
+from . import native
 from .errors import FormatError
 
 __all__ = [
@@ -176,6 +177,23 @@ def pglz_decompress(
     check_complete: bool = True,
 ) -> bytes:
     """Decode a pglz stream, as pglz_decompress() in src/common/pg_lzcompress.c.
+
+    Runs the compiled twin (pgformat._native) when it is built, else
+    :func:`pglz_decompress_py`, the reference it is tested against; both
+    behave as documented there.
+    """
+    compiled = native.compiled
+    if compiled is not None:
+        return bytes(compiled.pglz_decompress(source, rawsize, check_complete))
+    return pglz_decompress_py(source, rawsize, check_complete)
+
+
+def pglz_decompress_py(
+    source: bytes | bytearray | memoryview,
+    rawsize: int,
+    check_complete: bool = True,
+) -> bytes:
+    """Decode a pglz stream, pure Python, as pglz_decompress() in src/common/pg_lzcompress.c.
 
     Returns at most ``rawsize`` bytes. With ``check_complete`` (what WAL image
     restore uses) the result is exactly ``rawsize`` bytes and every input byte

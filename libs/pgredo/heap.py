@@ -41,6 +41,7 @@ from __future__ import annotations
 import struct
 from typing import Final
 
+from pgformat import native
 from pgformat.constants import BLCKSZ, VISIBILITYMAP_FORKNUM, maxalign
 from pgformat.page import (
     LP_DEAD,
@@ -302,6 +303,18 @@ def _add_tuple(rec: DecodedRecord, page: bytearray, tup: bytes, offnum: int) -> 
         raise _fail(rec, f"failed to add tuple at offset {offnum}")
 
 
+def _add_heap_tuple(
+    rec: DecodedRecord, page: bytearray, offnum: int, xmin: int, xmax: int, blkno: int,
+    infomask2: int, infomask: int, hoff: int, body: bytes | memoryview,
+) -> None:
+    """Build the tuple (see _build_tuple) and add it at offnum, compiled when pgformat._native is built."""
+    compiled = native.compiled
+    if compiled is None:
+        _add_tuple(rec, page, _build_tuple(xmin, xmax, blkno, offnum, infomask2, infomask, hoff, body), offnum)
+    elif compiled.heap_add_tuple(page, offnum, xmin, xmax, blkno, infomask2, infomask, hoff, body) == 0:
+        raise _fail(rec, f"failed to add tuple at offset {offnum}")
+
+
 def _clear_all_visible(page: bytearray) -> None:
     _u16_into(page, _OFF_FLAGS, _u16_from(page, _OFF_FLAGS)[0] & ~PD_ALL_VISIBLE)
 
@@ -328,9 +341,8 @@ def heap_insert_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -
     if len(data) <= SIZE_OF_HEAP_HEADER:
         raise _fail(rec, f"block data of {len(data)} bytes holds no tuple")
     infomask2, infomask, hoff = _XL_HEAP_HEADER.unpack_from(data, 0)
-    tup = _build_tuple(rec.xid, 0, block.blkno, offnum, infomask2, infomask, hoff,
-                       memoryview(data)[SIZE_OF_HEAP_HEADER:])
-    _add_tuple(rec, page, tup, offnum)
+    _add_heap_tuple(rec, page, offnum, rec.xid, 0, block.blkno, infomask2, infomask, hoff,
+                    memoryview(data)[SIZE_OF_HEAP_HEADER:])
     if flags & XLH_INSERT_ALL_VISIBLE_CLEARED:
         _clear_all_visible(page)
 
@@ -429,8 +441,7 @@ def _update_new_tuple(
             body += page[old_off + old_len - suffixlen : old_off + old_len]
     else:
         body = bytes(data[pos:])
-    tup = _build_tuple(rec.xid, new_xmax, block.blkno, new_offnum, infomask2, infomask, hoff, body)
-    _add_tuple(rec, page, tup, new_offnum)
+    _add_heap_tuple(rec, page, new_offnum, rec.xid, new_xmax, block.blkno, infomask2, infomask, hoff, body)
     if flags & XLH_UPDATE_NEW_ALL_VISIBLE_CLEARED:
         _clear_all_visible(page)
 
@@ -647,13 +658,30 @@ def heap_multi_insert_redo(rec: DecodedRecord, block: DecodedBlock, page: bytear
     offsets: tuple[int, ...] = () if isinit else _offsets(rec, rec.main_data, 4, ntuples)
     if isinit:
         page_init(page, 0)
+    compiled = native.compiled
+    if compiled is not None:
+        # The same loop in C; its PageErrors carry the messages of the one below.
+        compiled.heap_multi_insert(page, block.data, None if isinit else memoryview(rec.main_data)[4:],
+                                   ntuples, rec.xid, block.blkno)
+    else:
+        _multi_insert_tuples(rec, block, page, ntuples, None if isinit else offsets)
+    if flags & XLH_INSERT_ALL_VISIBLE_CLEARED:
+        _clear_all_visible(page)
+    if flags & XLH_INSERT_ALL_FROZEN_SET:
+        _set_all_visible(page)
+
+
+def _multi_insert_tuples(
+    rec: DecodedRecord, block: DecodedBlock, page: bytearray, ntuples: int, offsets: tuple[int, ...] | None,
+) -> None:
+    """heap_xlog_multi_insert's tuple loop (offsets None: an INIT record, tuples at 1..ntuples)."""
     data = memoryview(block.data)
     end = len(data)
     pos = 0
     xid = rec.xid
     blkno = block.blkno
     for i in range(ntuples):
-        offnum = i + 1 if isinit else offsets[i]
+        offnum = i + 1 if offsets is None else offsets[i]
         _check_max_offset(rec, page, offnum)
         pos += pos & 1  # SHORTALIGN
         if pos + _XL_MULTI_INSERT_TUPLE.size > end:
@@ -667,10 +695,6 @@ def heap_multi_insert_redo(rec: DecodedRecord, block: DecodedBlock, page: bytear
         _add_tuple(rec, page, tup, offnum)
     if pos != end:
         raise _fail(rec, "total tuple length mismatch")
-    if flags & XLH_INSERT_ALL_VISIBLE_CLEARED:
-        _clear_all_visible(page)
-    if flags & XLH_INSERT_ALL_FROZEN_SET:
-        _set_all_visible(page)
 
 
 def heap_lock_updated_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -> None:
