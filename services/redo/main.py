@@ -18,10 +18,8 @@ import time
 from collections.abc import Sequence
 
 from services.runtime import GrpcEndpoint, ShutdownSignal, configure_logging
-from zproto import redo_pb2_grpc
-
 from .pool import PoolError, RedoPool
-from .server import MAX_MESSAGE_BYTES, SERVICE_NAME, RedoServicer
+from .server import MAX_MESSAGE_BYTES, SERVICE_NAME, RedoServicer, add_to_server
 
 log = logging.getLogger("services.redo")
 
@@ -62,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     servicer = RedoServicer(pool, test_hooks=args.enable_test_hooks)
     try:
         endpoint = GrpcEndpoint(args.listen, [SERVICE_NAME],
-                                lambda server: redo_pb2_grpc.add_RedoServicer_to_server(servicer, server),
+                                lambda server: add_to_server(servicer, server),
                                 threads=args.grpc_threads, thread_name="redo-grpc", max_message_bytes=MAX_MESSAGE_BYTES,
                                 max_connection_age=args.max_connection_age)
     except (OSError, RuntimeError) as e:

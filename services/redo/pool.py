@@ -16,8 +16,12 @@ the job that overran); nothing waits forever.
 
 Wire format (pickled tuples, nothing else crosses the pipe):
 
-    parent -> worker  (batch_id, [(request, hook), ...]) or None to stop
-                      request = a serialized zenith.v1.ApplyRecordsRequest;
+    parent -> worker  (batch_id, [(request, hook, kind), ...]) or None to stop
+                      kind KIND_PAGE: request = a serialized
+                      zenith.v1.ApplyRecordsRequest (one page);
+                      kind KIND_GROUP: request = a serialized
+                      ApplyRecordsStreamRequest (many pages, answered
+                      together as one serialized ApplyRecordsStreamResponse);
                       hook = 0, or a test hook honored only by workers
                       started with test_hooks (HOOK_CRASH: exit at once;
                       HOOK_HANG: sleep forever)
@@ -28,9 +32,15 @@ Wire format (pickled tuples, nothing else crosses the pipe):
                       and at its end
                       result = (True, page, page_lsn)
                              | (False, code, message, lsn, rmid, info)
+                             | (GROUP, serialized ApplyRecordsStreamResponse)
 
 `code` is a gRPC status code name; this module does not import grpc (it
 reads the request messages with protobuf).
+
+A group job is how a stream's message reaches the workers: the gRPC process
+forwards the message's bytes and the answer's bytes, so its per-page work is
+nothing (see server.py); the worker redoes the group's pages one after the
+other and builds the answer.
 """
 
 from __future__ import annotations
@@ -63,8 +73,8 @@ from pgformat.errors import FormatError
 from pgformat.lsn import format_lsn
 from pgformat.page import page_get_lsn
 from pgformat.rmgr import rmgr_name
-from pgformat.xlogrecord import DecodedRecord, RelFileNode, decode_record
-from pgredo.engine import BufferTag, find_block, implied_tags, redo_page
+from pgformat.xlogrecord import DecodedBlock, DecodedRecord, RelFileNode, decode_record
+from pgredo.engine import BufferTag, apply_block, apply_record, find_block, implied_tags
 from pgredo.errors import RedoFailedError, UnsupportedRecordError
 from pgredo.slru import SLRU_PAGES_PER_SEGMENT, SlruKind, SlruPageTag, slru_redo_page, slru_tags_for_record
 from zproto import common_pb2, redo_pb2
@@ -85,7 +95,11 @@ RelKey = tuple[int, int, int, int, int]
 SlruKey = tuple[int, int, int]
 PageKey = RelKey | SlruKey
 WireRecord = tuple[int, int, bytes]
-WireJob = tuple[bytes, int]
+WireJob = tuple[bytes, int, int]
+
+KIND_PAGE: Final = 0
+KIND_GROUP: Final = 1
+GROUP: Final = "group"  # the first element of a group job's result
 
 # A worker answers the finished part of a batch at least this often.
 PARTIAL_FLUSH_SECONDS: Final = 0.02
@@ -118,7 +132,14 @@ class JobError:
     info: int = 0
 
 
-JobResult = PageResult | JobError
+@dataclass(frozen=True, slots=True)
+class GroupResult:
+    """A group job's answer: a serialized zenith.v1.ApplyRecordsStreamResponse, one item per request."""
+
+    response: bytes
+
+
+JobResult = PageResult | JobError | GroupResult
 
 
 class CancelToken:
@@ -134,9 +155,11 @@ class CancelToken:
 
 
 class Job:
-    """One page reconstruction. `callback` is called exactly once, from a pool thread."""
+    """One page reconstruction, or with `pages` > 0 a group of that many (a serialized
+    ApplyRecordsStreamRequest, answered by a GroupResult). `callback` is called exactly
+    once, from a pool thread."""
 
-    __slots__ = ("wire", "callback", "token", "nbytes", "_done")
+    __slots__ = ("wire", "callback", "token", "nbytes", "weight", "_done")
 
     def __init__(
         self,
@@ -144,11 +167,13 @@ class Job:
         callback: Callable[[JobResult], None],
         token: CancelToken | None = None,
         hook: int = HOOK_NONE,
+        pages: int = 0,
     ) -> None:
-        self.wire: WireJob = (request, hook)
+        self.wire: WireJob = (request, hook, KIND_GROUP if pages else KIND_PAGE)
         self.callback = callback
         self.token = token
         self.nbytes = len(request)
+        self.weight = max(pages, 1)  # pages of work, for sharing the queue among the workers
         self._done = False
 
     def finish(self, result: JobResult) -> None:
@@ -203,14 +228,14 @@ def worker_main(conn: Connection, test_hooks: bool) -> None:
         offset = 0
         flushed = time.monotonic()
         try:
-            for n, (request, hook) in enumerate(jobs, 1):
+            for n, (request, hook, kind) in enumerate(jobs, 1):
                 if hook and test_hooks:
                     if hook == HOOK_CRASH:
                         os._exit(70)  # die like a segfaulting worker would
                     if hook == HOOK_HANG:
                         while True:  # spin like a worker stuck in a loop would
                             time.sleep(3600)
-                results.append(run_request(request))
+                results.append(run_group(request) if kind == KIND_GROUP else run_request(request))
                 now = time.monotonic()
                 if n == len(jobs) or now - flushed >= PARTIAL_FLUSH_SECONDS:
                     # Answer what is done: a slow job must not hold up its batch mates.
@@ -353,11 +378,50 @@ def run_request(data: bytes) -> tuple[Any, ...]:
         req = redo_pb2.ApplyRecordsRequest.FromString(data)
     except DecodeError as e:
         return _failure(INVALID_ARGUMENT, f"request does not parse: {e}")
+    return run_parsed_request(req)
+
+
+def run_parsed_request(req: redo_pb2.ApplyRecordsRequest) -> tuple[Any, ...]:
+    """An ApplyRecordsRequest in, a result tuple of the wire format out."""
     try:
         key, base, records = check_request(req)
     except RequestError as e:
         return _failure(e.code, e.message)
     return run_job(key, base, records)
+
+
+# gRPC status code numbers (grpc.StatusCode values; doc/statuscodes.md), for answers a worker builds.
+_STATUS_NUMBERS: Final = {CANCELLED: 1, INVALID_ARGUMENT: 3, DEADLINE_EXCEEDED: 4, FAILED_PRECONDITION: 9,
+                          UNIMPLEMENTED: 12, INTERNAL: 13, UNAVAILABLE: 14}
+
+
+def redo_failure(code: str, message: str, lsn: int = 0, rmid: int = 0, info: int = 0) -> redo_pb2.RedoFailure:
+    """The RedoFailure message of a failed page (rmgr named when the failure names a record)."""
+    try:
+        name = rmgr_name(rmid) if lsn else ""
+    except ValueError:
+        name = ""
+    return redo_pb2.RedoFailure(code=_STATUS_NUMBERS.get(code, 2), message=message, lsn=lsn, rmid=rmid,
+                                rmgr_name=name, info=info)
+
+
+def run_group(data: bytes) -> tuple[Any, ...]:
+    """A serialized ApplyRecordsStreamRequest in; (GROUP, serialized ApplyRecordsStreamResponse) out,
+    one item per request, in order."""
+    try:
+        msg = redo_pb2.ApplyRecordsStreamRequest.FromString(data)
+    except DecodeError as e:
+        return _failure(INVALID_ARGUMENT, f"stream message does not parse: {e}")
+    resp = redo_pb2.ApplyRecordsStreamResponse()
+    for item in msg.items:
+        res = run_parsed_request(item.request)
+        out = resp.items.add(request_id=item.request_id)
+        if res[0]:
+            out.page.page = res[1]
+            out.page.page_lsn = res[2]
+        else:
+            out.error.CopyFrom(redo_failure(*res[1:]))
+    return (GROUP, resp.SerializeToString())
 
 
 def run_job(key: PageKey, base: bytes | None, records: Sequence[WireRecord]) -> tuple[Any, ...]:
@@ -369,9 +433,11 @@ def run_job(key: PageKey, base: bytes | None, records: Sequence[WireRecord]) -> 
     decoded = _decode(records)
     if isinstance(decoded, tuple):
         return decoded
+    blocks: list[DecodedBlock | None] = []
     for i, rec in enumerate(decoded):
         lsn = rec.lsn
         block = find_block(rec, tag)
+        blocks.append(block)
         if block is None and tag not in implied_tags(rec):
             return _failure(
                 INVALID_ARGUMENT,
@@ -391,11 +457,14 @@ def run_job(key: PageKey, base: bytes | None, records: Sequence[WireRecord]) -> 
     if base is None and not decoded:
         return _failure(INVALID_ARGUMENT, f"no base image and no records for rel {tag.rnode} fork {fork} blk {blkno}")
     try:
-        page = redo_page(tag, base, decoded)
+        # redo_page, with the block of each record found once above.
+        page = bytearray(base) if base is not None else None
+        for rec, block in zip(decoded, blocks):
+            page = apply_record(tag, page, rec) if block is None else apply_block(block, page, rec)
     except Exception as e:
         return _redo_failure(e)
-    if len(page) != BLCKSZ:
-        return _failure(INTERNAL, f"BUG: redo produced a {len(page)}-byte page")
+    if page is None or len(page) != BLCKSZ:
+        return _failure(INTERNAL, f"BUG: redo produced a {0 if page is None else len(page)}-byte page")
     return (True, bytes(page), page_get_lsn(page))
 
 
@@ -491,6 +560,7 @@ class RedoPool:
         self._slots = [_Slot(i) for i in range(n)]
         self._cond = threading.Condition()
         self._queue: deque[Job] = deque()
+        self._queued_weight = 0  # pages of work in the queue (a group job counts its pages)
         self._batch_ids = itertools.count(1)
         self._started = False
         self._stopping = False
@@ -582,6 +652,7 @@ class RedoPool:
             self._stopping = True
             queued = list(self._queue)
             self._queue.clear()
+            self._queued_weight = 0
             self._cond.notify_all()
         for job in queued:
             job.finish(JobError(UNAVAILABLE, "the redo pool is shutting down"))
@@ -636,6 +707,7 @@ class RedoPool:
         with self._cond:
             if not self._stopping and self._started:
                 self._queue.extend(batch)
+                self._queued_weight += sum(job.weight for job in batch)
                 self._cond.notify_all()
                 return
         for job in batch:
@@ -659,17 +731,19 @@ class RedoPool:
     def _take_batch_locked(self) -> list[Job]:
         """A fair share of the queue for one worker (called with the lock held)."""
         alive = sum(1 for s in self._slots if s.alive) or 1
-        share = min(self.max_batch, max(1, math.ceil(len(self._queue) / alive)))
+        share = min(self.max_batch, max(1, math.ceil(self._queued_weight / alive)))
         jobs: list[Job] = []
-        nbytes = 0
+        nbytes = weight = 0
         dropped: list[Job] = []
-        while self._queue and len(jobs) < share and (not jobs or nbytes < self.max_batch_bytes):
+        while self._queue and weight < share and (not jobs or nbytes < self.max_batch_bytes):
             job = self._queue.popleft()
+            self._queued_weight -= job.weight
             if job.token is not None and job.token.cancelled:
                 dropped.append(job)
                 continue
             jobs.append(job)
             nbytes += job.nbytes
+            weight += job.weight
         for job in dropped:  # cheap: the callback only queues a CANCELLED answer
             job.finish(JobError(CANCELLED, "the request was cancelled"))
         return jobs
@@ -747,8 +821,10 @@ class RedoPool:
                     waiting.progress = batch.progress
                 self._cond.notify_all()
         for job, res in zip(batch.jobs[offset:offset + len(results)], results):
-            if res[0]:
+            if res[0] is True:
                 job.finish(PageResult(res[1], res[2]))
+            elif res[0] == GROUP:
+                job.finish(GroupResult(res[1]))
             else:
                 job.finish(JobError(res[1], res[2], res[3], res[4], res[5]))
 

@@ -2,9 +2,15 @@
 
 This process only routes: each request goes, serialized, to the pool, whose
 workers check it (key, base image, LSN order), decode and CRC-check its
-records and apply them. The unary RPC waits for its one job; the stream RPC
-submits each message's items as one group and sends results back, batched,
-as they complete (in any order).
+records and apply them. The unary RPC waits for its one job.
+
+The stream RPC does no per-page work here: `add_to_server` registers it with
+bytes in and bytes out, each message (cut into groups of at most
+`group_pages` items) goes to the pool as one group job, and the worker's
+answer, a serialized ApplyRecordsStreamResponse, is sent back as it is.
+Groups complete in any order; inside a group the items keep their order. A
+group the pool could not run (worker lost, cancelled, shutting down) is
+answered with that error on each of its items.
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ from typing import Any, Final
 
 import grpc
 
-from pgformat.rmgr import rmgr_name
 from zproto import redo_pb2, redo_pb2_grpc
+
+from google.protobuf.message import DecodeError
 
 from .pool import (
     CANCELLED,
@@ -29,11 +36,12 @@ from .pool import (
     HOOK_NONE,
     UNIMPLEMENTED,
     CancelToken,
+    GroupResult,
     Job,
     JobError,
-    JobResult,
     PageResult,
     RedoPool,
+    redo_failure,
 )
 
 log = logging.getLogger(__name__)
@@ -51,14 +59,7 @@ MAX_MESSAGE_BYTES: Final = 256 << 20
 
 
 def failure_message(err: JobError) -> redo_pb2.RedoFailure:
-    try:
-        name = rmgr_name(err.rmid) if err.lsn else ""
-    except ValueError:
-        name = ""
-    return redo_pb2.RedoFailure(
-        code=grpc.StatusCode[err.code].value[0], message=err.message, lsn=err.lsn,
-        rmid=err.rmid, rmgr_name=name, info=err.info,
-    )
+    return redo_failure(err.code, err.message, err.lsn, err.rmid, err.info)
 
 
 class RedoServicer(redo_pb2_grpc.RedoServicer):
@@ -66,12 +67,13 @@ class RedoServicer(redo_pb2_grpc.RedoServicer):
 
     def __init__(
         self, pool: RedoPool, *, test_hooks: bool = False, stream_window: int = 1024,
-        max_items_per_response: int = 256,
+        max_items_per_response: int = 256, group_pages: int = 32,
     ) -> None:
         self.pool = pool
         self.test_hooks = test_hooks
         self.stream_window = stream_window
         self.max_items_per_response = max_items_per_response
+        self.group_pages = group_pages
 
     # -- unary ------------------------------------------------------------
 
@@ -95,6 +97,8 @@ class RedoServicer(redo_pb2_grpc.RedoServicer):
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "redo did not finish in time")
         if isinstance(result, PageResult):
             return redo_pb2.ApplyRecordsResponse(page=result.page, page_lsn=result.page_lsn)
+        if isinstance(result, GroupResult):  # pragma: no cover - a unary job is never a group
+            context.abort(grpc.StatusCode.INTERNAL, "BUG: a group answer to a unary request")
         if result.code in _FAILURE_METADATA_CODES:
             context.set_trailing_metadata(((FAILURE_METADATA_KEY, failure_message(result).SerializeToString()),))
         if result.code != CANCELLED:
@@ -106,6 +110,14 @@ class RedoServicer(redo_pb2_grpc.RedoServicer):
     def ApplyRecordsStream(
         self, request_iterator: Iterator[redo_pb2.ApplyRecordsStreamRequest], context: grpc.ServicerContext,
     ) -> Iterator[redo_pb2.ApplyRecordsStreamResponse]:
+        """The stream with messages in and out (as the generated add_RedoServicer_to_server registers
+        it); `add_to_server` registers `apply_records_stream_raw` instead, without these conversions."""
+        raw = (msg.SerializeToString() for msg in request_iterator)
+        for data in self.apply_records_stream_raw(raw, context):
+            yield redo_pb2.ApplyRecordsStreamResponse.FromString(data)
+
+    def apply_records_stream_raw(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        """ApplyRecordsStream over serialized messages: serialized ApplyRecordsStreamResponses out."""
         out: queue.SimpleQueue[Any] = queue.SimpleQueue()
         window = threading.Semaphore(self.stream_window)
         token = CancelToken()
@@ -120,56 +132,87 @@ class RedoServicer(redo_pb2_grpc.RedoServicer):
         answered = 0
         while expected is None or answered < expected:
             try:
-                first = out.get(timeout=0.5)
+                msg = out.get(timeout=0.5)
             except queue.Empty:
                 if not context.is_active():
                     token.cancel()
                     return
                 continue
-            items: list[redo_pb2.ApplyRecordsResultItem] = []
-            msg: Any = first
-            while True:
-                if isinstance(msg, tuple) and len(msg) == 2 and msg[0] is done:
-                    expected = msg[1]
-                else:
-                    items.append(_result_item(*msg))
-                    answered += 1
-                    window.release()
-                if len(items) >= self.max_items_per_response:
-                    break
-                try:
-                    msg = out.get_nowait()
-                except queue.Empty:
-                    break
-            if items:
-                yield redo_pb2.ApplyRecordsStreamResponse(items=items)
+            if msg[0] is done:
+                expected = msg[1]
+                if msg[2] is not None:
+                    token.cancel()
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, msg[2])
+                continue
+            ids, result = msg
+            answered += len(ids)
+            for _ in ids:
+                window.release()
+            if isinstance(result, GroupResult):
+                yield result.response
+                continue
+            # The whole group failed: every item gets the error.
+            assert isinstance(result, JobError), result
+            for i in range(0, len(ids), self.max_items_per_response):
+                part = ids[i:i + self.max_items_per_response]
+                yield redo_pb2.ApplyRecordsStreamResponse(
+                    items=[_result_item(rid, result) for rid in part]).SerializeToString()
 
     def _read_stream(
-        self, request_iterator: Iterator[redo_pb2.ApplyRecordsStreamRequest], context: grpc.ServicerContext,
+        self, request_iterator: Iterator[bytes], context: grpc.ServicerContext,
         out: queue.SimpleQueue[Any], window: threading.Semaphore, token: CancelToken, done: object,
     ) -> None:
         submitted = 0
+        error: str | None = None
+        group = self.group_pages
         try:
-            for msg in request_iterator:
+            for data in request_iterator:
+                try:
+                    msg = redo_pb2.ApplyRecordsStreamRequest.FromString(data)
+                except DecodeError as e:
+                    error = f"stream message #{submitted} does not parse: {e}"
+                    return
+                items = msg.items
+                n = len(items)
                 jobs: list[Job] = []
-                for item in msg.items:
-                    while not window.acquire(timeout=0.5):
-                        if token.cancelled or not context.is_active():
-                            self.pool.submit_many(jobs)  # dropped by the pool, answered CANCELLED
-                            return
-                    submitted += 1
-                    rid = item.request_id
-                    jobs.append(Job(item.request.SerializeToString(), lambda res, rid=rid: out.put((rid, res)), token))
+                for start in range(0, n, group):
+                    part = items[start:start + group]
+                    ids = [item.request_id for item in part]
+                    for _ in ids:
+                        while not window.acquire(timeout=0.5):
+                            if token.cancelled or not context.is_active():
+                                self.pool.submit_many(jobs)  # dropped by the pool, answered CANCELLED
+                                return
+                    payload = data if n <= group else redo_pb2.ApplyRecordsStreamRequest(items=part).SerializeToString()
+                    jobs.append(Job(payload, lambda res, ids=ids: out.put((ids, res)), token, pages=len(ids)))
+                    submitted += len(ids)
                 self.pool.submit_many(jobs)
         except grpc.RpcError:
             pass  # the client went away; what was submitted still gets answered (or dropped)
         except Exception:
             log.exception("BUG: reading the ApplyRecordsStream requests failed")
         finally:
-            out.put((done, submitted))
+            out.put((done, submitted, error))
 
 
-def _result_item(request_id: int, result: JobResult) -> redo_pb2.ApplyRecordsResultItem:
+def add_to_server(servicer: RedoServicer, server: grpc.Server) -> None:
+    """Register zenith.v1.Redo: ApplyRecords with messages, ApplyRecordsStream with bytes in and
+    out (the workers parse the requests and build the responses)."""
+    handlers = {
+        "ApplyRecords": grpc.unary_unary_rpc_method_handler(
+            servicer.ApplyRecords,
+            request_deserializer=redo_pb2.ApplyRecordsRequest.FromString,
+            response_serializer=redo_pb2.ApplyRecordsResponse.SerializeToString,
+        ),
+        "ApplyRecordsStream": grpc.stream_stream_rpc_method_handler(servicer.apply_records_stream_raw),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    register = getattr(server, "add_registered_method_handlers", None)
+    if register is not None:
+        register(SERVICE_NAME, handlers)
+
+
+def _result_item(request_id: int, result: PageResult | JobError) -> redo_pb2.ApplyRecordsResultItem:
     if isinstance(result, PageResult):
         return redo_pb2.ApplyRecordsResultItem(
             request_id=request_id, page=redo_pb2.ApplyRecordsResponse(page=result.page, page_lsn=result.page_lsn),
