@@ -146,6 +146,7 @@ def test_compiled_redo_matches_python_on_the_whole_workload(corpus: WalCorpus) -
 
     cmp = compare_compiled_with_python(list(_ours(corpus).values()))
     assert cmp.differences == []
+    assert cmp.records > 5000
     assert cmp.blocks > 20000
     if corpus.gucs["wal_compression"] == "pglz":
         assert cmp.pglz_images > 1000

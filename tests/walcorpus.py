@@ -268,6 +268,7 @@ def assert_rmgr_verified(records: list[DecodedRecord], report: VerifyReport, rmi
 
 @dataclass
 class CompiledComparison:
+    records: int = 0  # records decoded both ways
     blocks: int = 0  # block applications run both ways
     errors: int = 0  # of which both raised the same error
     pglz_images: int = 0  # pglz-compressed images decompressed both ways
@@ -277,11 +278,11 @@ class CompiledComparison:
 def compare_compiled_with_python(records: list[DecodedRecord]) -> CompiledComparison:
     """Redo every block of every record twice, with pgformat._native and with pure Python, on
     copies of the same base page (the last image Postgres logged for it, else our own page), and
-    compare the pages byte for byte (or the errors, message included). Decompress every pglz image
-    both ways too."""
+    compare the pages byte for byte (or the errors, message included). Decode every record and
+    decompress every pglz image both ways too."""
     from pgformat import native
     from pgformat.pglz import pglz_decompress_py
-    from pgformat.xlogrecord import BKPIMAGE_COMPRESS_PGLZ
+    from pgformat.xlogrecord import BKPIMAGE_COMPRESS_PGLZ, _decode_body, _decode_body_py
     from pgredo.engine import apply_block, apply_record, implied_tags
     from pgredo.errors import RedoError
 
@@ -308,6 +309,11 @@ def compare_compiled_with_python(records: list[DecodedRecord]) -> CompiledCompar
 
     for rec in records:
         where = f"{rmgr_name(rec.rmid)}/{record_type_name(rec.rmid, rec.info)} at {rec.lsn:X}"
+        if rec.raw:
+            decoded = [f(rec.raw, rec.header, rec.lsn, rec.end_lsn) for f in (_decode_body, _decode_body_py)]
+            if decoded[0] != decoded[1]:
+                out.differences.append(f"{where}: decoded differently")
+            out.records += 1
         for tag in implied_tags(rec):
             if tag in pages:
                 page = both(lambda p, tag=tag, rec=rec: apply_record(tag, p, rec), pages[tag], f"{where} {tag}")

@@ -410,6 +410,229 @@ fail:
     return NULL;
 }
 
+/* -- heap tuple header edits (heap_xlog_delete / update / lock) -------------------------- */
+
+#define HEAP_XMAX_KEYSHR_LOCK 0x0010
+#define HEAP_XMAX_EXCL_LOCK 0x0040
+#define HEAP_XMAX_LOCK_ONLY 0x0080
+#define HEAP_LOCK_MASK 0x0050
+#define HEAP_XMAX_IS_MULTI 0x1000
+#define HEAP_XMAX_BITS (0x0400 | 0x0800 | HEAP_XMAX_IS_MULTI | HEAP_LOCK_MASK | HEAP_XMAX_LOCK_ONLY)
+#define HEAP_MOVED 0xC000
+#define HEAP_KEYS_UPDATED 0x2000
+#define HEAP_HOT_UPDATED 0x4000
+#define PD_ALL_VISIBLE 0x0004
+#define OFF_PRUNE_XID 20
+
+/*
+ * _normal_tuple of pgredo.heap: 1 with the LP_NORMAL item's offset and length, -1 with
+ * PageError set (same messages), 0 when the line pointer itself lies past the page (a
+ * page whose pd_lower is corrupt): the caller then runs the Python code, whose error
+ * for that case is Python's own.
+ */
+static int normal_tuple(const unsigned char *p, long offnum, long *lp_off, long *lp_len)
+{
+    unsigned lower = rd16(p + OFF_LOWER);
+    long maxoff = lower <= SIZE_OF_PAGE_HEADER ? 0 : (long) ((lower - SIZE_OF_PAGE_HEADER) >> 2);
+    if (offnum < 1 || maxoff < offnum) {
+        PyErr_Format(page_error_type(), "invalid lp: offset %ld beyond the line pointer array", offnum);
+        return -1;
+    }
+    if (offnum > MAX_LINP)
+        return 0;
+    uint32_t raw = rd32(p + SIZE_OF_PAGE_HEADER + (offnum - 1) * ITEM_ID_SIZE);
+    if (((raw >> LP_FLAGS_SHIFT) & 3) != LP_NORMAL) {
+        PyErr_Format(page_error_type(), "invalid lp: item %ld is not LP_NORMAL", offnum);
+        return -1;
+    }
+    *lp_off = (long) (raw & LP_OFF_MASK);
+    *lp_len = (long) (raw >> LP_LEN_SHIFT);
+    if (*lp_off < SIZE_OF_PAGE_HEADER ||
+        *lp_off + (*lp_len > SIZEOF_HEAP_TUPLE_HEADER ? *lp_len : SIZEOF_HEAP_TUPLE_HEADER) > BLCKSZ) {
+        PyErr_Format(page_error_type(), "item %ld (offset %ld, length %ld) lies outside the page", offnum, *lp_off,
+                     *lp_len);
+        return -1;
+    }
+    return 1;
+}
+
+/* fix_infomask_from_infobits (heapam.c). */
+static void fix_infomask(unsigned infobits, unsigned *infomask, unsigned *infomask2)
+{
+    *infomask &= ~(unsigned) (HEAP_XMAX_IS_MULTI | HEAP_XMAX_LOCK_ONLY | HEAP_XMAX_KEYSHR_LOCK | HEAP_XMAX_EXCL_LOCK);
+    *infomask2 &= ~(unsigned) HEAP_KEYS_UPDATED;
+    if (infobits & 0x01)
+        *infomask |= HEAP_XMAX_IS_MULTI;
+    if (infobits & 0x02)
+        *infomask |= HEAP_XMAX_LOCK_ONLY;
+    if (infobits & 0x04)
+        *infomask |= HEAP_XMAX_EXCL_LOCK;
+    if (infobits & 0x08)
+        *infomask |= HEAP_XMAX_KEYSHR_LOCK;
+    if (infobits & 0x10)
+        *infomask2 |= HEAP_KEYS_UPDATED;
+}
+
+/* PageSetPrunable: lower pd_prune_xid to xid if unset or later (TransactionIdPrecedes). */
+static void set_prunable(unsigned char *p, uint32_t xid)
+{
+    uint32_t cur = rd32(p + OFF_PRUNE_XID);
+    int precedes = (xid < 3 || cur < 3) ? xid < cur : (int32_t) (xid - cur) < 0;
+    if (cur == 0 || precedes)
+        wr32(p + OFF_PRUNE_XID, xid);
+}
+
+static void set_ctid(unsigned char *htup, uint32_t blkno, unsigned offnum)
+{
+    wr16(htup + 12, (blkno >> 16) & 0xFFFF);
+    wr16(htup + 14, blkno & 0xFFFF);
+    wr16(htup + 16, offnum & 0xFFFF);
+}
+
+static void clear_all_visible(unsigned char *p) { wr16(p + OFF_FLAGS, rd16(p + OFF_FLAGS) & ~(unsigned) PD_ALL_VISIBLE); }
+
+/* Arguments: page, then `n` ints (each must fit in a uint32). */
+static int heap_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t n, Py_buffer *page, uint32_t *v,
+                     const char *name)
+{
+    if (nargs != n + 1) {
+        PyErr_Format(PyExc_TypeError, "%s takes %zd arguments", name, n + 1);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (get_u32(args[i + 1], &v[i], name) < 0)
+            return -1;
+    return get_page(args[0], page);
+}
+
+PyDoc_STRVAR(heap_delete_doc,
+"heap_delete(page, offnum, xmax, infobits, flags, xid, blkno) -> bool\n\n"
+"heap_xlog_delete's change to the tuple (pgredo.heap.heap_delete_redo). False: the\n"
+"line pointer array is corrupt past the page; nothing was changed, run the Python code.");
+
+static PyObject *native_heap_delete(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer page;
+    uint32_t v[6];
+    if (heap_args(args, nargs, 6, &page, v, "heap_delete") < 0)
+        return NULL;
+    uint32_t offnum = v[0], xmax = v[1], infobits = v[2], flags = v[3], xid = v[4], blkno = v[5];
+    unsigned char *p = (unsigned char *) page.buf;
+    long off, len;
+    int found = normal_tuple(p, (long) offnum, &off, &len);
+    if (found <= 0) {
+        PyBuffer_Release(&page);
+        if (found < 0)
+            return NULL;
+        Py_RETURN_FALSE;
+    }
+    unsigned char *htup = p + off;
+    unsigned infomask = rd16(htup + 20) & ~(unsigned) (HEAP_XMAX_BITS | HEAP_MOVED);
+    unsigned infomask2 = rd16(htup + 18) & ~(unsigned) (HEAP_KEYS_UPDATED | HEAP_HOT_UPDATED);
+    fix_infomask(infobits, &infomask, &infomask2);
+    if (!(flags & 0x08)) /* XLH_DELETE_IS_SUPER */
+        wr32(htup + 4, xmax);
+    else
+        wr32(htup + 0, 0);
+    wr32(htup + 8, 0); /* HeapTupleHeaderSetCmax(FirstCommandId) */
+    infomask &= ~(unsigned) HEAP_COMBOCID;
+    wr16(htup + 20, infomask);
+    wr16(htup + 18, infomask2);
+    set_prunable(p, xid);
+    if (flags & 0x01) /* XLH_DELETE_ALL_VISIBLE_CLEARED */
+        clear_all_visible(p);
+    if (flags & 0x10) /* XLH_DELETE_IS_PARTITION_MOVE: ItemPointerSetMovedPartitions */
+        set_ctid(htup, 0xFFFFFFFFu, 0xFFFD);
+    else
+        set_ctid(htup, blkno, offnum);
+    PyBuffer_Release(&page);
+    Py_RETURN_TRUE;
+}
+
+PyDoc_STRVAR(heap_update_old_doc,
+"heap_update_old(page, old_offnum, old_xmax, old_infobits, flags, hot, newblk, new_offnum, xid)\n"
+"    -> (lp_off, lp_len) | None\n\n"
+"The old-tuple half of heap_xlog_update (pgredo.heap._update_old_tuple). None: the line\n"
+"pointer array is corrupt past the page; nothing was changed, run the Python code.");
+
+static PyObject *native_heap_update_old(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer page;
+    uint32_t v[8];
+    if (heap_args(args, nargs, 8, &page, v, "heap_update_old") < 0)
+        return NULL;
+    uint32_t offnum = v[0], xmax = v[1], infobits = v[2], flags = v[3], hot = v[4], newblk = v[5],
+             new_offnum = v[6], xid = v[7];
+    unsigned char *p = (unsigned char *) page.buf;
+    long off, len;
+    int found = normal_tuple(p, (long) offnum, &off, &len);
+    if (found <= 0) {
+        PyBuffer_Release(&page);
+        if (found < 0)
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    unsigned char *htup = p + off;
+    unsigned infomask = rd16(htup + 20) & ~(unsigned) (HEAP_XMAX_BITS | HEAP_MOVED);
+    unsigned infomask2 = rd16(htup + 18) & ~(unsigned) HEAP_KEYS_UPDATED;
+    if (hot)
+        infomask2 |= HEAP_HOT_UPDATED;
+    else
+        infomask2 &= ~(unsigned) HEAP_HOT_UPDATED;
+    fix_infomask(infobits, &infomask, &infomask2);
+    wr32(htup + 4, xmax);
+    wr32(htup + 8, 0);
+    infomask &= ~(unsigned) HEAP_COMBOCID;
+    wr16(htup + 20, infomask);
+    wr16(htup + 18, infomask2);
+    set_ctid(htup, newblk, new_offnum);
+    set_prunable(p, xid);
+    if (flags & 0x01) /* XLH_UPDATE_OLD_ALL_VISIBLE_CLEARED */
+        clear_all_visible(p);
+    PyBuffer_Release(&page);
+    return Py_BuildValue("(ll)", off, len);
+}
+
+PyDoc_STRVAR(heap_lock_doc,
+"heap_lock(page, offnum, locking_xid, infobits, blkno) -> bool\n\n"
+"heap_xlog_lock's change to the tuple (pgredo.heap.heap_lock_redo). False: the line\n"
+"pointer array is corrupt past the page; nothing was changed, run the Python code.");
+
+static PyObject *native_heap_lock(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer page;
+    uint32_t v[4];
+    if (heap_args(args, nargs, 4, &page, v, "heap_lock") < 0)
+        return NULL;
+    uint32_t offnum = v[0], xid = v[1], infobits = v[2], blkno = v[3];
+    unsigned char *p = (unsigned char *) page.buf;
+    long off, len;
+    int found = normal_tuple(p, (long) offnum, &off, &len);
+    if (found <= 0) {
+        PyBuffer_Release(&page);
+        if (found < 0)
+            return NULL;
+        Py_RETURN_FALSE;
+    }
+    unsigned char *htup = p + off;
+    unsigned infomask = rd16(htup + 20) & ~(unsigned) (HEAP_XMAX_BITS | HEAP_MOVED);
+    unsigned infomask2 = rd16(htup + 18) & ~(unsigned) HEAP_KEYS_UPDATED;
+    fix_infomask(infobits, &infomask, &infomask2);
+    /* HEAP_XMAX_IS_LOCKED_ONLY: no update, so no HOT link or forward ctid. */
+    if ((infomask & HEAP_XMAX_LOCK_ONLY) ||
+        (infomask & (HEAP_XMAX_IS_MULTI | HEAP_LOCK_MASK)) == HEAP_XMAX_EXCL_LOCK) {
+        infomask2 &= ~(unsigned) HEAP_HOT_UPDATED;
+        set_ctid(htup, blkno, offnum);
+    }
+    wr32(htup + 4, xid);
+    wr32(htup + 8, 0);
+    infomask &= ~(unsigned) HEAP_COMBOCID;
+    wr16(htup + 20, infomask);
+    wr16(htup + 18, infomask2);
+    PyBuffer_Release(&page);
+    Py_RETURN_TRUE;
+}
+
 /* -- PageRepairFragmentation ---------------------------------------------------------- */
 
 typedef struct
@@ -552,6 +775,297 @@ fail:
     return NULL;
 }
 
+/* -- DecodeXLogRecord ------------------------------------------------------------------ */
+
+#define SIZE_OF_XLOG_RECORD 24
+#define XLR_MAX_BLOCK_ID 32
+#define XLR_BLOCK_ID_DATA_SHORT 255
+#define XLR_BLOCK_ID_DATA_LONG 254
+#define XLR_BLOCK_ID_ORIGIN 253
+#define XLR_BLOCK_ID_TOPLEVEL_XID 252
+#define BKPBLOCK_HAS_IMAGE 0x10
+#define BKPBLOCK_HAS_DATA 0x20
+#define BKPBLOCK_SAME_REL 0x80
+#define BKPIMAGE_HAS_HOLE 0x01
+#define BKPIMAGE_COMPRESSED (0x04 | 0x08 | 0x10)
+
+typedef struct
+{
+    unsigned block_id, fork_flags, data_len, bimg_len, hole_offset, bimg_info;
+    long hole_length; /* BLCKSZ - bimg_len for an uncompressed image with a hole: may be negative */
+    uint32_t spc, db, rel, blkno;
+} BlockRef;
+
+/* The error of a record whose body is bad: a str the Python side raises as WalRecordError. */
+#define DECODE_FAIL(...)                                   \
+    do {                                                   \
+        snprintf(msg, sizeof msg, __VA_ARGS__);            \
+        result = PyUnicode_FromString(msg);                \
+        goto done;                                         \
+    } while (0)
+#define TRUNCATED() DECODE_FAIL("record body truncated: a header runs past the end of the record")
+
+PyDoc_STRVAR(decode_body_doc,
+"decode_body(raw) -> (blocks, main_data, origin, toplevel_xid) | str\n\n"
+"The DecodeXLogRecord walk of pgformat.xlogrecord._decode_body over a whole\n"
+"record (header not checked here). blocks: one tuple per block reference,\n"
+"(block_id, spc, db, rel, fork_flags, blkno, image, data) with image None or\n"
+"(bytes, hole_offset, hole_length, bimg_info). A str is the reason the\n"
+"record is invalid, worded as the Python walk words it.");
+
+static PyObject *native_decode_body(PyObject *self, PyObject *raw_obj)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(raw_obj, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *r = (const unsigned char *) view.buf;
+    Py_ssize_t end = view.len, pos = SIZE_OF_XLOG_RECORD, datatotal = 0, main_len = 0;
+    long origin = -1, toplevel = -1;
+    uint32_t toplevel_xid = 0;
+    BlockRef refs[XLR_MAX_BLOCK_ID + 1];
+    int nrefs = 0, have_rel = 0;
+    long last_block_id = -1;
+    uint32_t spc = 0, db = 0, rel = 0;
+    PyObject *result = NULL, *blocks = NULL;
+    char msg[200];
+
+    if (end < SIZE_OF_XLOG_RECORD)
+        TRUNCATED();
+    while (end - pos > datatotal) {
+        unsigned block_id = r[pos++];
+        if (block_id > XLR_MAX_BLOCK_ID) {
+            if (block_id == XLR_BLOCK_ID_DATA_SHORT) {
+                if (pos + 1 > end)
+                    TRUNCATED();
+                main_len = r[pos++];
+                datatotal += main_len;
+                break; /* main data length is always last */
+            }
+            if (block_id == XLR_BLOCK_ID_DATA_LONG) {
+                if (pos + 4 > end)
+                    TRUNCATED();
+                main_len = (Py_ssize_t) rd32(r + pos);
+                pos += 4;
+                datatotal += main_len;
+                break;
+            }
+            if (block_id == XLR_BLOCK_ID_ORIGIN) {
+                if (pos + 2 > end)
+                    TRUNCATED();
+                origin = (long) rd16(r + pos);
+                pos += 2;
+                continue;
+            }
+            if (block_id == XLR_BLOCK_ID_TOPLEVEL_XID) {
+                if (pos + 4 > end)
+                    TRUNCATED();
+                toplevel_xid = rd32(r + pos);
+                toplevel = 1;
+                pos += 4;
+                continue;
+            }
+            DECODE_FAIL("invalid block_id %u", block_id);
+        }
+        if ((long) block_id <= last_block_id)
+            DECODE_FAIL("out-of-order block_id %u", block_id);
+        last_block_id = block_id;
+        BlockRef *b = &refs[nrefs];
+        b->block_id = block_id;
+        if (pos + 3 > end)
+            TRUNCATED();
+        b->fork_flags = r[pos];
+        b->data_len = rd16(r + pos + 1);
+        pos += 3;
+        if ((b->fork_flags & BKPBLOCK_HAS_DATA) && !b->data_len)
+            DECODE_FAIL("BKPBLOCK_HAS_DATA set, but no data included");
+        if (b->data_len && !(b->fork_flags & BKPBLOCK_HAS_DATA))
+            DECODE_FAIL("BKPBLOCK_HAS_DATA not set, but data length is %u", b->data_len);
+        datatotal += b->data_len;
+        b->bimg_len = b->hole_offset = b->hole_length = b->bimg_info = 0;
+        if (b->fork_flags & BKPBLOCK_HAS_IMAGE) {
+            if (pos + 5 > end)
+                TRUNCATED();
+            b->bimg_len = rd16(r + pos);
+            b->hole_offset = rd16(r + pos + 2);
+            b->bimg_info = r[pos + 4];
+            pos += 5;
+            if (b->bimg_info & BKPIMAGE_HAS_HOLE) {
+                if (b->bimg_info & BKPIMAGE_COMPRESSED) {
+                    if (pos + 2 > end)
+                        TRUNCATED();
+                    b->hole_length = (long) rd16(r + pos);
+                    pos += 2;
+                }
+                else
+                    b->hole_length = (long) BLCKSZ - (long) b->bimg_len;
+            }
+            datatotal += b->bimg_len;
+            /* _check_image_header */
+            long hole_length = b->hole_length;
+            if (b->bimg_info & BKPIMAGE_HAS_HOLE) {
+                if (b->hole_offset == 0 || hole_length == 0 || b->bimg_len == BLCKSZ)
+                    DECODE_FAIL("block image %u: BKPIMAGE_HAS_HOLE set, but hole offset %u length %ld", block_id,
+                                b->hole_offset, hole_length);
+            }
+            else if (b->hole_offset != 0 || hole_length != 0)
+                DECODE_FAIL("block image %u: BKPIMAGE_HAS_HOLE not set, but hole offset %u", block_id, b->hole_offset);
+            if (b->bimg_info & BKPIMAGE_COMPRESSED) {
+                if (b->bimg_len == BLCKSZ)
+                    DECODE_FAIL("block image %u: compressed image length %u", block_id, b->bimg_len);
+                unsigned methods = b->bimg_info & BKPIMAGE_COMPRESSED;
+                if (methods & (methods - 1))
+                    DECODE_FAIL("block image %u: more than one compression method in %#x", block_id, b->bimg_info);
+            }
+            else if (!(b->bimg_info & BKPIMAGE_HAS_HOLE) && b->bimg_len != BLCKSZ)
+                DECODE_FAIL("block image %u: image length %u without hole or compression", block_id, b->bimg_len);
+            if ((long) b->hole_offset + hole_length > BLCKSZ)
+                DECODE_FAIL("block image %u: hole %u+%ld beyond the page", block_id, b->hole_offset, hole_length);
+        }
+        if (b->fork_flags & BKPBLOCK_SAME_REL) {
+            if (!have_rel)
+                DECODE_FAIL("BKPBLOCK_SAME_REL set but no previous rel");
+        }
+        else {
+            if (pos + 12 > end)
+                TRUNCATED();
+            spc = rd32(r + pos);
+            db = rd32(r + pos + 4);
+            rel = rd32(r + pos + 8);
+            have_rel = 1;
+            pos += 12;
+        }
+        b->spc = spc;
+        b->db = db;
+        b->rel = rel;
+        if (pos + 4 > end)
+            TRUNCATED();
+        b->blkno = rd32(r + pos);
+        pos += 4;
+        nrefs++;
+    }
+    if (end - pos != datatotal)
+        DECODE_FAIL("record lengths disagree: %zd bytes after the headers, %zd announced", end - pos, datatotal);
+
+    blocks = PyList_New(nrefs);
+    if (blocks == NULL)
+        goto done;
+    for (int i = 0; i < nrefs; i++) {
+        BlockRef *b = &refs[i];
+        PyObject *image;
+        if (b->fork_flags & BKPBLOCK_HAS_IMAGE) {
+            image = Py_BuildValue("(y#IlI)", (const char *) r + pos, (Py_ssize_t) b->bimg_len, b->hole_offset,
+                                  b->hole_length, b->bimg_info);
+            pos += b->bimg_len;
+        }
+        else {
+            image = Py_None;
+            Py_INCREF(image);
+        }
+        if (image == NULL)
+            goto done;
+        PyObject *item = Py_BuildValue("(IIIIIINy#)", b->block_id, b->spc, b->db, b->rel, b->fork_flags, b->blkno,
+                                       image, (const char *) r + pos, (Py_ssize_t) b->data_len);
+        pos += b->data_len;
+        if (item == NULL)
+            goto done;
+        PyList_SET_ITEM(blocks, i, item);
+    }
+    PyObject *origin_obj = origin >= 0 ? PyLong_FromLong(origin) : (Py_INCREF(Py_None), Py_None);
+    PyObject *toplevel_obj = toplevel >= 0 ? PyLong_FromUnsignedLong(toplevel_xid) : (Py_INCREF(Py_None), Py_None);
+    if (origin_obj == NULL || toplevel_obj == NULL) {
+        Py_XDECREF(origin_obj);
+        Py_XDECREF(toplevel_obj);
+        goto done;
+    }
+    result = Py_BuildValue("(Oy#NN)", blocks, (const char *) r + pos, main_len, origin_obj, toplevel_obj);
+done:
+    Py_XDECREF(blocks);
+    PyBuffer_Release(&view);
+    return result;
+}
+
+/* -- CRC-32C of a WAL record (XLogRecord.xl_crc) ---------------------------------------- */
+
+/* Castagnoli polynomial, reflected (the CRC Postgres's COMP_CRC32C computes). */
+static uint32_t crc32c_table[8][256];
+
+static void crc32c_init_tables(void)
+{
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++)
+            c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+        crc32c_table[0][i] = c;
+    }
+    for (uint32_t i = 0; i < 256; i++)
+        for (int t = 1; t < 8; t++)
+            crc32c_table[t][i] = (crc32c_table[t - 1][i] >> 8) ^ crc32c_table[0][crc32c_table[t - 1][i] & 0xFF];
+}
+
+/* Slice-by-8: eight table lookups per 8 bytes. */
+static uint32_t crc32c_sw(uint32_t crc, const unsigned char *p, size_t n)
+{
+    while (n >= 8) {
+        uint32_t lo = crc ^ ((uint32_t) p[0] | (uint32_t) p[1] << 8 | (uint32_t) p[2] << 16 | (uint32_t) p[3] << 24);
+        crc = crc32c_table[7][lo & 0xFF] ^ crc32c_table[6][(lo >> 8) & 0xFF] ^ crc32c_table[5][(lo >> 16) & 0xFF] ^
+              crc32c_table[4][lo >> 24] ^ crc32c_table[3][p[4]] ^ crc32c_table[2][p[5]] ^ crc32c_table[1][p[6]] ^
+              crc32c_table[0][p[7]];
+        p += 8;
+        n -= 8;
+    }
+    while (n--)
+        crc = (crc >> 8) ^ crc32c_table[0][(crc ^ *p++) & 0xFF];
+    return crc;
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+/* The SSE 4.2 crc32 instruction, where the CPU has it (checked at run time). */
+__attribute__((target("sse4.2"))) static uint32_t crc32c_hw(uint32_t crc, const unsigned char *p, size_t n)
+{
+    uint64_t c = crc;
+    while (n >= 8) {
+        uint64_t v;
+        memcpy(&v, p, 8);
+        c = __builtin_ia32_crc32di(c, v);
+        p += 8;
+        n -= 8;
+    }
+    uint32_t c32 = (uint32_t) c;
+    while (n--)
+        c32 = __builtin_ia32_crc32qi(c32, *p++);
+    return c32;
+}
+static int have_sse42 = 0;
+#endif
+
+static uint32_t crc32c_update(uint32_t crc, const unsigned char *p, size_t n)
+{
+#if defined(__GNUC__) && defined(__x86_64__)
+    if (have_sse42)
+        return crc32c_hw(crc, p, n);
+#endif
+    return crc32c_sw(crc, p, n);
+}
+
+PyDoc_STRVAR(record_crc_doc,
+"record_crc(raw) -> int\n\n"
+"CRC-32C over the record after its 24-byte header, then the header up to xl_crc\n"
+"(pgformat.xlogrecord.record_crc).");
+
+static PyObject *native_record_crc(PyObject *self, PyObject *raw_obj)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(raw_obj, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *r = (const unsigned char *) view.buf;
+    uint32_t crc = 0xFFFFFFFFu;
+    if (view.len > SIZE_OF_XLOG_RECORD)
+        crc = crc32c_update(crc, r + SIZE_OF_XLOG_RECORD, (size_t) (view.len - SIZE_OF_XLOG_RECORD));
+    crc = crc32c_update(crc, r, (size_t) (view.len < 20 ? view.len : 20));
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLong(crc ^ 0xFFFFFFFFu);
+}
+
 /* -- pglz ------------------------------------------------------------------------------ */
 
 static void pglz_error(const char *message, Py_ssize_t offset)
@@ -678,8 +1192,13 @@ static PyMethodDef native_methods[] = {
     {"heap_add_tuple", (PyCFunction) (void (*)(void)) native_heap_add_tuple, METH_FASTCALL, heap_add_tuple_doc},
     {"heap_multi_insert", (PyCFunction) (void (*)(void)) native_heap_multi_insert, METH_FASTCALL,
      heap_multi_insert_doc},
+    {"heap_delete", (PyCFunction) (void (*)(void)) native_heap_delete, METH_FASTCALL, heap_delete_doc},
+    {"heap_update_old", (PyCFunction) (void (*)(void)) native_heap_update_old, METH_FASTCALL, heap_update_old_doc},
+    {"heap_lock", (PyCFunction) (void (*)(void)) native_heap_lock, METH_FASTCALL, heap_lock_doc},
     {"page_repair_fragmentation", (PyCFunction) native_page_repair_fragmentation, METH_O,
      page_repair_fragmentation_doc},
+    {"record_crc", (PyCFunction) native_record_crc, METH_O, record_crc_doc},
+    {"decode_body", (PyCFunction) native_decode_body, METH_O, decode_body_doc},
     {"pglz_decompress", (PyCFunction) (void (*)(void)) native_pglz_decompress, METH_FASTCALL, pglz_decompress_doc},
     {NULL, NULL, 0, NULL},
 };
@@ -690,4 +1209,12 @@ static struct PyModuleDef native_module = {
     NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&native_module); }
+PyMODINIT_FUNC PyInit__native(void)
+{
+    crc32c_init_tables();
+#if defined(__GNUC__) && defined(__x86_64__)
+    __builtin_cpu_init();
+    have_sse42 = __builtin_cpu_supports("sse4.2");
+#endif
+    return PyModule_Create(&native_module);
+}

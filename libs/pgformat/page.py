@@ -528,6 +528,9 @@ def page_get_item(page: bytearray, offnum: int) -> memoryview:
 # --- bufpage.c ------------------------------------------------------------------
 
 
+_ZERO_PAGE: Final = bytes(BLCKSZ)
+
+
 def page_init(page: bytearray, special_size: int = 0) -> None:
     """PageInit (bufpage.c): zero the page and set up an empty header.
 
@@ -537,7 +540,7 @@ def page_init(page: bytearray, special_size: int = 0) -> None:
     special_size = maxalign(special_size)
     if special_size < 0 or BLCKSZ <= special_size + SIZE_OF_PAGE_HEADER_DATA:
         raise PageError(f"special size {special_size} does not fit in a page")
-    page[:] = bytes(BLCKSZ)
+    page[:] = _ZERO_PAGE
     _HEADER.pack_into(
         page,
         0,

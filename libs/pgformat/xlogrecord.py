@@ -22,6 +22,7 @@ from typing import Final, NamedTuple
 
 import google_crc32c
 
+from . import native
 from .constants import BLCKSZ
 from .errors import FormatError, WalCrcError, WalRecordError
 
@@ -57,6 +58,9 @@ _U32 = struct.Struct("<I")
 _BLOCK_HEADER = struct.Struct("<BBH")
 _IMAGE_HEADER = struct.Struct("<HHB")
 _RELFILENODE = struct.Struct("<III")
+
+
+_tuple_new = tuple.__new__  # a NamedTuple from a tuple of its fields, without the Python-level _make
 
 
 class RelFileNode(NamedTuple):
@@ -192,7 +196,7 @@ def parse_record_header(buf: bytes | memoryview, lsn: int = 0) -> XLogRecordHead
     """Read the 24-byte XLogRecord header; check only what needs no context."""
     if len(buf) < SIZE_OF_XLOG_RECORD:
         raise WalRecordError(lsn, f"record header truncated: {len(buf)} of {SIZE_OF_XLOG_RECORD} bytes")
-    header = XLogRecordHeader._make(_RECORD_HEADER.unpack_from(buf, 0))
+    header = _tuple_new(XLogRecordHeader, _RECORD_HEADER.unpack_from(buf, 0))
     tot_len, rmid = header.tot_len, header.rmid
     if tot_len < SIZE_OF_XLOG_RECORD:
         raise WalRecordError(lsn, f"invalid record length: wanted {SIZE_OF_XLOG_RECORD}, got {tot_len}")
@@ -204,7 +208,13 @@ def parse_record_header(buf: bytes | memoryview, lsn: int = 0) -> XLogRecordHead
 
 
 def record_crc(raw: bytes | memoryview) -> int:
-    """CRC-32C over the record body after the header, then the header up to xl_crc."""
+    """CRC-32C over the record body after the header, then the header up to xl_crc.
+
+    In C without copying the record when pgformat._native is built.
+    """
+    compiled = native.compiled
+    if compiled is not None:
+        return int(compiled.record_crc(raw))
     crc = google_crc32c.value(bytes(raw[SIZE_OF_XLOG_RECORD:]))
     return int(google_crc32c.extend(crc, bytes(raw[:20])))
 
@@ -248,7 +258,25 @@ _unpack_relfilenode = _RELFILENODE.unpack_from
 
 
 def _decode_body(raw: bytes, header: XLogRecordHeader, lsn: int, end_lsn: int) -> DecodedRecord:
-    """The DecodeXLogRecord walk. Hot: one call per record, so locals over attributes."""
+    """The DecodeXLogRecord walk: in C when pgformat._native is built (its walk gives the
+    objects and errors of :func:`_decode_body_py`, the reference), else in Python."""
+    compiled = native.compiled
+    if compiled is None:
+        return _decode_body_py(raw, header, lsn, end_lsn)
+    parts = compiled.decode_body(raw)
+    if isinstance(parts, str):
+        raise WalRecordError(lsn, parts)
+    block_parts, main_data, origin, toplevel_xid = parts
+    blocks = [
+        DecodedBlock(block_id, _tuple_new(RelFileNode, (spc, db, rel)), fork_flags & BKPBLOCK_FORK_MASK, blkno,
+                     fork_flags, None if image is None else BlockImage(*image), data)
+        for block_id, spc, db, rel, fork_flags, blkno, image, data in block_parts
+    ]
+    return DecodedRecord(lsn, end_lsn, header, blocks, main_data, origin, toplevel_xid, raw)
+
+
+def _decode_body_py(raw: bytes, header: XLogRecordHeader, lsn: int, end_lsn: int) -> DecodedRecord:
+    """The DecodeXLogRecord walk, pure Python. Hot: one call per record, so locals over attributes."""
     pos = SIZE_OF_XLOG_RECORD
     end = len(raw)
     datatotal = 0

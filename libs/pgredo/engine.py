@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pgformat.constants import BLCKSZ
 from pgformat.page import PageError, page_get_lsn, page_set_lsn
@@ -36,9 +36,12 @@ from pgformat.xlogrecord import (
 from .errors import BadRecordError, RedoFailedError, UnsupportedRecordError
 
 
-@dataclass(frozen=True, slots=True)
-class BufferTag:
-    """A relation page: which relation file, fork and block (BufferTag in buf_internals.h)."""
+class BufferTag(NamedTuple):
+    """A relation page: which relation file, fork and block (BufferTag in buf_internals.h).
+
+    A NamedTuple (immutable, and hashed and compared in C): redo looks pages up
+    by tag several times per record.
+    """
 
     rnode: RelFileNode
     forknum: int

@@ -350,6 +350,9 @@ def heap_insert_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -
 def heap_delete_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -> None:
     """heap_xlog_delete: set xmax (or, for a speculative super-delete, clear xmin)."""
     xmax, offnum, infobits, flags = _main(rec, _XL_HEAP_DELETE)
+    compiled = native.compiled
+    if compiled is not None and compiled.heap_delete(page, offnum, xmax, infobits, flags, rec.xid, block.blkno):
+        return  # the same edits in C (their errors are PageErrors with the messages below)
     htup, _ = _normal_tuple(rec, page, offnum)
     infomask = _u16_from(page, htup + _T_INFOMASK)[0] & ~(HEAP_XMAX_BITS | HEAP_MOVED)
     infomask2 = _u16_from(page, htup + _T_INFOMASK2)[0] & ~HEAP_KEYS_UPDATED & ~HEAP_HOT_UPDATED
@@ -377,6 +380,12 @@ def _update_old_tuple(
 ) -> tuple[int, int]:
     """heap_xlog_update, old-tuple half. Returns the old tuple's (lp_off, lp_len)."""
     old_xmax, old_offnum, old_infobits, flags, _new_xmax, new_offnum = xlrec
+    compiled = native.compiled
+    if compiled is not None:
+        done = compiled.heap_update_old(page, old_offnum, old_xmax, old_infobits, flags, hot, newblk, new_offnum,
+                                        rec.xid)
+        if done is not None:
+            return done  # type: ignore[no-any-return]
     htup, tlen = _normal_tuple(rec, page, old_offnum)
     infomask = _u16_from(page, htup + _T_INFOMASK)[0] & ~(HEAP_XMAX_BITS | HEAP_MOVED)
     infomask2 = _u16_from(page, htup + _T_INFOMASK2)[0] & ~HEAP_KEYS_UPDATED
@@ -478,6 +487,9 @@ def heap_confirm_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray) 
 def heap_lock_redo(rec: DecodedRecord, block: DecodedBlock, page: bytearray) -> None:
     """heap_xlog_lock: set the locker as xmax with the lock's infomask bits."""
     locking_xid, offnum, infobits, _flags = _main(rec, _XL_HEAP_LOCK)
+    compiled = native.compiled
+    if compiled is not None and compiled.heap_lock(page, offnum, locking_xid, infobits, block.blkno):
+        return
     htup, _ = _normal_tuple(rec, page, offnum)
     infomask = _u16_from(page, htup + _T_INFOMASK)[0] & ~(HEAP_XMAX_BITS | HEAP_MOVED)
     infomask2 = _u16_from(page, htup + _T_INFOMASK2)[0] & ~HEAP_KEYS_UPDATED
