@@ -135,7 +135,10 @@ class WalStreamReader:
         seg_size: int = DEFAULT_WAL_SEG_SIZE,
         verify_crc: bool = True,
         expect_sysid: int | None = None,
+        prev_lsn: int | None = None,
     ) -> None:
+        """`prev_lsn`: the start of the record before `start_lsn`, when known: the first record's
+        xl_prev must point there (a gap or a fork of the WAL is an error)."""
         if seg_size <= 0 or seg_size & (seg_size - 1) or seg_size % XLOG_BLCKSZ:
             raise ValueError(f"invalid WAL segment size {seg_size}")
         self.seg_size = seg_size
@@ -150,7 +153,7 @@ class WalStreamReader:
         self._rec: bytearray | None = None  # partial record being assembled
         self._rec_lsn = 0
         self._rec_len = 0
-        self._prev_lsn: int | None = None  # start of the previous record, for xl_prev checks
+        self._prev_lsn: int | None = prev_lsn  # start of the previous record, for xl_prev checks
         self._after_switch = False
         self._error: Exception | None = None
         self._owed = 0  # bytes already skipped (e.g. padding) that were not fed yet
