@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +17,31 @@ from .repository import DEFAULT_TENANT, LocalRedo, PageRedo, Repository
 from .service import PageServerServicer
 
 log = logging.getLogger("zenith.pageserver")
+
+
+class Syncer:
+    """Every `interval` seconds, fsyncs what ingest committed without one: disk_consistent_lsn moves
+    up even when no walreceiver asks for a flush, and the walreceivers may drop their WAL below it."""
+
+    def __init__(self, repo: Repository, interval: float = 1.0) -> None:
+        self.repo = repo
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pageserver-sync", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.repo.sync()
+            except Exception:  # the next pass tries again; the log says what went wrong
+                log.exception("periodic sync of the repository failed")
 
 
 class PageServer:
@@ -36,6 +62,7 @@ class PageServer:
         # Off unless asked for (the command line asks by default): tests drive layers themselves.
         self.image_layers = (ImageLayerMaker(self.repo, image_layer_interval, image_layer_min_changes)
                              if image_layer_interval > 0 else None)
+        self.syncer = Syncer(self.repo)
         self.servicer = PageServerServicer(self.repo, lsn_wait_timeout=lsn_wait_timeout)
         self.endpoint = GrpcEndpoint(
             listen, ["zenith.v1.PageServer"],
@@ -51,6 +78,7 @@ class PageServer:
         return self.endpoint.port
 
     def start(self) -> None:
+        self.syncer.start()
         self.endpoint.start()
         if self.image_layers is not None:
             self.image_layers.start()
@@ -60,6 +88,8 @@ class PageServer:
         self.endpoint.stop(grace)
         if self.image_layers is not None:
             self.image_layers.stop()
+        self.syncer.stop()
+        self.repo.sync()
         self.repo.close()
 
 

@@ -1,12 +1,15 @@
 """The page server's repository: tenants, timelines and every page version, on disk.
 
 Storage engine: SQLite (stdlib), one database file per repository, in WAL
-journal mode with synchronous=FULL. DESIGN.md allows an embedded engine in
-place of Neon's layer files as long as the promises hold, and SQLite keeps
-them: a committed ingest batch survives kill -9 (we acknowledge a durable
-LSN only after COMMIT returns), reads are B-tree lookups (O(log n)), memory
-is SQLite's bounded page cache whatever the database size, and a branch is
-one row (ancestor, ancestor LSN), copying nothing.
+journal mode. Ingest commits each batch without an fsync (synchronous=NORMAL:
+a committed batch survives kill -9 of the process, not the loss of the
+machine); `sync` fsyncs, and only then does a timeline's
+`disk_consistent_lsn` move up: that is what the page server reports as
+durable, and the walreceiver keeps its WAL from there (DESIGN.md: WAL-first
+durability). Every other change (timelines, imports, GC, writers) commits
+with an fsync. Reads are B-tree lookups (O(log n)), memory is SQLite's
+bounded page cache whatever the database size, and a branch is one row
+(ancestor, ancestor LSN), copying nothing.
 
 Tables:
 - timelines: id, tenant, name, ancestor, ancestor_lsn, start/last/prev LSNs;
@@ -101,6 +104,10 @@ GC_KEYS_PER_BATCH: Final = 256
 __all__ = ["KIND_DELETED", "KIND_FILE", "KIND_IMAGE", "KIND_RECORD", "KIND_RECORD_INIT", "Repository", "Timeline"]
 
 _SCHEMA = """
+CREATE TABLE IF NOT EXISTS durability (
+    syncs INTEGER NOT NULL
+);
+INSERT INTO durability SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM durability);
 CREATE TABLE IF NOT EXISTS tenants (
     tenant TEXT PRIMARY KEY
 );
@@ -289,13 +296,15 @@ class Timeline:
     writer_kind: int = 0
     writer_name: str = ""
     writer_epoch: int = 0
+    # Everything up to here is fsynced (`Repository.sync`); the walreceiver keeps WAL from here on.
+    disk_consistent_lsn: int = 0
     # Ingest-side cache of relation sizes at last_record_lsn (None: dropped / unknown).
     rel_size_cache: dict[RelTag, int | None] = field(default_factory=dict, repr=False)
     lsn_changed: threading.Condition = field(default_factory=threading.Condition, repr=False)
 
     @property
     def durable_lsn(self) -> int:
-        return self.last_record_lsn
+        return self.disk_consistent_lsn
 
 
 class Repository:
@@ -310,12 +319,16 @@ class Repository:
         self._write_lock = threading.RLock()
         self._timelines: dict[int, Timeline] = {}
         self._by_name: dict[tuple[str, str], int] = {}
+        self._unsynced = False  # ingest committed something not yet fsynced
         self._gc_lock = threading.Lock()  # one GC at a time: runs read what earlier batches left
         self._layers_lock = threading.Lock()  # choosing a layer to read vs removing one
         with self._conn() as conn:
             conn.executescript(_SCHEMA)
             _migrate(conn)
         self._load_timelines()
+        # What a crashed predecessor committed without an fsync is made durable before it counts.
+        self._unsynced = True
+        self.sync()
         self._remove_orphan_layer_files()
 
     # -- connections ---------------------------------------------------------
@@ -325,27 +338,50 @@ class Repository:
         if conn is None:
             conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False, timeout=60)
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA synchronous=NORMAL")
             # Per connection (one per gRPC handler thread): bounded, whatever the database size.
             conn.execute("PRAGMA cache_size=-16384")  # 16 MB
             self._local.conn = conn
         return conn
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; durable (fsync'd) when the block exits without error."""
+    def _write(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction; fsync'd when the block exits without error if `durable` (and then
+        with every transaction committed before it), else only safe from a crash of this process."""
         with self._write_lock:
             conn = self._conn()
-            conn.execute("BEGIN IMMEDIATE")
+            if durable:
+                conn.execute("PRAGMA synchronous=FULL")
             try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                # Sizes cached during the rolled-back transaction may be wrong: reload lazily.
-                for tl in self._timelines.values():
-                    tl.rel_size_cache.clear()
-                raise
-            conn.execute("COMMIT")
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    # Sizes cached during the rolled-back transaction may be wrong: reload lazily.
+                    for tl in self._timelines.values():
+                        tl.rel_size_cache.clear()
+                    raise
+                conn.execute("COMMIT")
+                if durable:
+                    self._all_durable()
+            finally:
+                if durable:
+                    conn.execute("PRAGMA synchronous=NORMAL")
+
+    def _all_durable(self) -> None:
+        """After an fsync'd commit: every timeline's ingested WAL is on disk (called with the write lock)."""
+        for tl in self._timelines.values():
+            tl.disk_consistent_lsn = tl.last_record_lsn
+        self._unsynced = False
+
+    def sync(self) -> None:
+        """Make everything ingested durable (one fsync'd commit); disk_consistent_lsn catches up."""
+        with self._write_lock:
+            if not self._unsynced:
+                return
+            with self._write(durable=True) as conn:
+                conn.execute("UPDATE durability SET syncs = syncs + 1")
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -399,11 +435,20 @@ class Repository:
         prev_record_lsn: int = 0,
         system_id: int = 0,
         pg_version: int = 15,
+        wait: float = 0.0,
     ) -> Timeline:
-        """A new timeline: empty from `start_lsn`, or a branch of `ancestor` at `ancestor_lsn` (O(1))."""
+        """A new timeline: empty from `start_lsn`, or a branch of `ancestor` at `ancestor_lsn` (O(1)).
+
+        A branch point the ancestor has not ingested yet is waited for, up to `wait` seconds (the
+        walreceiver feeds the page server after the primary's commit returned)."""
         timeline = timeline or uuid.uuid4().hex
         _check_hex_id(timeline, "timeline")
         self._check_tenant(tenant)
+        if ancestor is not None and ancestor_lsn and wait > 0:
+            try:
+                self.wait_for_lsn(self.timeline(tenant, ancestor), ancestor_lsn, wait)
+            except LsnTimeoutError:
+                pass  # refused below, naming the parent's last record
         # The write lock spans the commit and the registration in memory: a GC of the parent
         # that moves its cutoff next sees this child's branch point.
         with self._write_lock:
@@ -453,7 +498,8 @@ class Repository:
                      prev_record_lsn, system_id, pg_version, now),
                 )
                 tl = Timeline(int(cur.lastrowid or 0), tenant, timeline, name, ancestor_id, ancestor_lsn or 0,
-                              start_lsn, start_lsn, prev_record_lsn, system_id, pg_version, now)
+                              start_lsn, start_lsn, prev_record_lsn, system_id, pg_version, now,
+                              disk_consistent_lsn=start_lsn)
             self._timelines[tl.id] = tl
             self._by_name[(tenant, timeline)] = tl.id
         return tl
@@ -530,7 +576,7 @@ class Repository:
         # claims take it too, so no batch of a fenced writer lands after the claim.
         with self._write_lock:
             self.check_writer(tl, writer_epoch)
-            with self._write() as conn:
+            with self._write(durable=False) as conn:
                 last = tl.last_record_lsn
                 prev = tl.prev_record_lsn
                 for rec in records:
@@ -552,6 +598,7 @@ class Repository:
             with tl.lsn_changed:
                 tl.last_record_lsn, tl.prev_record_lsn = last, prev
                 tl.lsn_changed.notify_all()
+            self._unsynced = self._unsynced or last != tl.disk_consistent_lsn
         return last
 
     # -- the single writer -------------------------------------------------------------
@@ -687,7 +734,7 @@ class Repository:
                 (lsn, lsn, prev_record_lsn, system_id, pg_version, tl.id),
             )
         with tl.lsn_changed:
-            tl.start_lsn = tl.last_record_lsn = lsn
+            tl.start_lsn = tl.last_record_lsn = tl.disk_consistent_lsn = lsn
             tl.prev_record_lsn, tl.system_id, tl.pg_version = prev_record_lsn, system_id, pg_version
             tl.lsn_changed.notify_all()
 

@@ -315,6 +315,7 @@ class PageServerServicer(pageserver_pb2_grpc.PageServerServicer):
                 ancestor=request.ancestor_timeline.id or None,
                 ancestor_lsn=request.ancestor_lsn or None,
                 pg_version=request.pg_version or 15,
+                wait=self.lsn_wait_timeout,
             )
             return self.timeline_info(tl)
 
@@ -439,13 +440,16 @@ class PageServerServicer(pageserver_pb2_grpc.PageServerServicer):
             try:
                 tl = self._timeline(batch.tenant, batch.timeline)
                 records = [_decode_ingest_record(r) for r in batch.records]
-                durable = self.repo.ingest(tl, records, batch.writer_epoch)
+                received = self.repo.ingest(tl, records, batch.writer_epoch)
+                if batch.flush:
+                    self.repo.sync()
             except _EXPECTED as e:
                 context.abort(_status_for(e), str(e))
             except Exception as e:
                 log.exception("BUG: unexpected error during ingest")
                 context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
-            yield pageserver_pb2.IngestResponse(batch_seq=batch.batch_seq, received_lsn=durable, durable_lsn=durable)
+            yield pageserver_pb2.IngestResponse(batch_seq=batch.batch_seq, received_lsn=received,
+                                                durable_lsn=tl.disk_consistent_lsn)
 
 
 class _QueueWriter(io.RawIOBase):
