@@ -1,16 +1,19 @@
-"""Resilience (issue #5): kill -9 of each service and restarts of the primary, under pgbench load, lose nothing.
+"""Resilience: kill -9 of each service and restarts of the primary, under pgbench load, lose nothing.
 
 Services run as processes through zctl; the primary is a real Postgres 15
 whose synchronous standby is our walreceiver, so a commit returns only once
-the page server holds it. Each scenario:
+the walreceiver holds it in its fsynced segment files (WAL-first durability);
+the page server gets it from there. Each scenario:
 
 - runs pgbench (4 clients) and a probe client that records the xid of every
   commit the primary acknowledged;
 - kills a service with SIGKILL (pid from `zctl status --json`) and brings it
   back with `zctl start`, which must restart only what is missing; or stops
   the primary (fast) or crashes it (immediate) and starts it again;
-- checks that every commit acknowledged before the kill is already in the
-  page server's durable store (its SQLite file, read while it is dead);
+- checks that every commit acknowledged before the kill is durable: in the
+  walreceiver's segment files or the page server's store, read from disk
+  while the service is dead; while the page server is down commits go on,
+  while the walreceiver is down they wait;
 - after the load, waits until the page server's LSN (`zctl lsn`) reaches the
   primary's flush LSN, then checks that the stored WAL is an unbroken
   xl_prev chain without duplicates, CRC-valid record by record, equal to the
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import sqlite3
@@ -53,6 +57,7 @@ from pgformat.lsn import parse_lsn
 from pgformat.rmgr import RM_XLOG_ID, XLOG_OVERWRITE_CONTRECORD
 from pgformat.xlogrecord import decode_record
 from services.walreceiver.receiver import AttachConfig
+from services.walreceiver.walstore import TimelineWal
 from services.walreceiver.server import AttachmentStore, StateFileError
 from zctl.postgres import PostgresNode, pid_alive, run_as_pg_user
 from zctl.waldump import iter_file_records
@@ -119,7 +124,7 @@ def pageserver_stub(repo: Path) -> pageserver_pb2_grpc.PageServerStub:
 
 
 def make_sync(node: PostgresNode, timeline: str) -> None:
-    """synchronous_standby_names = our walreceiver: commits wait for the page server."""
+    """synchronous_standby_names = our walreceiver: commits wait for its fsync."""
     app = f"zenith_walreceiver_{timeline}"
     node.execute(f"ALTER SYSTEM SET synchronous_standby_names = '{app}'")
     node.sql("SELECT pg_reload_conf()")
@@ -299,12 +304,21 @@ class Probe:
             self._thread.join(30)
 
 
-def assert_acked_are_durable(repo: Path, timeline: str, acked: list[int]) -> None:
-    """Every acknowledged commit is in the page server's repository file as it is now."""
+def kept_wal(repo: Path, timeline: str) -> list[StoredRecord]:
+    """The records in the walreceiver's segment files for `timeline`, as they are on disk."""
+    wal = TimelineWal.open(repo / "walreceiver" / "wal" / TENANT / timeline)
+    if wal is None:
+        return []
+    return [StoredRecord(r.lsn, r.end_lsn, r.data) for r in wal.records(*wal.scan_start())]
+
+
+def assert_acked_are_durable(repo: Path, timeline: str, acked: list[int], pageserver_only: bool = False) -> None:
+    """Every acknowledged commit is on disk now: in the walreceiver's WAL or the page server's store."""
     assert acked, "the probe got no commit acknowledged before the kill"
     _, stored = stored_wal(repo, timeline)
-    missing = set(acked) - committed_xids(stored)
-    assert not missing, f"{len(missing)} acknowledged commits are not in the page server: {sorted(missing)[:10]}"
+    durable = committed_xids(stored) | (set() if pageserver_only else committed_xids(kept_wal(repo, timeline)))
+    missing = set(acked) - durable
+    assert not missing, f"{len(missing)} acknowledged commits are not durable: {sorted(missing)[:10]}"
 
 
 def history_rows(node: PostgresNode) -> int:
@@ -360,8 +374,13 @@ def _kill9_under_sync_load(repo: Path, primary: PostgresNode, timeline: str, ser
         acked = probe.snapshot()
         assert_acked_are_durable(repo, timeline, acked)
         time.sleep(1.0)
-        # Commits wait: nothing is acknowledged while the service is down.
-        assert len(probe.acked) <= len(acked) + 1
+        if service == "walreceiver":
+            # Commits wait: nothing is acknowledged while the synchronous standby is down.
+            assert len(probe.acked) <= len(acked) + 1
+        else:
+            # The page server is not on the commit path: commits go on, durable in the walreceiver.
+            assert len(probe.acked) > len(acked) + 5, "commits stopped while the page server was down"
+            assert_acked_are_durable(repo, timeline, probe.snapshot())
         restart_missing(repo, service)
         after_restart()
         committed = bench.wait()
@@ -370,6 +389,7 @@ def _kill9_under_sync_load(repo: Path, primary: PostgresNode, timeline: str, ser
     assert committed == CLIENTS * 150, bench.output
     assert len(probe.acked) > len(acked), f"no commit was acknowledged after the {service} came back"
     final_checks(repo, timeline, primary)
+    assert_acked_are_durable(repo, timeline, probe.snapshot(), pageserver_only=True)
     assert history_rows(primary) == committed
 
 
@@ -424,6 +444,44 @@ def test_primary_fast_restart_and_crash_under_sync_load(repo: Path, primary: Pos
     assert attachment["state"] == "ATTACHMENT_STATE_STREAMING"
 
 
+def _kill9_cycles(repo: Path, primary: PostgresNode, cycles: int, seed: int) -> None:
+    """kill -9 the page server and the walreceiver in turn, each at a random moment, `cycles`
+    times in all, under synchronous pgbench load and the probe; nothing acknowledged is lost, the stored
+    WAL equals the primary's and every page equals the primary's."""
+    rng = random.Random(seed)
+    timeline = attach(repo, primary)
+    probe = Probe(primary).start()
+    bench = Pgbench(primary, "-T", str(max(20, cycles * 4)))
+    kills = {"pageserver": 0, "walreceiver": 0}
+    try:
+        for i in range(cycles):
+            time.sleep(rng.uniform(0.2, 2.0))
+            service = ("pageserver", "walreceiver")[i % 2]
+            kill9(repo, service)
+            kills[service] += 1
+            assert_acked_are_durable(repo, timeline, probe.snapshot())
+            time.sleep(rng.uniform(0.0, 1.0))
+            restart_missing(repo, service)
+        committed = bench.wait(600)
+    finally:
+        probe.stop()
+    assert bench.returncode == 0, bench.output
+    final_checks(repo, timeline, primary)
+    assert_acked_are_durable(repo, timeline, probe.snapshot(), pageserver_only=True)
+    assert history_rows(primary) == committed
+    assert kills == {"pageserver": (cycles + 1) // 2, "walreceiver": cycles // 2}
+
+
+def test_kill9_cycles_short(repo: Path, primary: PostgresNode) -> None:
+    _kill9_cycles(repo, primary, cycles=2, seed=1)
+
+
+@pytest.mark.slow
+def test_kill9_cycles_long(repo: Path, primary: PostgresNode) -> None:
+    """20 kills of each service at random moments (issue 12)."""
+    _kill9_cycles(repo, primary, cycles=40, seed=12)
+
+
 # -- the attachments state file -------------------------------------------------------------------
 
 
@@ -469,7 +527,8 @@ def test_walreceiver_refuses_to_start_on_a_damaged_state_file(tmp_path: Path) ->
     path = tmp_path / "attachments.json"
     path.write_text("{not json")
     proc = subprocess.run([sys.executable, "-m", "services.walreceiver.main", "--listen", "127.0.0.1:0",
-                           "--state-file", str(path)], capture_output=True, text=True, timeout=60)
+                           "--data-dir", str(tmp_path), "--state-file", str(path)],
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert "not valid JSON" in proc.stderr and str(path) in proc.stderr
     assert path.read_text() == "{not json"  # left for the operator to look at
@@ -499,7 +558,7 @@ def test_attach_and_detach_persist_and_a_new_process_restores(tmp_path: Path) ->
                 walreceiver_pb2.StatusRequest(all_tenants=True), timeout=10)
         return [a.timeline.id for a in resp.attachments]
 
-    first = WalReceiverServer("127.0.0.1:0", nowhere, options, state_file=state)
+    first = WalReceiverServer("127.0.0.1:0", nowhere, tmp_path / "wr", options, state_file=state)
     first.start()
     try:
         with grpc.insecure_channel(first.address) as ch:
@@ -526,7 +585,7 @@ def test_attach_and_detach_persist_and_a_new_process_restores(tmp_path: Path) ->
     finally:
         first.stop()
     assert [a.timeline for a in AttachmentStore(state).load()] == [timelines[1]]  # a clean stop keeps them
-    second = WalReceiverServer("127.0.0.1:0", nowhere, options, state_file=state)
+    second = WalReceiverServer("127.0.0.1:0", nowhere, tmp_path / "wr", options, state_file=state)
     second.start()
     try:
         assert attached(second) == [timelines[1]]

@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import sqlite3
+import re
 import struct
 import subprocess
 import sys
@@ -40,12 +41,9 @@ from pgformat.xlogreader import segment_file_name
 from services.pageserver.main import PageServer
 from services.pageserver.repository import DEFAULT_TENANT, Repository
 from services.walreceiver.main import WalReceiverServer
-from services.walreceiver.receiver import (
-    AttachConfig,
+from services.walreceiver.errors import ReplicationError
+from services.walreceiver.protocol import (
     Keepalive,
-    ReceiverOptions,
-    ReplicationError,
-    WalReceiver,
     XLogData,
     parse_copy_message,
     parse_size_setting,
@@ -53,6 +51,8 @@ from services.walreceiver.receiver import (
     replication_conninfo,
     standby_status_update,
 )
+from services.walreceiver.receiver import AttachConfig, ReceiverOptions, WalReceiver
+from services.walreceiver.walstore import TimelineWal
 from zctl.postgres import PostgresNode
 from zctl.waldump import iter_file_records
 from zproto import common_pb2, walreceiver_pb2, walreceiver_pb2_grpc
@@ -139,7 +139,7 @@ class Cluster:
         self.options = options
         self.ps = PageServer(repo_dir, f"127.0.0.1:{port}")
         self.ps.start()
-        self.wr = WalReceiverServer("127.0.0.1:0", self.ps.address, options)
+        self.wr = WalReceiverServer("127.0.0.1:0", self.ps.address, repo_dir.parent / "walreceiver", options)
         self.wr.start()
         self.channel = grpc.insecure_channel(self.wr.address)
         self.stub = walreceiver_pb2_grpc.WalReceiverStub(self.channel)
@@ -274,17 +274,23 @@ def test_pgbench_wal_lands_in_the_page_server_byte_for_byte(pg_factory: PgFactor
     assert slot and slot[0][0] == "physical" and parse_lsn(slot[0][1]) >= target
 
 
+def _is_commit_of(raw: bytes, xid: int) -> bool:
+    rec_xid, info, rmid = struct.unpack_from("<I", raw, 4)[0], raw[16], raw[17]
+    return rmid == RM_XACT_ID and rec_xid == xid and info & XLOG_XACT_OPMASK == XLOG_XACT_COMMIT
+
+
 def _commit_record_stored(repo: Repository, timeline: str, xid: int, after: int) -> bool:
-    for start, _, raw in stored_records(repo, timeline):
-        if start < after:
-            continue
-        rec_xid, info, rmid = struct.unpack_from("<I", raw, 4)[0], raw[16], raw[17]
-        if rmid == RM_XACT_ID and rec_xid == xid and info & XLOG_XACT_OPMASK == XLOG_XACT_COMMIT:
-            return True
-    return False
+    return any(start >= after and _is_commit_of(raw, xid) for start, _, raw in stored_records(repo, timeline))
 
 
-def test_synchronous_commit_waits_for_the_page_server(pg_factory: PgFactory, cluster: Cluster) -> None:
+def _commit_record_kept(wal_dir: Path, xid: int, after: int) -> bool:
+    """In the walreceiver's own segment files."""
+    wal = TimelineWal.open(wal_dir)
+    assert wal is not None
+    return any(r.lsn >= after and _is_commit_of(r.data, xid) for r in wal.records(*wal.scan_start()))
+
+
+def test_synchronous_commit_waits_for_the_walreceivers_fsync(pg_factory: PgFactory, cluster: Cluster) -> None:
     node = pg_factory()
     tl = cluster.create_timeline(node.current_lsn())
     app = f"zenith_walreceiver_{tl}"
@@ -295,7 +301,8 @@ def test_synchronous_commit_waits_for_the_page_server(pg_factory: PgFactory, clu
     wait_for(lambda: node.sql("SELECT sync_state FROM pg_stat_replication WHERE application_name = %s",
                               (app,)) == [("sync",)], 30, "the walreceiver to be the synchronous standby")
 
-    # Each commit returns only when the page server holds its commit record.
+    # Each commit returns only when the walreceiver's segment files hold its commit record.
+    wal_dir = cluster.wr.servicer.wal_dir(DEFAULT_TENANT, tl)
     with psycopg.connect(node.connstr()) as conn:
         for i in range(20):
             with conn.cursor() as cur:
@@ -305,15 +312,23 @@ def test_synchronous_commit_waits_for_the_page_server(pg_factory: PgFactory, clu
                 assert row is not None
                 xid, before = int(row[0]), parse_lsn(row[1])
             conn.commit()
-            assert _commit_record_stored(cluster.repo, tl, xid, before), f"commit of xid {xid} not stored yet"
-    # The primary's view of the standby's flush position is the page server's durable LSN.
+            assert _commit_record_kept(wal_dir, xid, before), f"commit of xid {xid} not in the walreceiver's WAL"
+            # The page server gets it right after, from there.
+            wait_for(lambda: _commit_record_stored(cluster.repo, tl, xid, before), 10, f"commit of xid {xid}")
+    # The primary's view of the standby's flush position is the walreceiver's durable WAL, and the
+    # page server catches up with it; pg_waldump reads the walreceiver's segments as a pg_wal.
     timeline = cluster.repo.timeline(DEFAULT_TENANT, tl)
 
     def flush_is_durable() -> bool:
         state, flush = node.sql("SELECT sync_state, flush_lsn::text FROM pg_stat_replication")[0]
-        return bool(state == "sync" and parse_lsn(flush) == timeline.last_record_lsn)
+        return bool(state == "sync" and parse_lsn(flush) == cluster.status(tl).durable_lsn
+                    == timeline.last_record_lsn)
 
-    wait_for(flush_is_durable, 10, "flush_lsn == the page server's durable LSN")
+    wait_for(flush_is_durable, 10, "flush_lsn == the walreceiver's durable LSN == the page server's last record")
+    dump = subprocess.run([str(node.bin("pg_waldump")), "-p", str(wal_dir), "-s", format_lsn(timeline.start_lsn),
+                           "-e", format_lsn(timeline.last_record_lsn)], capture_output=True, text=True, check=False)
+    assert dump.returncode == 0, dump.stderr
+    assert re.search(rf"tx:\s+{xid}, lsn: [0-9A-F/]+, prev [0-9A-F/]+, desc: COMMIT", dump.stdout), dump.stdout
 
     # Without the walreceiver, a commit waits (SyncRep) until the walreceiver is back.
     cluster.stub.Detach(walreceiver_pb2.DetachRequest(
@@ -378,20 +393,26 @@ def test_page_server_restart_resumes_without_gap_or_duplicate(pg_factory: PgFact
     tl = cluster.create_timeline(start)
     cluster.attach(node, tl)
     node.pgbench("-i", "-s", "1", "-q")
+    node.execute(f"ALTER SYSTEM SET synchronous_standby_names = 'zenith_walreceiver_{tl}'")
+    node.sql("SELECT pg_reload_conf()")
     load = threading.Thread(target=node.pgbench, args=("-c", "2", "-j", "2", "-T", "4"))
     load.start()
     try:
         time.sleep(1.0)
+        before = cluster.status(tl).durable_lsn
         cluster.restart_pageserver(downtime=1.0)
+        # Commits went on while the page server was away: the walreceiver's fsync is what they wait for.
+        assert cluster.status(tl).durable_lsn > before
     finally:
         load.join()
     target = flush_lsn(node)
     cluster.wait_durable(tl, target)
     assert_same_wal(node, cluster.repo, tl, start, target)
     st_ = cluster.status(tl)
-    assert st_.reconnects >= 1
-    assert "page server" in st_.last_error or "Ingest" in st_.last_error
-    assert st_.state == walreceiver_pb2.ATTACHMENT_STATE_STREAMING
+    assert st_.reconnects == 0  # the primary's stream never noticed
+    assert st_.state == walreceiver_pb2.ATTACHMENT_STATE_STREAMING and st_.pageserver_error == ""
+    node.execute("ALTER SYSTEM RESET synchronous_standby_names")
+    node.sql("SELECT pg_reload_conf()")
 
 
 def test_status_shows_lag_and_states(pg_factory: PgFactory, cluster: Cluster) -> None:
@@ -488,7 +509,8 @@ class ScriptedWalsender:
         return False
 
     def start_replication(self, slot: str, lsn: int, stop: threading.Event, timeout: float) -> None:
-        assert self.wal_start <= lsn <= self.wal_start + len(self.wal)
+        if not self.wal_start <= lsn <= self.wal_start + len(self.wal):
+            raise ReplicationError(f"requested WAL at {lsn:X} is not here")  # as a primary that removed it
         self.pos = lsn
 
     def read_message(self) -> memoryview | None:
@@ -525,17 +547,19 @@ def test_crc_bad_record_is_never_sent(pg_factory: PgFactory, cluster: Cluster) -
     seg = 16 << 20
     segments = b"".join((node.waldir / segment_file_name(1, lsn)).read_bytes()
                         for lsn in range(start - start % seg, end, seg))
-    wal = bytearray(segments[start % seg:start % seg + end - start])
+    page = start - start % 8192  # the walreceiver asks for the WAL from the start of the page
+    wal = bytearray(segments[page % seg:page % seg + end - page])
     records = file_records(node, start, end)
     # Spoil one byte of the body of a record in the middle that lies within one page.
     bad = next(r for r in records[len(records) // 2:] if r[0] % 8192 + len(r[2]) <= 8192)
-    wal[bad[0] - start + len(bad[2]) - 1] ^= 0xFF
+    wal[bad[0] - page + len(bad[2]) - 1] ^= 0xFF
 
     tl = cluster.create_timeline(start)
     replies: list[tuple[int, int, int]] = []
     receiver = WalReceiver(
-        AttachConfig(DEFAULT_TENANT, tl, node.connstr(), "scripted"), cluster.ps.address, FAST,
-        connect=lambda *_: ScriptedWalsender(sysid, bytes(wal), start, replies))
+        AttachConfig(DEFAULT_TENANT, tl, node.connstr(), "scripted"), cluster.ps.address,
+        cluster.repo_dir.parent / "scripted-wal", FAST,
+        connect=lambda *_: ScriptedWalsender(sysid, bytes(wal), page, replies))
     receiver.start()
     try:
         st_ = wait_for(lambda: (s := receiver.status()).reconnects >= 1 and s, 30, "a retry after the bad record")
@@ -546,9 +570,8 @@ def test_crc_bad_record_is_never_sent(pg_factory: PgFactory, cluster: Cluster) -
     stored = stored_records(cluster.repo, tl)
     assert stored == [r for r in records if r[1] <= bad[0]]
     assert cluster.repo.timeline(DEFAULT_TENANT, tl).last_record_lsn == bad[0]
-    # Nothing past it was ever reported to the primary as flushed (or written).
+    # Nothing past it was ever reported to the primary as flushed.
     assert replies and max(flush for _, flush, _ in replies) == bad[0]
-    assert max(write for write, _, _ in replies) == bad[0]
 
 
 def test_unreachable_primary_backs_off(cluster: Cluster) -> None:
@@ -556,17 +579,23 @@ def test_unreachable_primary_backs_off(cluster: Cluster) -> None:
     resp = cluster.stub.Attach(walreceiver_pb2.AttachRequest(
         timeline=common_pb2.TimelineId(id=tl), primary_conninfo="host=127.0.0.1 port=1 user=nobody",
         slot_name="s"))
-    assert resp.status.state == walreceiver_pb2.ATTACHMENT_STATE_CONNECTING
-    st_ = wait_for(lambda: (s := cluster.status(tl)).reconnects >= 2 and s, 10, "reconnects")
-    assert st_.state in (walreceiver_pb2.ATTACHMENT_STATE_BACKOFF, walreceiver_pb2.ATTACHMENT_STATE_CONNECTING)
+    assert resp.status.state in (walreceiver_pb2.ATTACHMENT_STATE_CONNECTING, walreceiver_pb2.ATTACHMENT_STATE_BACKOFF)
+    st_ = wait_for(lambda: (s := cluster.status(tl)).reconnects >= 1 and s, 10, "reconnects")
     assert "127.0.0.1" in st_.last_error and st_.last_error_time_us > 0
+    # The same error session after session, no progress: reported FAILING, still retrying.
+    st_ = wait_for(lambda: (s := cluster.status(tl)).state == walreceiver_pb2.ATTACHMENT_STATE_FAILING and s, 20,
+                   "FAILING")
+    assert st_.repeated_errors >= FAST.failing_after and "Connection refused" in st_.last_error
+    reconnects = st_.reconnects
+    wait_for(lambda: cluster.status(tl).reconnects > reconnects, 10, "a retry while failing")
 
 
-def test_service_binary_health_and_sigterm() -> None:
+def test_service_binary_health_and_sigterm(tmp_path: Path) -> None:
     exe = Path(sys.executable).parent / "zenith-walreceiver"
     if not exe.exists():
         pytest.skip("zenith-walreceiver is not installed (pip install -e .)")
-    with subprocess.Popen([exe, "--listen", "127.0.0.1:0", "--pageserver", "127.0.0.1:1"],
+    with subprocess.Popen([exe, "--listen", "127.0.0.1:0", "--pageserver", "127.0.0.1:1", "--data-dir",
+                           str(tmp_path / "wr")],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         try:
             assert proc.stdout is not None

@@ -100,6 +100,7 @@ class LocalCluster:
         if name == "walreceiver":
             return [py, "-m", "services.walreceiver.main", "--listen", config.address("walreceiver"),
                     "--pageserver", config.address("pageserver"),
+                    "--data-dir", str(self.repo / "walreceiver"),
                     "--state-file", str(self.repo / "walreceiver" / "attachments.json")]
         if name == "shim":
             return [py, "-m", "services.pgshim.main", "--listen", config.address("shim"),

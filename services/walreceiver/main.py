@@ -1,14 +1,16 @@
-"""`zenith-walreceiver`: stream primaries' WAL into the page server.
+"""`zenith-walreceiver`: stream primaries' WAL, keep it durably, feed it to the page server.
 
-    zenith-walreceiver [--listen 127.0.0.1:6403] [--pageserver 127.0.0.1:6402]
+    zenith-walreceiver --data-dir DIR [--listen 127.0.0.1:6403] [--pageserver 127.0.0.1:6402]
                        [--state-file PATH] [--log-level info]
 
 Serves zenith.v1.WalReceiver (Attach / Detach / Status) and grpc.health.v1
 on the listen address; prints `zenith-walreceiver listening on HOST:PORT`
-once it serves (port 0: any free port). SIGTERM or SIGINT: health goes
-NOT_SERVING, every attachment stops (replication slots are kept, so a
-restarted walreceiver resumes where the page server's WAL ends), then the
-server exits.
+once it serves (port 0: any free port). Each attachment keeps the WAL it
+receives in DIR/wal/<tenant>/<timeline> (segment files as in pg_wal) and
+reports it flushed to the primary once fsynced there; the page server gets
+it from there. SIGTERM or SIGINT: health goes NOT_SERVING, every attachment
+stops (replication slots and the WAL kept are left, so a restarted
+walreceiver resumes where its WAL ends), then the server exits.
 
 With --state-file, Attach and Detach persist the set of attachments there
 (atomically, before they answer) and start-up brings every saved attachment
@@ -39,10 +41,9 @@ SERVICE_NAME = "zenith.v1.WalReceiver"
 class WalReceiverServer:
     """The servicer plus its gRPC server; start() binds and serves, stop() detaches everything."""
 
-    def __init__(self, listen: str = "127.0.0.1:6403", pageserver: str = "127.0.0.1:6402",
-                 options: ReceiverOptions | None = None, threads: int = 16,
-                 state_file: Path | None = None) -> None:
-        self.servicer = WalReceiverServicer(pageserver, options, state_file)
+    def __init__(self, listen: str, pageserver: str, data_dir: Path, options: ReceiverOptions | None = None,
+                 threads: int = 16, state_file: Path | None = None) -> None:
+        self.servicer = WalReceiverServicer(pageserver, data_dir, options, state_file)
         self.endpoint = GrpcEndpoint(
             listen, [SERVICE_NAME], lambda server: walreceiver_pb2_grpc.add_WalReceiverServicer_to_server(
                 self.servicer, server), threads=threads, thread_name="walreceiver-grpc")
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status-interval", type=float, default=1.0,
                    help="seconds between standby status updates to the primary")
     p.add_argument("--max-backoff", type=float, default=5.0, help="longest wait between reconnects, seconds")
+    p.add_argument("--data-dir", type=Path, required=True, metavar="DIR",
+                   help="where each attachment keeps its WAL (segment files as in pg_wal) until the page server has "
+                        "stored it durably")
     p.add_argument("--state-file", type=Path, default=None, metavar="PATH",
                    help="keep the attachments in this JSON file, so they survive a restart (default: in memory only)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -85,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     options = ReceiverOptions(status_interval=args.status_interval, backoff_max=args.max_backoff)
     try:
-        server = WalReceiverServer(args.listen, args.pageserver, options, state_file=args.state_file)
+        server = WalReceiverServer(args.listen, args.pageserver, args.data_dir, options, state_file=args.state_file)
     except (OSError, RuntimeError, StateFileError) as e:
         print(f"zenith-walreceiver: {e}", file=sys.stderr)
         return 1

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -23,21 +24,10 @@ import psycopg
 from pgformat.lsn import format_lsn, parse_lsn
 from zproto import common_pb2, pageserver_pb2, pageserver_pb2_grpc, walreceiver_pb2, walreceiver_pb2_grpc
 
-from .receiver import (
-    DEFAULT_TENANT,
-    AttachConfig,
-    FatalError,
-    ReceiverOptions,
-    ReceiverStatus,
-    ReplicationError,
-    State,
-    WalReceiver,
-    WalReceiverError,
-    check_writer,
-    replication_conninfo,
-    validate_id,
-    validate_slot_name,
-)
+from .errors import FatalError, ReplicationError, WalReceiverError
+from .feeder import check_writer
+from .protocol import replication_conninfo, validate_id, validate_slot_name
+from .receiver import DEFAULT_TENANT, AttachConfig, ReceiverOptions, ReceiverStatus, State, WalReceiver
 
 log = logging.getLogger("zenith.walreceiver")
 
@@ -57,7 +47,9 @@ def status_to_proto(s: ReceiverStatus) -> walreceiver_pb2.AttachmentStatus:
         primary_conninfo=s.conninfo, slot_name=s.slot_name, state=_STATE_TO_PROTO[s.state],
         received_lsn=s.received_lsn, durable_lsn=s.durable_lsn, primary_lsn=s.primary_lsn,
         lag_bytes=s.lag_bytes, last_error=s.last_error, last_error_time_us=s.last_error_time_us,
-        reconnects=s.reconnects, repeated_errors=s.repeated_errors,
+        reconnects=s.reconnects, repeated_errors=s.repeated_errors, pageserver_lsn=s.pageserver_lsn,
+        pageserver_durable_lsn=s.pageserver_durable_lsn, pageserver_error=s.pageserver_error,
+        writer_epoch=s.writer_epoch,
     )
 
 
@@ -191,11 +183,14 @@ def _ids(context: grpc.ServicerContext, tenant: common_pb2.TenantId,
 class WalReceiverServicer(walreceiver_pb2_grpc.WalReceiverServicer):
     """Attachments live here, keyed by (tenant, timeline); nothing is kept in module globals."""
 
-    def __init__(self, pageserver: str, options: ReceiverOptions | None = None,
+    def __init__(self, pageserver: str, data_dir: Path, options: ReceiverOptions | None = None,
                  state_file: Path | None = None) -> None:
-        """With `state_file`, the saved attachments are read now (StateFileError if the file is
-        unusable) and started by restore()."""
+        """Each attachment keeps its WAL under `data_dir`/wal/<tenant>/<timeline>. With `state_file`,
+        the saved attachments are read now (StateFileError if the file is unusable) and started by
+        restore()."""
         self.pageserver = pageserver
+        self.data_dir = Path(data_dir)
+        self.detach_timeout = 30.0  # how long Detach waits for the page server to store the WAL kept here
         self.options = options or ReceiverOptions()
         self._lock = threading.Lock()
         self._receivers: dict[tuple[str, str], WalReceiver] = {}
@@ -211,12 +206,18 @@ class WalReceiverServicer(walreceiver_pb2_grpc.WalReceiverServicer):
         with self._lock:
             saved, self._saved = self._saved, []
             for config in saved:
-                receiver = WalReceiver(config, self.pageserver, self.options)
+                receiver = self._receiver(config)
                 self._receivers[(config.tenant, config.timeline)] = receiver
                 receiver.start()
                 log.info("restored attachment %s/%s: slot %s, application_name %s", config.tenant,
                          config.timeline, config.slot_name, receiver.application_name)
         return len(saved)
+
+    def wal_dir(self, tenant: str, timeline: str) -> Path:
+        return self.data_dir / "wal" / tenant / timeline
+
+    def _receiver(self, config: AttachConfig) -> WalReceiver:
+        return WalReceiver(config, self.pageserver, self.wal_dir(config.tenant, config.timeline), self.options)
 
     def _persist(self, context: grpc.ServicerContext, configs: dict[tuple[str, str], AttachConfig]) -> None:
         """Save `configs` as the set of attachments (called with the lock held); abort the RPC if the
@@ -257,7 +258,7 @@ class WalReceiverServicer(walreceiver_pb2_grpc.WalReceiverServicer):
                               f"timeline {timeline} of tenant {tenant} is already attached")
             # Durable before it starts: an Attach that returned OK survives a crash.
             self._persist(context, {**{k: r.config for k, r in self._receivers.items()}, (tenant, timeline): config})
-            receiver = WalReceiver(config, self.pageserver, self.options)
+            receiver = self._receiver(config)
             self._receivers[(tenant, timeline)] = receiver
             receiver.start()
         log.info("attached %s/%s: slot %s, application_name %s", tenant, timeline, slot,
@@ -297,14 +298,35 @@ class WalReceiverServicer(walreceiver_pb2_grpc.WalReceiverServicer):
 
     def Detach(self, request: Any, context: grpc.ServicerContext) -> Any:
         tenant, timeline = _ids(context, request.tenant, request.timeline)
+        key = (tenant, timeline)
         with self._lock:
-            receiver = self._receivers.get((tenant, timeline))
+            receiver = self._receivers.get(key)
             if receiver is None:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"timeline {timeline} of tenant {tenant} is not attached")
-            # Forgotten durably first: a crash from here on does not bring it back.
-            self._persist(context, {k: r.config for k, r in self._receivers.items() if k != (tenant, timeline)})
-            del self._receivers[(tenant, timeline)]
-        status = receiver.stop()
+        # The WAL kept here may hold commits the page server has not stored yet: it goes there first.
+        if not receiver.drain(self.detach_timeout):
+            status = receiver.stop()
+            if status.state is not State.FAILED:
+                with self._lock:
+                    if self._receivers.get(key) is receiver:  # not replaced meanwhile: carry on as before
+                        self._receivers[key] = again = self._receiver(receiver.config)
+                        again.start()
+                context.abort(grpc.StatusCode.UNAVAILABLE,
+                              f"cannot detach timeline {timeline} yet: the page server holds its WAL durably up to "
+                              f"{format_lsn(status.pageserver_durable_lsn)}, the walreceiver up to "
+                              f"{format_lsn(status.durable_lsn)}"
+                              + (f" ({status.pageserver_error})" if status.pageserver_error else "")
+                              + "; the attachment goes on, retry once the page server has caught up")
+            # A failed attachment's WAL never reaches the page server (fenced, diverged): set aside, not lost.
+            aside = self._set_aside(tenant, timeline)
+            if aside is not None:
+                log.warning("timeline %s: the WAL of the failed attachment is kept in %s", timeline, aside)
+        with self._lock:
+            # Forgotten durably: a crash from here on does not bring it back.
+            self._persist(context, {k: r.config for k, r in self._receivers.items() if k != key})
+            if self._receivers.get(key) is receiver:
+                del self._receivers[key]
+        status = receiver.status()
         if request.drop_slot:
             try:
                 dropped = receiver.drop_slot()
@@ -315,6 +337,14 @@ class WalReceiverServicer(walreceiver_pb2_grpc.WalReceiverServicer):
                 status = replace(status, last_error=f"could not drop slot: {e}")
         log.info("detached %s/%s: %s", tenant, timeline, status.line())
         return walreceiver_pb2.DetachResponse(status=status_to_proto(status))
+
+    def _set_aside(self, tenant: str, timeline: str) -> Path | None:
+        wal_dir = self.wal_dir(tenant, timeline)
+        if not wal_dir.exists():
+            return None
+        aside = wal_dir.with_name(f"{timeline}.failed-{time.strftime('%Y%m%dT%H%M%S')}")
+        wal_dir.rename(aside)
+        return aside
 
     def Status(self, request: Any, context: grpc.ServicerContext) -> Any:
         with self._lock:
