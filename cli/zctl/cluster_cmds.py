@@ -113,7 +113,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             attachments = [
                 {"timeline": a.timeline.id, "state": walreceiver_pb2.AttachmentState.Name(a.state),
                  "received_lsn": format_lsn(a.received_lsn), "durable_lsn": format_lsn(a.durable_lsn),
-                 "lag_bytes": a.lag_bytes, "last_error": a.last_error}
+                 "lag_bytes": a.lag_bytes, "last_error": a.last_error,
+                 "pageserver_lsn": format_lsn(a.pageserver_lsn),
+                 "pageserver_durable_lsn": format_lsn(a.pageserver_durable_lsn),
+                 "pageserver_error": a.pageserver_error}
                 for a in resp.attachments
             ]
         except grpc.RpcError:
@@ -133,9 +136,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         failing = a["state"] in ("ATTACHMENT_STATE_FAILED", "ATTACHMENT_STATE_FAILING")
         state = a["state"].removeprefix("ATTACHMENT_STATE_").lower()
         line = (f"walreceiver {a['timeline']}: {'[red]' + state + '[/red]' if failing else state} received "
-                f"{a['received_lsn']} durable {a['durable_lsn']} lag {a['lag_bytes']} bytes")
+                f"{a['received_lsn']} durable {a['durable_lsn']} lag {a['lag_bytes']} bytes; page server at "
+                f"{a['pageserver_lsn']} (durable {a['pageserver_durable_lsn']})")
         if a["last_error"]:
             line += f"; last error: {a['last_error']}"
+        if a["pageserver_error"]:
+            line += f"; [yellow]page server: {a['pageserver_error']}[/yellow]"
         console.print(line, highlight=False)
     return 0
 

@@ -20,7 +20,7 @@ from rich.tree import Tree
 
 from pgformat.lsn import LsnFormatError, format_lsn, parse_lsn
 from services.runtime import ShutdownSignal
-from zproto import common_pb2, pageserver_pb2
+from zproto import common_pb2, pageserver_pb2, walreceiver_pb2
 
 from .cluster_cmds import DEFAULT_TENANT, CommandError, _cluster, _pageserver, _rpc_error, _walreceiver, find_branch
 from .computes import ComputeError, Computes, check_writable
@@ -48,16 +48,42 @@ def parse_branch_point(text: str) -> tuple[str, int]:
     return "timestamp", (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
+def _acknowledged_lsn(cluster: Any, timeline: str) -> int:
+    """Where the WAL a walreceiver acknowledged to the branch's writer ends (0 if not attached): the
+    page server may still be catching up with it, and 'latest' must include every commit."""
+    try:
+        resp = _walreceiver(cluster).Status(walreceiver_pb2.StatusRequest(
+            tenant=common_pb2.TenantId(id=DEFAULT_TENANT), timeline=common_pb2.TimelineId(id=timeline)), timeout=10)
+    except grpc.RpcError:
+        return 0
+    return max((a.durable_lsn for a in resp.attachments), default=0)
+
+
+def _wait_ingested(stub: Any, timeline: str, lsn: int, timeout: float = 60.0) -> None:
+    request = pageserver_pb2.GetTimelineRequest(tenant=common_pb2.TenantId(id=DEFAULT_TENANT),
+                                                timeline=common_pb2.TimelineId(id=timeline))
+    deadline = time.monotonic() + timeout
+    while (last := stub.GetTimeline(request, timeout=10).last_record_lsn) < lsn:
+        if time.monotonic() > deadline:
+            raise CommandError(f"the page server has WAL up to {format_lsn(last)} only, not yet up to "
+                               f"{format_lsn(lsn)}; see `zctl status`")
+        time.sleep(0.05)
+
+
 def cmd_branch_create(args: argparse.Namespace) -> int:
-    stub = _pageserver(_cluster(args))
+    cluster = _cluster(args)
+    stub = _pageserver(cluster)
     parent = find_branch(stub, args.parent)
-    lsn = 0
     tenant = common_pb2.TenantId(id=DEFAULT_TENANT)
+    acknowledged = _acknowledged_lsn(cluster, parent.timeline.id)
+    lsn = acknowledged  # latest: every commit acknowledged so far (the page server waits for it)
+    kind = ""
     if args.at:
         kind, value = parse_branch_point(args.at)
         if kind == "lsn":
             lsn = value
         else:
+            _wait_ingested(stub, parent.timeline.id, acknowledged)
             try:
                 lsn = stub.FindLsnByTimestamp(pageserver_pb2.FindLsnByTimestampRequest(
                     tenant=tenant, timeline=parent.timeline, timestamp_us=value), timeout=30).lsn
@@ -73,7 +99,7 @@ def cmd_branch_create(args: argparse.Namespace) -> int:
                                f"branch's gc_cutoff_lsn") from None
         raise _rpc_error(e, f"creating branch {args.name!r}") from None
     print(f"branch {args.name} created from {args.parent} at {format_lsn(info.ancestor_lsn)} (timeline {info.timeline.id})")
-    if lsn and info.ancestor_lsn != lsn:
+    if args.at and kind == "lsn" and info.ancestor_lsn != lsn:
         print(f"note: {format_lsn(lsn)} is not the end of a WAL record; the branch starts at "
               f"{format_lsn(info.ancestor_lsn)}, the end of the last record before it")
     return 0

@@ -139,9 +139,14 @@ class Computes:
                         f"(port {other.port}); stop it first or create a read-only compute with --lsn"
                     )
         node = self.node(spec)
-        # A writable compute claims its branch first: every earlier writer (a previous
-        # incarnation still streaming, say) is fenced before the base backup is taken.
-        epoch = self._claim(spec) if spec.lsn is None else 0
+        epoch = 0
+        if spec.lsn is None:
+            # What the walreceiver kept of an earlier writer of the branch (a compute killed,
+            # say) goes to the page server first: the base backup must include every commit
+            # acknowledged to it. Then this compute claims the branch, fencing any earlier writer.
+            takeover = self._claimable(spec)
+            self._detach(spec, required=True)
+            epoch = self._claim(spec, takeover)
         lsn = self._fetch_basebackup(spec, node.datadir)
         self._configure(spec, node)
         node.start()
@@ -152,34 +157,75 @@ class Computes:
     def _timeline_request(self, spec: ComputeSpec) -> tuple[common_pb2.TenantId, common_pb2.TimelineId]:
         return common_pb2.TenantId(id=DEFAULT_TENANT), common_pb2.TimelineId(id=spec.timeline)
 
-    def _claim(self, spec: ComputeSpec) -> int:
-        """Make this compute its branch's writer; the new writer epoch."""
+    def _claimable(self, spec: ComputeSpec) -> bool:
+        """ComputeError unless this compute may claim its branch; whether that takes over a claim.
+
+        A claim of this compute (an earlier incarnation, killed) or of another compute of this
+        repository that is not running is taken over (the claim fences it); a primary's, or an
+        unknown or running compute's, is refused.
+        """
         tenant, timeline = self._timeline_request(spec)
         try:
             info = self.pageserver.GetTimeline(pageserver_pb2.GetTimelineRequest(tenant=tenant, timeline=timeline),
                                                timeout=10)
-            check_writable(spec.branch, info)
-            # Another compute's claim is taken over: start() checked that no other writable
-            # compute of the branch runs, and the claim fences it if it still streams.
+        except grpc.RpcError as e:
+            raise ComputeError(f"branch {spec.branch!r}: {e.details()}") from None
+        check_writable(spec.branch, info)
+        w = info.writer
+        if w.kind != pageserver_pb2.WRITER_KIND_COMPUTE:
+            return False
+        if w.name == spec.name:
+            return True
+        if self.exists(w.name):
+            holder = self.spec(w.name)
+            if holder.timeline == spec.timeline and not self.is_running(holder):
+                return True
+        raise ComputeError(f"branch {spec.branch!r} is written by compute {w.name!r} (epoch {w.epoch}), which is "
+                           f"running or not a compute of this repository; stop it (`zctl pg stop {w.name}`) first")
+
+    def _epoch_file(self, spec: ComputeSpec) -> Path:
+        return self._dir(spec.name) / "writer_epoch"
+
+    def _claim(self, spec: ComputeSpec, takeover: bool) -> int:
+        """Make this compute its branch's writer; the new writer epoch (kept beside its spec)."""
+        tenant, timeline = self._timeline_request(spec)
+        try:
             info = self.pageserver.ClaimTimeline(pageserver_pb2.ClaimTimelineRequest(
                 tenant=tenant, timeline=timeline, kind=pageserver_pb2.WRITER_KIND_COMPUTE, name=spec.name,
-                takeover=info.writer.kind == pageserver_pb2.WRITER_KIND_COMPUTE), timeout=10)
+                takeover=takeover), timeout=10)
         except grpc.RpcError as e:
             raise ComputeError(f"compute {spec.name!r} cannot write branch {spec.branch!r}: {e.details()}") from None
-        return int(info.writer.epoch)
+        epoch = int(info.writer.epoch)
+        write_file_atomically(self._epoch_file(spec), str(epoch).encode())
+        return epoch
+
+    def _epoch(self, spec: ComputeSpec) -> int:
+        try:
+            return int(self._epoch_file(spec).read_text())
+        except (OSError, ValueError):
+            return 0
 
     def _release(self, spec: ComputeSpec) -> None:
-        """Give up the branch's writer claim if this compute still holds it."""
+        """Give up the branch's writer claim if this incarnation still holds it (the page server
+        refuses a stale epoch: a newer incarnation's claim stays)."""
+        tenant, timeline = self._timeline_request(spec)
+        epoch = self._epoch(spec)
+        if epoch:
+            try:
+                self.pageserver.ReleaseTimeline(pageserver_pb2.ReleaseTimelineRequest(
+                    tenant=tenant, timeline=timeline, epoch=epoch), timeout=10)
+            except grpc.RpcError:
+                pass  # fenced meanwhile, or the page server is away: the next start takes the claim over
+        self._epoch_file(spec).unlink(missing_ok=True)
+
+    def _attachment(self, spec: ComputeSpec) -> walreceiver_pb2.AttachmentStatus | None:
         tenant, timeline = self._timeline_request(spec)
         try:
-            info = self.pageserver.GetTimeline(pageserver_pb2.GetTimelineRequest(tenant=tenant, timeline=timeline),
-                                               timeout=10)
-            w = info.writer
-            if w.kind == pageserver_pb2.WRITER_KIND_COMPUTE and w.name == spec.name:
-                self.pageserver.ReleaseTimeline(pageserver_pb2.ReleaseTimelineRequest(
-                    tenant=tenant, timeline=timeline, epoch=w.epoch), timeout=10)
+            found = self.walreceiver.Status(walreceiver_pb2.StatusRequest(tenant=tenant, timeline=timeline),
+                                            timeout=10).attachments
         except grpc.RpcError:
-            pass  # the next writable compute takes the claim over
+            return None
+        return found[0] if found else None
 
     def _fetch_basebackup(self, spec: ComputeSpec, datadir: Path) -> int:
         """Stream the page server's base backup (LZ4 frames of a tar) into the data directory as it
@@ -239,11 +285,6 @@ class Computes:
     def _attach_walreceiver(self, spec: ComputeSpec, node: PostgresNode, lsn: int, epoch: int) -> None:
         tenant, timeline = self._timeline_request(spec)
         try:
-            self.walreceiver.Detach(walreceiver_pb2.DetachRequest(tenant=tenant, timeline=timeline), timeout=30)
-        except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.NOT_FOUND:
-                raise ComputeError(f"walreceiver: {e.details()}") from None
-        try:
             self.walreceiver.Attach(walreceiver_pb2.AttachRequest(
                 tenant=tenant, timeline=timeline,
                 primary_conninfo=(f"host={spec.advertise_host} port={spec.port} user={node.user} dbname=postgres "
@@ -262,7 +303,7 @@ class Computes:
             raise
 
     def _wait_streaming(self, spec: ComputeSpec, node: PostgresNode, timeout: float = 60.0) -> None:
-        """Return once the page server durably holds the compute's WAL as of now, so that its commits
+        """Return once the walreceiver durably holds the compute's WAL as of now, so that its commits
         complete; ComputeError with the walreceiver's error if that does not happen."""
         target = node.flush_lsn()
         tenant, timeline = self._timeline_request(spec)
@@ -289,12 +330,19 @@ class Computes:
         raise ComputeError(f"compute {spec.name!r} was stopped: the walreceiver cannot store its WAL, so its "
                            f"commits would never complete: {last_error}")
 
-    def _detach(self, spec: ComputeSpec) -> None:
+    def _detach(self, spec: ComputeSpec, required: bool = False) -> bool:
+        """Detach the branch's walreceiver attachment once the page server holds all the WAL it kept;
+        False (ComputeError if `required`) when that cannot be done now. No attachment: True."""
         tenant, timeline = self._timeline_request(spec)
         try:
-            self.walreceiver.Detach(walreceiver_pb2.DetachRequest(tenant=tenant, timeline=timeline), timeout=30)
-        except grpc.RpcError:
-            pass
+            self.walreceiver.Detach(walreceiver_pb2.DetachRequest(tenant=tenant, timeline=timeline), timeout=120)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                return True
+            if required:
+                raise ComputeError(f"branch {spec.branch!r}: {e.details()}") from None
+            return False
+        return True
 
     def stop(self, name: str, wait_for_pageserver: float = 30.0) -> ComputeSpec:
         spec = self.spec(name)
@@ -304,13 +352,24 @@ class Computes:
         end_lsn = node.current_lsn() if spec.lsn is None else 0
         node.stop(mode="fast")
         if spec.lsn is None:
+            attachment = self._attachment(spec)
+            if attachment is not None and attachment.writer_epoch != self._epoch(spec):
+                return spec  # fenced: the branch's attachment is a newer writer's, not ours to end
             # Everything committed is already durable (synchronous commit); wait
             # briefly for the tail (the shutdown checkpoint) so a restart starts after it.
             deadline = time.monotonic() + wait_for_pageserver
             while time.monotonic() < deadline and self._branch_lsn(spec) < end_lsn:
+                if attachment is not None and attachment.state == walreceiver_pb2.ATTACHMENT_STATE_FAILED:
+                    break
                 time.sleep(0.1)
-            self._detach(spec)
-            self._release(spec)
+                attachment = self._attachment(spec)
+            if self._detach(spec):
+                self._release(spec)
+            else:
+                # The walreceiver keeps the compute's last WAL and delivers it when it can; the
+                # claim stays, so no other writer forks the branch before that.
+                raise ComputeError(f"compute {name!r} stopped, but the page server does not hold all its WAL "
+                                   f"yet (see `zctl status`); the walreceiver delivers it once it can")
         return spec
 
     def _branch_lsn(self, spec: ComputeSpec) -> int:
