@@ -813,13 +813,23 @@ PyDoc_STRVAR(decode_body_doc,
 "(bytes, hole_offset, hole_length, bimg_info). A str is the reason the\n"
 "record is invalid, worded as the Python walk words it.");
 
+static PyObject *decode_body(const unsigned char *r, Py_ssize_t end);
+static uint32_t crc32c_update(uint32_t crc, const unsigned char *p, size_t n);
+
 static PyObject *native_decode_body(PyObject *self, PyObject *raw_obj)
 {
     Py_buffer view;
     if (PyObject_GetBuffer(raw_obj, &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    const unsigned char *r = (const unsigned char *) view.buf;
-    Py_ssize_t end = view.len, pos = SIZE_OF_XLOG_RECORD, datatotal = 0, main_len = 0;
+    PyObject *result = decode_body((const unsigned char *) view.buf, view.len);
+    PyBuffer_Release(&view);
+    return result;
+}
+
+/* The walk itself over r[0:end]: the parts tuple, a str (invalid record) or NULL (exception set). */
+static PyObject *decode_body(const unsigned char *r, Py_ssize_t end)
+{
+    Py_ssize_t pos = SIZE_OF_XLOG_RECORD, datatotal = 0, main_len = 0;
     long origin = -1, toplevel = -1;
     uint32_t toplevel_xid = 0;
     BlockRef refs[XLR_MAX_BLOCK_ID + 1];
@@ -980,6 +990,85 @@ static PyObject *native_decode_body(PyObject *self, PyObject *raw_obj)
     result = Py_BuildValue("(Oy#NN)", blocks, (const char *) r + pos, main_len, origin_obj, toplevel_obj);
 done:
     Py_XDECREF(blocks);
+    return result;
+}
+
+#define MAX_RECORD_LENGTH (1024L * 1024 * 1024)
+
+PyDoc_STRVAR(decode_record_doc,
+"decode_record(raw, verify_crc) -> (header, blocks, main_data, origin, toplevel_xid) | (None, crc_error, str)\n\n"
+"parse_record_header, the length check, check_record_crc and decode_body in one call\n"
+"(pgformat.xlogrecord.decode_record). header: (tot_len, xid, prev, info, rmid, crc). An\n"
+"invalid record gives None, whether it is a checksum mismatch, and the reason, worded as\n"
+"the Python functions word it.");
+
+static PyObject *native_decode_record(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "decode_record takes 2 arguments");
+        return NULL;
+    }
+    int verify_crc = PyObject_IsTrue(args[1]);
+    if (verify_crc < 0)
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *r = (const unsigned char *) view.buf;
+    Py_ssize_t len = view.len;
+    PyObject *result = NULL, *parts = NULL;
+    char msg[160];
+    int crc_error = 0;
+    if (len < SIZE_OF_XLOG_RECORD) {
+        snprintf(msg, sizeof msg, "record header truncated: %zd of %d bytes", len, SIZE_OF_XLOG_RECORD);
+        goto invalid;
+    }
+    uint32_t tot_len = rd32(r), xid = rd32(r + 4), crc = rd32(r + 20);
+    uint64_t prev = (uint64_t) rd32(r + 8) | ((uint64_t) rd32(r + 12) << 32);
+    unsigned info = r[16], rmid = r[17];
+    if (tot_len < SIZE_OF_XLOG_RECORD) {
+        snprintf(msg, sizeof msg, "invalid record length: wanted %d, got %u", SIZE_OF_XLOG_RECORD, tot_len);
+        goto invalid;
+    }
+    if (tot_len > MAX_RECORD_LENGTH) {
+        snprintf(msg, sizeof msg, "record length %u exceeds the maximum %ld", tot_len, MAX_RECORD_LENGTH);
+        goto invalid;
+    }
+    if (21 < rmid && rmid < 128) {
+        snprintf(msg, sizeof msg, "invalid resource manager ID %u", rmid);
+        goto invalid;
+    }
+    if ((Py_ssize_t) tot_len != len) {
+        snprintf(msg, sizeof msg, "record is %zd bytes but its header says %u", len, tot_len);
+        goto invalid;
+    }
+    if (verify_crc) {
+        uint32_t actual = 0xFFFFFFFFu;
+        actual = crc32c_update(actual, r + SIZE_OF_XLOG_RECORD, (size_t) (len - SIZE_OF_XLOG_RECORD));
+        actual = crc32c_update(actual, r, 20) ^ 0xFFFFFFFFu;
+        if (actual != crc) {
+            snprintf(msg, sizeof msg, "incorrect resource manager data checksum: %08X, expected %08X", actual, crc);
+            crc_error = 1;
+            goto invalid;
+        }
+    }
+    parts = decode_body(r, len);
+    if (parts == NULL)
+        goto done;
+    if (PyUnicode_Check(parts)) {
+        result = Py_BuildValue("(OOO)", Py_None, Py_False, parts);
+        goto done;
+    }
+    PyObject *header = Py_BuildValue("(IIKIII)", tot_len, xid, (unsigned long long) prev, info, rmid, crc);
+    if (header == NULL)
+        goto done;
+    result = Py_BuildValue("(NOOOO)", header, PyTuple_GET_ITEM(parts, 0), PyTuple_GET_ITEM(parts, 1),
+                           PyTuple_GET_ITEM(parts, 2), PyTuple_GET_ITEM(parts, 3));
+    goto done;
+invalid:
+    result = Py_BuildValue("(OOs)", Py_None, crc_error ? Py_True : Py_False, msg);
+done:
+    Py_XDECREF(parts);
     PyBuffer_Release(&view);
     return result;
 }
@@ -1199,6 +1288,7 @@ static PyMethodDef native_methods[] = {
      page_repair_fragmentation_doc},
     {"record_crc", (PyCFunction) native_record_crc, METH_O, record_crc_doc},
     {"decode_body", (PyCFunction) native_decode_body, METH_O, decode_body_doc},
+    {"decode_record", (PyCFunction) (void (*)(void)) native_decode_record, METH_FASTCALL, decode_record_doc},
     {"pglz_decompress", (PyCFunction) (void (*)(void)) native_pglz_decompress, METH_FASTCALL, pglz_decompress_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import google_crc32c
 
@@ -238,6 +238,16 @@ def decode_record(
     `header` may be passed when the caller has already parsed and checked it.
     Raises WalRecordError (WalCrcError for a checksum mismatch) naming `lsn`.
     """
+    compiled = native.compiled
+    if compiled is not None and header is None:
+        # The same checks in the same order in one C call (parse_record_header, the length,
+        # check_record_crc, then the walk of _decode_body).
+        parts = compiled.decode_record(raw, verify_crc)
+        if parts[0] is None:
+            raise (WalCrcError if parts[1] else WalRecordError)(lsn, parts[2])
+        head, block_parts, main_data, origin, toplevel_xid = parts
+        return _record_from_parts(raw, _tuple_new(XLogRecordHeader, head), lsn, end_lsn, block_parts, main_data,
+                                  origin, toplevel_xid)
     if header is None:
         header = parse_record_header(raw, lsn)
     if header.tot_len != len(raw):
@@ -267,6 +277,14 @@ def _decode_body(raw: bytes, header: XLogRecordHeader, lsn: int, end_lsn: int) -
     if isinstance(parts, str):
         raise WalRecordError(lsn, parts)
     block_parts, main_data, origin, toplevel_xid = parts
+    return _record_from_parts(raw, header, lsn, end_lsn, block_parts, main_data, origin, toplevel_xid)
+
+
+def _record_from_parts(
+    raw: bytes, header: XLogRecordHeader, lsn: int, end_lsn: int, block_parts: list[tuple[Any, ...]],
+    main_data: bytes, origin: int | None, toplevel_xid: int | None,
+) -> DecodedRecord:
+    """The DecodedRecord of what pgformat._native's walk returned."""
     blocks = [
         DecodedBlock(block_id, _tuple_new(RelFileNode, (spc, db, rel)), fork_flags & BKPBLOCK_FORK_MASK, blkno,
                      fork_flags, None if image is None else BlockImage(*image), data)
