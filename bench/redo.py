@@ -15,6 +15,8 @@ One run, one WAL stream, three replays:
 3. zenith, 1 worker in-process: every record from the backup's start LSN,
    decoded with its CRC checked, applied to every block it references and to
    the visibility-map pages it clears (pgredo.engine), pages kept in a dict.
+   Once with the compiled page operations (pgformat._native), once in pure
+   Python (the reference implementation), on the same records.
 4. zenith pool: `zenith-redo --workers N` over gRPC. The records are grouped
    by page (a chain per page, starting at a full-page image or an
    initializing record, as the page server asks for pages); the chains go
@@ -51,6 +53,7 @@ from pathlib import Path
 import grpc
 import psycopg
 
+from pgformat import native
 from pgformat.lsn import format_lsn, parse_lsn
 from pgformat.rmgr import record_type_name, rmgr_name
 from pgformat.xlogreader import RawRecord, iter_segment_records
@@ -316,10 +319,17 @@ def main() -> None:
         standby_runs = [time_standby(wal, workdir) for _ in range(args.repeat)]
         standby_s = min(total for total, _ in standby_runs)
         standby_replay_s = min((r for _, r in standby_runs if r is not None), default=None)
-        single_s = float("inf")
+        single_s = pure_s = float("inf")
         for _ in range(args.repeat):
             s, pages, missing = replay_in_process(wal)
             single_s = min(single_s, s)
+        if native.available():
+            native.use_compiled(False)
+            for _ in range(args.repeat):
+                s, pure_pages, _ = replay_in_process(wal)
+                pure_s = min(pure_s, s)
+            native.use_compiled(True)
+            assert pure_pages == pages, "pure Python and compiled redo disagree"
         chains = page_chains(wal)
         msgs = chain_requests(chains)
         applications = sum(len(c) for _, c in chains)
@@ -354,7 +364,9 @@ def main() -> None:
         row("postgres standby, replay only", standby_replay_s)
     else:
         print("postgres standby, replay only: n/a (replay done before the first connection; use more WAL)")
-    row("zenith in-process, 1 worker", single_s)
+    row("zenith in-process, 1 worker", single_s, "" if native.available() else "   (pgformat._native not built)")
+    if pure_s != float("inf"):
+        row("zenith in-process, pure Python", pure_s, "   (pgformat._native switched off; same pages)")
     for w, s, errors, same, total in pool_runs:
         row(f"zenith pool, {w} worker{'s' if w > 1 else ''} (gRPC)", s,
             f"   errors {errors}, final pages equal {same}/{total}")

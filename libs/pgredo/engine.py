@@ -85,8 +85,9 @@ def register_implied_redo(rmid: int, tags: ImpliedTags, fn: ImpliedRedo) -> None
 
 def implied_tags(rec: DecodedRecord) -> list[BufferTag]:
     """Pages `rec` changes without a block reference (e.g. visibility-map bits)."""
-    _load_rmgrs()
-    entry = _IMPLIED_REDO.get(rec.rmid)
+    if not _rmgrs_loaded:
+        _load_rmgrs()
+    entry = _IMPLIED_REDO.get(rec.header.rmid)
     return entry[0](rec) if entry is not None else []
 
 

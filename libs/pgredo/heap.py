@@ -792,8 +792,24 @@ def _vm_clears(rec: DecodedRecord) -> list[tuple[RelFileNode, int, int]]:
     return [] if blk is None else [(blk.rnode, blk.blkno, rule[2])]
 
 
+# (rmid, opcode) -> (byte of the flags field in the main data, the flags that say some VM
+# bits are cleared): the cheap test that most heap records clear nothing (see _vm_clears).
+_VM_CLEAR_FLAGS: Final = {
+    **{key: (byte, flag) for key, (byte, flag, _bits) in _VM_CLEARING.items()},
+    (RM_HEAP_ID, XLOG_HEAP_UPDATE): (7, XLH_UPDATE_OLD_ALL_VISIBLE_CLEARED | XLH_UPDATE_NEW_ALL_VISIBLE_CLEARED),
+    (RM_HEAP_ID, XLOG_HEAP_HOT_UPDATE): (7, XLH_UPDATE_OLD_ALL_VISIBLE_CLEARED | XLH_UPDATE_NEW_ALL_VISIBLE_CLEARED),
+}
+
+
 def heap_implied_tags(rec: DecodedRecord) -> list[BufferTag]:
     """The VM pages whose bits `rec` clears without registering them."""
+    header = rec.header
+    rule = _VM_CLEAR_FLAGS.get((header.rmid, header.info & XLOG_HEAP_OPMASK))
+    if rule is None:
+        return []
+    md = rec.main_data
+    if len(md) <= rule[0] or not md[rule[0]] & rule[1]:
+        return []  # no VM bit cleared: what _vm_clears would find, without building it
     tags: list[BufferTag] = []
     for rnode, heapblk, _bits in _vm_clears(rec):
         tag = BufferTag(rnode, VISIBILITYMAP_FORKNUM, heapblk // HEAPBLOCKS_PER_PAGE)
