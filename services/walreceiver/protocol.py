@@ -329,20 +329,20 @@ class ReplicationConnection:
 
     def create_physical_slot(self, slot: str, stop: threading.Event, timeout: float) -> bool:
         """CREATE_REPLICATION_SLOT .. PHYSICAL RESERVE_WAL; False if it already existed."""
-        try:
-            self.command(f"CREATE_REPLICATION_SLOT {validate_slot_name(slot)} PHYSICAL RESERVE_WAL", stop, timeout)
-        except ReplicationError as e:
-            if e.sqlstate == _DUPLICATE_OBJECT:
-                return False
-            raise
-        return True
+        return self._slot_command(f"CREATE_REPLICATION_SLOT {validate_slot_name(slot)} PHYSICAL RESERVE_WAL",
+                                  _DUPLICATE_OBJECT, stop, timeout)
 
     def drop_slot(self, slot: str, stop: threading.Event, timeout: float) -> bool:
         """DROP_REPLICATION_SLOT .. WAIT; False if there was no such slot."""
+        return self._slot_command(f"DROP_REPLICATION_SLOT {validate_slot_name(slot)} WAIT", _UNDEFINED_OBJECT,
+                                  stop, timeout)
+
+    def _slot_command(self, command: str, tolerated: str, stop: threading.Event, timeout: float) -> bool:
+        """Run a slot command; False if it failed with the `tolerated` SQLSTATE (nothing to do)."""
         try:
-            self.command(f"DROP_REPLICATION_SLOT {validate_slot_name(slot)} WAIT", stop, timeout)
+            self.command(command, stop, timeout)
         except ReplicationError as e:
-            if e.sqlstate == _UNDEFINED_OBJECT:
+            if e.sqlstate == tolerated:
                 return False
             raise
         return True

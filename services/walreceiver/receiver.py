@@ -337,42 +337,52 @@ class WalReceiver:
 
     # -- the primary side ------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _supervise(self, session: Callable[[], None], stop: threading.Event, progress: Callable[[], int],
+                   failed: Callable[[str, float], None], what: str) -> None:
+        """Run `session` again and again until `stop`, with exponential backoff between failures; a
+        session that made `progress` or lived long resets the backoff. A FatalError fails the attachment."""
         opts = self.options
         delay = opts.backoff_initial
+        while not stop.is_set():
+            started = time.monotonic()
+            before = progress()
+            try:
+                session()
+            except Stopped:
+                return
+            except FatalError as e:
+                self._fail(e)
+                return
+            except (WalReceiverError, FormatError, WalStoreError) as e:
+                failed(str(e), delay)
+            except Exception as e:
+                log.exception("BUG: unexpected error %s for timeline %s", what, self.config.timeline)
+                failed(f"internal error: {type(e).__name__}: {e}", delay)
+            if progress() > before or time.monotonic() - started > opts.backoff_max * 2:
+                delay = opts.backoff_initial
+            if stop.wait(delay):
+                return
+            delay = min(delay * 2, opts.backoff_max)
+
+    def _run(self) -> None:
         first = True
+
+        def session() -> None:
+            nonlocal first
+            if not first:
+                self._update(reconnects=self.status().reconnects + 1)
+            first = False
+            self._set_state(State.CONNECTING)
+            self._session()
+
         try:
             try:
                 self._open_existing()
             except WalStoreError as e:
                 self._fail(FatalError(f"the WAL kept for this timeline cannot be used: {e}"))
                 return
-            while not self._stop_primary.is_set():
-                if not first:
-                    self._update(reconnects=self.status().reconnects + 1)
-                first = False
-                self._set_state(State.CONNECTING)
-                started = time.monotonic()
-                durable_before = self._durable_end
-                try:
-                    self._session()
-                except Stopped:
-                    break
-                except FatalError as e:
-                    self._fail(e)
-                    return
-                except (WalReceiverError, FormatError, WalStoreError) as e:
-                    self._session_failed(str(e), delay)
-                except Exception as e:
-                    log.exception("BUG: unexpected error in the walreceiver session of timeline %s",
-                                  self.config.timeline)
-                    self._session_failed(f"internal error: {type(e).__name__}: {e}", delay)
-                # A session that made progress or lived long resets the backoff.
-                if self._durable_end > durable_before or time.monotonic() - started > opts.backoff_max * 2:
-                    delay = opts.backoff_initial
-                if self._stop_primary.wait(delay):
-                    break
-                delay = min(delay * 2, opts.backoff_max)
+            self._supervise(session, self._stop_primary, lambda: self._durable_end, self._session_failed,
+                            "streaming from the primary")
         finally:
             if self.status().state is not State.FAILED:
                 self._update(state=State.STOPPED)
@@ -594,29 +604,13 @@ class WalReceiver:
     # -- the feeder -------------------------------------------------------------------------------
 
     def _run_feed(self) -> None:
-        opts = self.options
-        delay = opts.backoff_initial
-        while not self._stop.is_set():
-            fed_before = self.status().pageserver_lsn
-            try:
-                self._feed_session()
-            except Stopped:
-                break
-            except FatalError as e:
-                self._fail(e)
-                return
-            except (WalReceiverError, FormatError, WalStoreError) as e:
-                self._update(pageserver_error=str(e))
-                log.warning("timeline %s: feeding the page server: %s; again in %.2f s", self.config.timeline, e,
-                            delay)
-            except Exception as e:
-                log.exception("BUG: unexpected error feeding the page server for timeline %s", self.config.timeline)
-                self._update(pageserver_error=f"internal error: {type(e).__name__}: {e}")
-            if self.status().pageserver_lsn > fed_before:
-                delay = opts.backoff_initial
-            if self._stop.wait(delay):
-                break
-            delay = min(delay * 2, opts.backoff_max)
+        def failed(message: str, delay: float) -> None:
+            self._update(pageserver_error=message)
+            log.warning("timeline %s: feeding the page server: %s; again in %.2f s", self.config.timeline, message,
+                        delay)
+
+        self._supervise(self._feed_session, self._stop, lambda: self.status().pageserver_lsn, failed,
+                        "feeding the page server")
 
     def _on_ack(self, received: int, durable: int) -> None:
         with self._changed:
