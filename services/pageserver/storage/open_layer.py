@@ -1,0 +1,196 @@
+"""The open layer: a timeline's versions since its last delta layer, in memory and an ephemeral file.
+
+Ingest appends here and nowhere else: no fsync, no database row per record.
+The values go to an append-only file (never fsynced: after a crash the
+walreceiver resends everything above `disk_consistent_lsn`), the last
+megabyte of it in a buffer; an index in memory maps each key to a compact
+array of (LSN, offset and kind) pairs in LSN order, so a million versions
+cost about 16 MB of index, not a million Python objects. A WAL record
+that touches several pages is stored once and indexed under each of them
+(with its own will_init flag per page).
+
+When the layer is big or old enough, the timeline freezes it (no more
+appends; reads go on) and starts a new one; the flusher writes the frozen
+layer out as a delta layer (`entries()` yields it in key, LSN order) and
+then drops it. Neon's counterpart is InMemoryLayer in
+pageserver/src/tenant/storage_layer/inmemory_layer.rs.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from array import array
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Final
+
+from ..keys import KIND_DELETED, KIND_FILE, KIND_IMAGE, KIND_RECORD, KIND_RECORD_INIT
+from .errors import StorageError
+from .values import Value
+
+# An index entry packs the kind into the low bits of the offset.
+_KIND_BITS: Final = 3
+_KIND_MASK: Final = (1 << _KIND_BITS) - 1
+_KINDS: Final = (KIND_IMAGE, KIND_RECORD, KIND_RECORD_INIT, KIND_FILE, KIND_DELETED)
+_KIND_CODE: Final = {k: i for i, k in enumerate(_KINDS)}
+_INCOMPLETE: Final = _KIND_CODE[KIND_RECORD]  # the only kind that needs an older version
+
+_BLOB_HEADER = struct.Struct("<IQ")  # data length, record start LSN (0 for other kinds)
+_FLUSH_AT: Final = 1 << 20
+
+
+class OpenLayerError(StorageError):
+    """Misuse of an open layer (an append after freezing, LSNs going backwards)."""
+
+
+class OpenLayer:
+    """Versions of one timeline with LSNs in [start_lsn, end_lsn); thread-safe: one appender,
+    any number of readers."""
+
+    def __init__(self, path: Path, start_lsn: int) -> None:
+        self.path = Path(path)
+        self.start_lsn = start_lsn
+        self.end_lsn = start_lsn  # one past the newest version's LSN once it has one
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._written = 0  # bytes in the file
+        self._tail = bytearray()  # bytes after _written, not yet in the file
+        self._index: dict[bytes, array[int]] = {}
+        self._lock = threading.Lock()
+        self._frozen = False
+        self.entries_count = 0
+
+    # -- appending ------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Bytes of values held (the freeze threshold compares against it)."""
+        return self._written + len(self._tail)
+
+    @property
+    def frozen(self) -> bool:
+        return self._frozen
+
+    def _append_blob(self, data: bytes, start_lsn: int) -> int:
+        offset = self._written + len(self._tail)
+        self._tail += _BLOB_HEADER.pack(len(data), start_lsn)
+        self._tail += data
+        if len(self._tail) >= _FLUSH_AT:
+            self._flush_tail()
+        return offset
+
+    def _flush_tail(self) -> None:
+        view = memoryview(self._tail)
+        pos = self._written
+        while view:
+            n = os.pwrite(self._fd, view, pos)
+            view, pos = view[n:], pos + n
+        self._written = pos
+        self._tail = bytearray()
+
+    def _index_entry(self, key: bytes, lsn: int, offset: int, kind: int) -> None:
+        entries = self._index.get(key)
+        if entries is None:
+            entries = self._index[key] = array("Q")
+        elif entries[-2] > lsn:
+            raise OpenLayerError(f"version at {lsn:X} for a key already at {entries[-2]:X}: LSNs go backwards")
+        entries.append(lsn)
+        entries.append(offset << _KIND_BITS | _KIND_CODE[kind])
+
+    def _check_lsn(self, lsn: int) -> None:
+        if self._frozen:
+            raise OpenLayerError(f"open layer {self.path.name} is frozen")
+        if lsn < self.start_lsn:
+            raise OpenLayerError(f"version at {lsn:X} is below the layer's start {self.start_lsn:X}")
+
+    def put_record(self, lsn: int, raw: bytes, start_lsn: int, pages: Sequence[tuple[bytes, bool]]) -> None:
+        """A WAL record ending at `lsn` that applies to each of `pages` (key, will_init): stored once."""
+        with self._lock:
+            self._check_lsn(lsn)
+            offset = self._append_blob(raw, start_lsn)
+            for key, will_init in pages:
+                self._index_entry(key, lsn, offset, KIND_RECORD_INIT if will_init else KIND_RECORD)
+            self.entries_count += len(pages)
+            self.end_lsn = max(self.end_lsn, lsn + 1)
+
+    def put(self, key: bytes, lsn: int, value: Value) -> None:
+        """Any one version (an image, a file, a deletion, or a record for one page)."""
+        with self._lock:
+            self._check_lsn(lsn)
+            offset = self._append_blob(value.data, value.start_lsn)
+            self._index_entry(key, lsn, offset, value.kind)
+            self.entries_count += 1
+            self.end_lsn = max(self.end_lsn, lsn + 1)
+
+    def freeze(self) -> None:
+        """No more appends; reads and `entries()` go on."""
+        with self._lock:
+            self._frozen = True
+            self._flush_tail()
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _read_blob(self, offset: int) -> tuple[bytes, int]:
+        written = self._written
+        if offset >= written:
+            tail = self._tail
+            at = offset - written
+            length, start_lsn = _BLOB_HEADER.unpack_from(tail, at)
+            return bytes(tail[at + _BLOB_HEADER.size:at + _BLOB_HEADER.size + length]), start_lsn
+        header = os.pread(self._fd, _BLOB_HEADER.size, offset)
+        length, start_lsn = _BLOB_HEADER.unpack(header)
+        data = os.pread(self._fd, length, offset + _BLOB_HEADER.size)
+        if len(data) != length:
+            raise StorageError(f"open layer {self.path}: short read at offset {offset}")
+        return data, start_lsn
+
+    def _value(self, packed: int) -> Value:
+        kind = _KINDS[packed & _KIND_MASK]
+        data, start_lsn = self._read_blob(packed >> _KIND_BITS)
+        return Value(kind, data, start_lsn if kind in (KIND_RECORD, KIND_RECORD_INIT) else 0)
+
+    def versions(self, key: bytes, lsn: int) -> tuple[list[tuple[int, Value]], bool]:
+        """The versions of `key` at or below `lsn`, newest first, up to the first that stands alone;
+        and whether one did (if not, older layers hold the rest)."""
+        out: list[tuple[int, Value]] = []
+        with self._lock:
+            entries = self._index.get(key)
+            if entries is None:
+                return out, False
+            # Binary search over the (LSN, packed) pairs for the first LSN above `lsn`.
+            lo, hi = 0, len(entries) // 2
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if entries[2 * mid] <= lsn:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            i = lo
+            while i > 0:
+                i -= 1
+                packed = entries[2 * i + 1]
+                out.append((entries[2 * i], self._value(packed)))
+                if packed & _KIND_MASK != _INCOMPLETE:
+                    return out, True
+        return out, False
+
+    def keys(self) -> list[bytes]:
+        with self._lock:
+            return sorted(self._index)
+
+    def entries(self) -> Iterator[tuple[bytes, int, Value]]:
+        """Every version in (key, LSN) order: what the delta layer written from a frozen layer holds."""
+        if not self._frozen:
+            raise OpenLayerError("only a frozen layer is written out")
+        for key in sorted(self._index):
+            entries = self._index[key]
+            for i in range(0, len(entries), 2):
+                yield key, entries[i], self._value(entries[i + 1])
+
+    def close(self, remove: bool = True) -> None:
+        with self._lock:
+            os.close(self._fd)
+            self._fd = -1
+            if remove:
+                self.path.unlink(missing_ok=True)
