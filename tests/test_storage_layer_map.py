@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import time
+from itertools import pairwise
 
 import pytest
 
@@ -61,12 +62,12 @@ def random_layers(rng: random.Random, nbands: int, nkeys: int, max_parts: int = 
         else:
             cuts = sorted(rng.sample(range(1, nkeys), min(rng.randint(1, max_parts), nkeys - 1)))
             bounds = [KEY_MIN, *(key(c) for c in cuts), KEY_MAX]
-            layers += [LayerDesc.delta(a, b, lsn, end) for a, b in zip(bounds, bounds[1:])]
+            layers += [LayerDesc.delta(a, b, lsn, end) for a, b in pairwise(bounds)]
         if rng.random() < image_every:
             cuts = sorted(rng.sample(range(1, nkeys), min(rng.randint(0, max_parts), nkeys - 1)))
             bounds = [KEY_MIN, *(key(c) for c in cuts), KEY_MAX]
             at = rng.randrange(lsn, end + 1)
-            for a, b in zip(bounds, bounds[1:]):
+            for a, b in pairwise(bounds):
                 if rng.random() < 0.7:
                     layers.append(LayerDesc.image(a, b, at))
         lsn = end
@@ -85,7 +86,7 @@ def test_search_matches_brute_force(seed: int) -> None:
         got = lm.search(k, lsn)
         assert got == brute_search(layers, k, lsn), (k.hex(), lsn)
         # newest first, windows inside each layer, never overlapping
-        for a, b in zip(got, got[1:]):
+        for a, b in pairwise(got):
             assert b.lsn_ceil < a.lsn_floor
         for s in got:
             assert s.layer.lsn_start <= s.lsn_floor <= s.lsn_ceil < s.layer.lsn_end and s.lsn_ceil <= lsn
@@ -121,9 +122,9 @@ def test_reads_through_the_map_match_the_history() -> None:
     rng = random.Random(4)
     nkeys = 40
     history: dict[bytes, list[tuple[int, Value]]] = {key(b): [] for b in range(nkeys)}
-    for k in history:
+    for k, vs in history.items():
         for lsn in sorted(rng.sample(range(100, 600), 25)):
-            history[k].append((lsn, Value.record(f"{k.hex()}@{lsn}".encode(), will_init=rng.random() < 0.05)))
+            vs.append((lsn, Value.record(f"{k.hex()}@{lsn}".encode(), will_init=rng.random() < 0.05)))
     store = MemoryLayerStore()
     lm = LayerMap()
     layers = random_layers(rng, 12, nkeys, max_parts=4, image_every=0.6)
@@ -139,21 +140,22 @@ def test_reads_through_the_map_match_the_history() -> None:
             nd = LayerDesc.delta(d.key_start, d.key_end, s(d.lsn_start), s(d.lsn_end))
             if nd.lsn_start >= nd.lsn_end or nd in lm:
                 continue
-            w = DeltaLayerWriter(store, nd)
+            dw = DeltaLayerWriter(store, nd)
             for k, vs in history.items():
                 if nd.covers_key(k):
                     for lsn, v in vs:
                         if nd.lsn_start <= lsn < nd.lsn_end:
-                            w.add(k, lsn, v)
+                            dw.add(k, lsn, v)
+            lm.insert(dw.finish())
         else:
             nd = LayerDesc.image(d.key_start, d.key_end, s(d.lsn_start))
             if nd in lm:
                 continue
-            w = ImageLayerWriter(store, nd)
+            iw = ImageLayerWriter(store, nd)
             for k in history:
                 if nd.covers_key(k):
-                    w.add(k, Value.image(f"image {k.hex()}@{nd.image_lsn}".encode()))
-        lm.insert(w.finish())
+                    iw.add(k, Value.image(f"image {k.hex()}@{nd.image_lsn}".encode()))
+            lm.insert(iw.finish())
     readers = {d: (DeltaLayerReader if d.is_delta else ImageLayerReader).open(store, d.file_name) for d in lm}
     lsn_max = max(d.lsn_end for d in lm) - 1
 
@@ -235,9 +237,9 @@ def test_search_speed_with_thousands_of_layers() -> None:
         end = lsn + 100
         cuts = sorted(rng.sample(range(1, nkeys), 9))
         bounds = [KEY_MIN, *(key(c) for c in cuts), KEY_MAX]
-        layers += [LayerDesc.delta(a, b, lsn, end) for a, b in zip(bounds, bounds[1:])]
+        layers += [LayerDesc.delta(a, b, lsn, end) for a, b in pairwise(bounds)]
         if band % 20 == 19:
-            layers += [LayerDesc.image(a, b, end - 1) for a, b in zip(bounds, bounds[1:])]
+            layers += [LayerDesc.image(a, b, end - 1) for a, b in pairwise(bounds)]
         lsn = end
     for _ in range(20):
         layers.append(LayerDesc.delta(KEY_MIN, KEY_MAX, lsn, lsn + 100))

@@ -41,6 +41,8 @@ class DeltaLayerReader(LayerFileReader):
     def versions(self, key: bytes, lsn: int, floor: int = 0) -> list[tuple[int, Value]]:
         """The versions of `key` with LSN in [floor, lsn], newest first, ending at the first one
         that needs nothing older (Value.complete) if there is one in reach."""
+        if lsn < 0 or lsn < floor:
+            return []
         f = self._file
         target = entry_key(key, min(lsn, MAX_LSN))
         b = f.find_block(target)
@@ -49,7 +51,7 @@ class DeltaLayerReader(LayerFileReader):
         blk = f.block(b)
         i = bisect.bisect_right(blk.keys, target) - 1
         out: list[tuple[int, Value]] = []
-        floor_key = entry_key(key, floor)
+        floor_key = entry_key(key, max(floor, 0))
         while True:
             keys = blk.keys
             while i >= 0:

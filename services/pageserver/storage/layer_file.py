@@ -35,7 +35,7 @@ class LayerFileReader:
             raise LayerCorruptError(f.name, f"its header says it is {self.desc.file_name}")
 
     @classmethod
-    def open(cls, store: LayerStore, name: str, *, cache_blocks: int = 16) -> LayerFileReader:
+    def open(cls, store: LayerStore, name: str, *, cache_blocks: int = 16) -> Self:
         """Open layer file `name` of `store` (FileNotFoundError if it is not there)."""
         return cls(store.open(name), cache_blocks=cache_blocks)
 
