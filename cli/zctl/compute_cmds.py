@@ -18,11 +18,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
 
+from pgformat.autoconf import quote_value
 from pgformat.lsn import LsnFormatError, format_lsn, parse_lsn
 from services.runtime import ShutdownSignal
 from zproto import common_pb2, pageserver_pb2, walreceiver_pb2
 
 from .cluster_cmds import DEFAULT_TENANT, CommandError, _cluster, _pageserver, _rpc_error, _walreceiver, find_branch
+from .compute_config import ComputeConfigError, parse_assignment
 from .computes import ComputeError, Computes, check_writable
 from .importer import import_requests, scan_stopped_datadir
 from .postgres import PG_OS_USER, PostgresNode, make_pg_owned_dir, unreachable_ancestor
@@ -169,8 +171,9 @@ def cmd_pg_create(args: argparse.Namespace) -> int:
     try:
         if lsn is None:
             check_writable(args.branch, branch)
-        spec = computes.create(args.name, args.branch, branch.timeline.id, lsn, args.port)
-    except ComputeError as e:
+        settings = dict(parse_assignment(c) for c in args.setting or [])
+        spec = computes.create(args.name, args.branch, branch.timeline.id, lsn, args.port, settings=settings)
+    except (ComputeError, ComputeConfigError) as e:
         raise CommandError(str(e)) from None
     mode = f"read-only at {spec.lsn}" if spec.lsn else "writable"
     print(f"compute {spec.name} created on branch {spec.branch} ({mode}), port {spec.port}")
@@ -184,33 +187,71 @@ def cmd_pg_start(args: argparse.Namespace) -> int:
             spec, lsn = computes.start(args.name)
     except ComputeError as e:
         raise CommandError(str(e)) from None
+    _print_warnings(computes.warnings)
     print(f"compute {spec.name} running on branch {spec.branch} from {format_lsn(lsn)}; connect with:")
     print(f"  psql -h 127.0.0.1 -p {spec.port} -U postgres postgres")
     return 0
 
 
 def cmd_pg_stop(args: argparse.Namespace) -> int:
+    computes = _computes(args)
     try:
-        spec = _computes(args).stop(args.name)
+        spec = computes.stop(args.name)
     except ComputeError as e:
         raise CommandError(str(e)) from None
+    _print_warnings(computes.warnings)
     print(f"compute {spec.name} stopped")
+    return 0
+
+
+def _print_warnings(warnings: list[str]) -> None:
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+
+
+def cmd_pg_config(args: argparse.Namespace) -> int:
+    """Show or change the settings and pg_hba / pg_ident lines a compute keeps across restarts."""
+    computes = _computes(args)
+    try:
+        set_ = dict(parse_assignment(a) for a in args.set or [])
+        changing = set_ or args.reset or args.hba_add or args.hba_remove or args.ident_add or args.ident_remove
+        if changing:
+            spec, warnings = computes.configure_settings(
+                args.name, set_, args.reset or [], (args.hba_add or [], args.hba_remove or []),
+                (args.ident_add or [], args.ident_remove or []))
+            _print_warnings(warnings)
+        else:
+            spec = computes.spec(args.name)
+    except (ComputeError, ComputeConfigError) as e:
+        raise CommandError(str(e)) from None
+    if args.json:
+        print(json.dumps({"settings": spec.settings, "hba": spec.hba, "ident": spec.ident}, indent=2))
+        return 0
+    for name, value in spec.settings.items():
+        print(f"{name} = {quote_value(value)}")
+    for line in spec.hba:
+        print(f"pg_hba: {line}")
+    for line in spec.ident:
+        print(f"pg_ident: {line}")
+    if changing and not computes.is_running(spec):
+        print(f"(compute {spec.name} is stopped: this applies from its next start)")
     return 0
 
 
 def cmd_pg_list(args: argparse.Namespace) -> int:
     computes = _computes(args)
     rows = [{"name": c.name, "branch": c.branch, "timeline_id": c.timeline, "port": c.port,
-             "status": "running" if computes.is_running(c) else "stopped", "lsn": c.lsn}
+             "status": "running" if computes.is_running(c) else "stopped", "lsn": c.lsn, "settings": c.settings}
             for c in computes.list()]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     table = Table(title="computes")
-    for col in ("name", "branch", "port", "status", "lsn"):
+    for col in ("name", "branch", "port", "status", "lsn", "settings"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["name"], r["branch"], str(r["port"]), r["status"], r["lsn"] or "(writable)")
+        settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items())
+        table.add_row(r["name"], r["branch"], str(r["port"]), r["status"], r["lsn"] or "(writable)", settings)
     Console().print(table)
     return 0
 
@@ -372,6 +413,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--branch", default="main")
     p.add_argument("--lsn", default=None, metavar="X/X", help="read-only at this LSN")
     p.add_argument("--port", type=int, default=None)
+    p.add_argument("-c", dest="setting", action="append", metavar="NAME=VALUE",
+                   help="a Postgres setting the compute keeps (as ALTER SYSTEM would); repeatable")
     p.set_defaults(func=cmd_pg_create)
     p = pg.add_parser("start", help="fetch a base backup from the page server and start Postgres")
     p.add_argument("name")
@@ -390,6 +433,17 @@ def add_commands(sub: Any) -> None:
                    help="host name the walreceiver connects to (default: this host's name)")
     p.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the services to serve")
     p.set_defaults(func=cmd_pg_run)
+    p = pg.add_parser("config", help="show or change the settings and pg_hba/pg_ident lines a compute keeps "
+                                     "across restarts (ALTER SYSTEM inside it is kept too)")
+    p.add_argument("name")
+    p.add_argument("--set", action="append", metavar="NAME=VALUE", help="set a setting (repeatable)")
+    p.add_argument("--reset", action="append", metavar="NAME", help="remove a setting (repeatable)")
+    p.add_argument("--hba-add", action="append", metavar="LINE", help="add a pg_hba.conf line (before the defaults)")
+    p.add_argument("--hba-remove", action="append", metavar="LINE", help="remove a pg_hba.conf line added before")
+    p.add_argument("--ident-add", action="append", metavar="LINE", help="add a pg_ident.conf line")
+    p.add_argument("--ident-remove", action="append", metavar="LINE", help="remove a pg_ident.conf line")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_pg_config)
     p = pg.add_parser("list", help="list computes")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_pg_list)

@@ -18,14 +18,16 @@ import os
 import pwd
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
 
+from pgformat.autoconf import format_auto_conf
 from pgformat.lsn import format_lsn, parse_lsn
 from zproto import common_pb2, pageserver_pb2, pageserver_pb2_grpc, walreceiver_pb2, walreceiver_pb2_grpc
 
+from .compute_config import ComputeConfigError, check_hba_line, read_back, updated
 from .extract import DataDirectoryWriter, ExtractError
 from .postgres import PG_OS_USER, PostgresNode, free_port, make_pg_owned_dir, pid_alive
 from .supervisor import write_file_atomically
@@ -68,6 +70,11 @@ class ComputeSpec:
     created_at: float
     listen_addresses: str = "127.0.0.1"
     advertise_host: str = "127.0.0.1"  # where the walreceiver reaches this compute
+    # What survives the data directory (compute_config.py): postgresql.auto.conf's settings and
+    # the extra pg_hba.conf / pg_ident.conf lines.
+    settings: dict[str, str] = field(default_factory=dict)
+    hba: list[str] = field(default_factory=list)
+    ident: list[str] = field(default_factory=list)
 
     @property
     def loopback_only(self) -> bool:
@@ -77,6 +84,7 @@ class ComputeSpec:
 class Computes:
     def __init__(self, repo: Path, pageserver: pageserver_pb2_grpc.PageServerStub,
                  walreceiver: walreceiver_pb2_grpc.WalReceiverStub) -> None:
+        self.warnings: list[str] = []  # from the last start or stop: ALTER SYSTEM settings dropped
         self.root = repo / "computes"
         self.pageserver = pageserver
         self.walreceiver = walreceiver
@@ -107,8 +115,12 @@ class Computes:
         pid = self.node(spec).postmaster_pid()
         return pid is not None and pid_alive(pid)
 
+    def _save(self, spec: ComputeSpec) -> None:
+        write_file_atomically(self._dir(spec.name) / "compute.json", json.dumps(asdict(spec), indent=2).encode())
+
     def create(self, name: str, branch: str, timeline: str, lsn: int | None, port: int | None, *,
-               listen_addresses: str = "127.0.0.1", advertise_host: str = "127.0.0.1") -> ComputeSpec:
+               listen_addresses: str = "127.0.0.1", advertise_host: str = "127.0.0.1",
+               settings: dict[str, str] | None = None) -> ComputeSpec:
         if not name or "/" in name or name.startswith("."):
             raise ComputeError(f"invalid compute name {name!r}")
         if (self._dir(name) / "compute.json").exists():
@@ -120,10 +132,66 @@ class Computes:
                 port += 1
         elif port in used:
             raise ComputeError(f"port {port} is already used by another compute")
+        try:
+            kept = updated({}, settings or {}, [])
+        except ComputeConfigError as e:
+            raise ComputeError(str(e)) from None
         spec = ComputeSpec(name, branch, timeline, port, format_lsn(lsn) if lsn is not None else None, time.time(),
-                           listen_addresses, advertise_host)
-        write_file_atomically(self._dir(name) / "compute.json", json.dumps(asdict(spec), indent=2).encode())
+                           listen_addresses, advertise_host, kept)
+        self._save(spec)
         return spec
+
+    # -- configuration that outlives the data directory -------------------------------------
+
+    def read_back(self, spec: ComputeSpec) -> list[str]:
+        """Keep what ALTER SYSTEM wrote into the compute's data directory; the warnings to show."""
+        auto_conf = self.node(spec).datadir / "postgresql.auto.conf"
+        try:
+            text = auto_conf.read_text()
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        settings, warnings = read_back(text)
+        if settings != spec.settings:
+            spec.settings = settings
+            self._save(spec)
+        return warnings
+
+    def configure_settings(self, name: str, set_: dict[str, str], reset: list[str],
+                           hba: tuple[list[str], list[str]] = ([], []),
+                           ident: tuple[list[str], list[str]] = ([], [])) -> tuple[ComputeSpec, list[str]]:
+        """Change a compute's kept settings and pg_hba / pg_ident lines ((added, removed) each). A
+        running compute gets them now (ALTER SYSTEM, which also checks the values; a reload)."""
+        spec = self.spec(name)
+        try:
+            settings = updated(spec.settings, set_, reset)
+            hba_lines = _edit_lines(spec.hba, *hba)
+            ident_lines = _edit_lines(spec.ident, *ident)
+        except ComputeConfigError as e:
+            raise ComputeError(str(e)) from None
+        warnings: list[str] = []
+        if self.is_running(spec):
+            import psycopg  # not at module level: zctl's commands start faster without it
+            from psycopg import sql
+
+            node = self.node(spec)
+            try:
+                with node.connect() as conn:
+                    for key in reset:
+                        conn.execute(sql.SQL("ALTER SYSTEM RESET {}").format(sql.Identifier(key.lower())))
+                    for key, value in set_.items():
+                        conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(
+                            sql.Identifier(key.lower()), sql.Literal(value)))
+                    spec.hba, spec.ident = hba_lines, ident_lines
+                    self._write_hba(spec, node)
+                    conn.execute("SELECT pg_reload_conf()")
+            except psycopg.Error as e:
+                raise ComputeError(f"compute {name!r}: {e.diag.message_primary or e}") from None
+            warnings = self.read_back(spec)
+        else:
+            spec.settings = settings
+        spec.hba, spec.ident = hba_lines, ident_lines
+        self._save(spec)
+        return spec, warnings
 
     # -- start / stop -------------------------------------------------------------------
 
@@ -147,9 +215,11 @@ class Computes:
             takeover = self._claimable(spec)
             self._detach(spec, required=True)
             epoch = self._claim(spec, takeover)
+        warnings = self.read_back(spec)  # a compute killed last time: its ALTER SYSTEM settings are still there
         lsn = self._fetch_basebackup(spec, node.datadir)
         self._configure(spec, node)
         node.start()
+        self.warnings = warnings
         if spec.lsn is None:
             self._attach_walreceiver(spec, node, lsn, epoch)
         return spec, lsn
@@ -274,13 +344,26 @@ class Computes:
             gucs["hot_standby"] = "on"
             (node.datadir / "standby.signal").touch()
         node.configure(gucs, filename="compute.conf")
-        hba = node.datadir / "pg_hba.conf"
-        hba_lines = ["local all all trust", "host all all 127.0.0.1/32 trust", "host replication all 127.0.0.1/32 trust"]
+        # The settings kept for the compute; postgresql.auto.conf is read last, as after ALTER SYSTEM.
+        (node.datadir / "postgresql.auto.conf").write_text(format_auto_conf(spec.settings))
+        self._write_hba(spec, node)
+        _chown_tree(node.datadir)
+
+    def _write_hba(self, spec: ComputeSpec, node: PostgresNode) -> None:
+        """pg_hba.conf: the walreceiver's access first (zctl's), then the compute's own lines, then
+        the defaults; pg_ident.conf: the compute's own lines."""
+        walreceiver = ["host replication all 127.0.0.1/32 trust"]
+        defaults = ["local all all trust", "host all all 127.0.0.1/32 trust"]
         if not spec.loopback_only:
             # A compute in a container network: its peers (walreceiver, clients) are on the same subnets.
-            hba_lines += ["host all all samenet trust", "host replication all samenet trust"]
-        hba.write_text("\n".join(hba_lines) + "\n")
-        _chown_tree(node.datadir)
+            walreceiver.append("host replication all samenet trust")
+            defaults.append("host all all samenet trust")
+        for path, lines in ((node.datadir / "pg_hba.conf", walreceiver + spec.hba + defaults),
+                            (node.datadir / "pg_ident.conf", spec.ident)):
+            path.write_text("".join(f"{line}\n" for line in lines))
+            if os.geteuid() == 0:
+                pw = pwd.getpwnam(PG_OS_USER)
+                os.chown(path, pw.pw_uid, pw.pw_gid)
 
     def _attach_walreceiver(self, spec: ComputeSpec, node: PostgresNode, lsn: int, epoch: int) -> None:
         tenant, timeline = self._timeline_request(spec)
@@ -351,6 +434,7 @@ class Computes:
             raise ComputeError(f"compute {name!r} is not running")
         end_lsn = node.current_lsn() if spec.lsn is None else 0
         node.stop(mode="fast")
+        self.warnings = self.read_back(spec)
         if spec.lsn is None:
             attachment = self._attachment(spec)
             if attachment is not None and attachment.writer_epoch != self._epoch(spec):
@@ -383,6 +467,20 @@ class Computes:
         if self.is_running(spec):
             raise ComputeError(f"compute {name!r} is running; stop it first")
         shutil.rmtree(self._dir(name))
+
+
+def _edit_lines(lines: list[str], add: list[str], remove: list[str]) -> list[str]:
+    out = list(lines)
+    for line in remove:
+        text = check_hba_line(line)
+        if text not in out:
+            raise ComputeConfigError(f"no such line: {text!r}")
+        out.remove(text)
+    for line in add:
+        text = check_hba_line(line)
+        if text not in out:
+            out.append(text)
+    return out
 
 
 def _chown_tree(path: Path) -> None:
