@@ -48,7 +48,8 @@ class GrpcEndpoint:
 
     def __init__(self, listen: str, service_names: Sequence[str], register: Callable[[grpc.Server], None], *,
                  threads: int = 16, thread_name: str = "grpc",
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_connection_age: float = 0.0) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_connection_age: float = 0.0,
+                 interceptors: Sequence[grpc.ServerInterceptor] = ()) -> None:
         options: list[tuple[str, int]] = [("grpc.max_receive_message_length", max_message_bytes),
                                           ("grpc.max_send_message_length", max_message_bytes)]
         if max_connection_age > 0:
@@ -57,7 +58,8 @@ class GrpcEndpoint:
             age_ms = int(max_connection_age * 1000)
             options += [("grpc.max_connection_age_ms", age_ms), ("grpc.max_connection_age_grace_ms", age_ms)]
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=thread_name), options=options)
+            futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=thread_name), options=options,
+            interceptors=list(interceptors))
         register(self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -14,7 +14,8 @@ from zctl.postgres import free_port
 def make_repo(path: Path) -> Path:
     """A repository whose services listen on free ports (so tests never collide)."""
     path.mkdir(parents=True, exist_ok=True)
-    ports = {"redo": free_port(), "pageserver": free_port(), "walreceiver": free_port(), "shim": free_port()}
+    ports = {name: free_port() for name in ("redo", "pageserver", "walreceiver", "shim", "redo_metrics",
+                                            "pageserver_metrics", "walreceiver_metrics", "shim_metrics")}
     (path / "config.json").write_text(json.dumps({"host": "127.0.0.1", "ports": ports, "redo_workers": 2}))
     return path
 

@@ -49,6 +49,11 @@ class ClusterConfig:
     def address(self, service: str) -> str:
         return self.remote.get(service) or f"{self.host}:{self.ports[service]}"
 
+    def metrics_address(self, service: str) -> str:
+        """Where a local service serves its Prometheus metrics (ports `<service>_metrics`, default its
+        port + 1000)."""
+        return f"{self.host}:{self.ports.get(f'{service}_metrics') or self.ports[service] + 1000}"
+
 
 @dataclass
 class ServiceStatus:
@@ -58,6 +63,7 @@ class ServiceStatus:
     running: bool
     healthy: bool
     log: str
+    metrics_url: str = ""
 
 
 class LocalCluster:
@@ -90,6 +96,9 @@ class LocalCluster:
         return self.repo / "logs" / f"{name}.log"
 
     def _argv(self, name: str, config: ClusterConfig) -> list[str]:
+        return [*self._service_argv(name, config), "--metrics-listen", config.metrics_address(name)]
+
+    def _service_argv(self, name: str, config: ClusterConfig) -> list[str]:
         py = sys.executable
         if name == "redo":
             return [py, "-m", "services.redo.main", "--listen", config.address("redo"),
@@ -168,7 +177,8 @@ class LocalCluster:
         for name in SERVICE_ORDER:
             pid = self.pid(name)
             out.append(ServiceStatus(name, config.address(name), pid, pid is not None,
-                                     pid is not None and self._healthy(name, config), str(self._logfile(name))))
+                                     pid is not None and self._healthy(name, config), str(self._logfile(name)),
+                                     f"http://{config.metrics_address(name)}/metrics"))
         return out
 
     @staticmethod

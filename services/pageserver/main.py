@@ -7,8 +7,10 @@ import logging
 import sys
 import threading
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 
+from services.metrics import Metrics, add_metrics_argument, gauge, serve_and_announce
 from services.runtime import GrpcEndpoint, ShutdownSignal, configure_logging
 from zproto import pageserver_pb2_grpc
 
@@ -63,11 +65,31 @@ class PageServer:
         self.image_layers = (ImageLayerMaker(self.repo, image_layer_interval, image_layer_min_changes)
                              if image_layer_interval > 0 else None)
         self.syncer = Syncer(self.repo)
-        self.servicer = PageServerServicer(self.repo, lsn_wait_timeout=lsn_wait_timeout)
+        self.metrics = Metrics("pageserver")
+        self.metrics.add_collector(self._timeline_gauges)
+        self.servicer = PageServerServicer(self.repo, lsn_wait_timeout=lsn_wait_timeout,
+                                           ingested=self.metrics.counter(
+                                               "zenith_pageserver_ingested_records",
+                                               "WAL records stored by Ingest, by timeline", ["timeline"]))
         self.endpoint = GrpcEndpoint(
             listen, ["zenith.v1.PageServer"],
             lambda server: pageserver_pb2_grpc.add_PageServerServicer_to_server(self.servicer, server),
-            threads=threads, thread_name="pageserver-grpc")
+            threads=threads, thread_name="pageserver-grpc", interceptors=[self.metrics.interceptor()])
+
+    def _timeline_gauges(self) -> list[Any]:
+        tls = [t for tenant in self.repo.list_tenants() for t in self.repo.list_timelines(tenant)]
+        labels = ("tenant", "timeline", "name")
+        return [
+            gauge("zenith_pageserver_last_record_lsn", "End of the last WAL record ingested (GetPage@latest "
+                  "answers there)", labels, [((t.tenant, t.timeline, t.name or ""), t.last_record_lsn) for t in tls]),
+            gauge("zenith_pageserver_disk_consistent_lsn", "Everything up to here is fsynced; walreceivers keep "
+                  "the WAL above it", labels, [((t.tenant, t.timeline, t.name or ""), t.disk_consistent_lsn)
+                                               for t in tls]),
+            gauge("zenith_pageserver_unsynced_bytes", "WAL ingested but not yet fsynced", labels,
+                  [((t.tenant, t.timeline, t.name or ""), t.last_record_lsn - t.disk_consistent_lsn) for t in tls]),
+            gauge("zenith_pageserver_image_layers", "Image layers kept", labels,
+                  [((t.tenant, t.timeline, t.name or ""), len(self.repo.image_layers(t))) for t in tls]),
+        ]
 
     @property
     def address(self) -> str:
@@ -105,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-layer-min-changes", type=int, default=DEFAULT_MIN_CHANGES,
                    help="page versions beyond the newest image layer (and at least a tenth of its pages) "
                         "that make a timeline due a new one")
+    add_metrics_argument(p)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 
@@ -118,7 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         image_layer_min_changes=args.image_layer_min_changes)
     server.start()
     print(f"page server listening on {server.address}", flush=True)
+    serve_and_announce(server.metrics, args.listen, args.metrics_listen)
     shutdown.wait(log)
+    server.metrics.stop()
     server.stop()
     return 0
 

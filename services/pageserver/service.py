@@ -115,9 +115,10 @@ def parse_rel(rel: common_pb2.RelTag) -> RelTag:
 
 
 class PageServerServicer(pageserver_pb2_grpc.PageServerServicer):
-    def __init__(self, repo: Repository, lsn_wait_timeout: float = 30.0) -> None:
+    def __init__(self, repo: Repository, lsn_wait_timeout: float = 30.0, ingested: Any = None) -> None:
         self.repo = repo
         self.lsn_wait_timeout = lsn_wait_timeout
+        self._ingested = ingested  # a prometheus Counter by timeline, or None
 
     # -- helpers ----------------------------------------------------------------
 
@@ -441,6 +442,8 @@ class PageServerServicer(pageserver_pb2_grpc.PageServerServicer):
                 tl = self._timeline(batch.tenant, batch.timeline)
                 records = [_decode_ingest_record(r) for r in batch.records]
                 received = self.repo.ingest(tl, records, batch.writer_epoch)
+                if self._ingested is not None:
+                    self._ingested.labels(tl.timeline).inc(len(records))
                 if batch.flush:
                     self.repo.sync()
             except _EXPECTED as e:

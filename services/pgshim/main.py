@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from services.metrics import Metrics, add_metrics_argument, gauge, serve_and_announce
 from services.runtime import configure_logging
 
 from .server import ShimConfig, ShimServer
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections", type=int, default=100)
     p.add_argument("--startup-timeout", type=float, default=10.0,
                    help="seconds a client has to finish connecting and authenticating")
+    add_metrics_argument(p)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 
@@ -53,22 +55,29 @@ def config_from_args(args: argparse.Namespace) -> ShimConfig:
                       max_connections=args.max_connections, startup_timeout=args.startup_timeout)
 
 
-async def serve(config: ShimConfig) -> None:
+async def serve(config: ShimConfig, listen: str = "127.0.0.1:0", metrics_listen: str | None = None) -> None:
     server = ShimServer(config)
     await server.start()
     print(f"libpq shim listening on {server.address}", flush=True)
+    metrics = Metrics("shim")
+    metrics.add_collector(lambda: [
+        gauge("zenith_shim_sessions", "Client sessions open", (), [((), len(server.sessions))]),
+        gauge("zenith_shim_max_sessions", "Sessions allowed (--max-connections)", (), [((), config.max_connections)]),
+    ])
+    serve_and_announce(metrics, listen, metrics_listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    metrics.stop()
     await server.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(args.log_level)
-    asyncio.run(serve(config_from_args(args)))
+    asyncio.run(serve(config_from_args(args), args.listen, args.metrics_listen))
     return 0
 
 

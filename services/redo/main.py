@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from services.metrics import Metrics, add_metrics_argument, gauge, serve_and_announce
 from services.runtime import GrpcEndpoint, ShutdownSignal, configure_logging
 from .pool import PoolError, RedoPool
 from .server import MAX_MESSAGE_BYTES, SERVICE_NAME, RedoServicer, add_to_server
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="close each client connection after this long (clients reconnect and re-resolve the "
                         "service name: how a page server finds redo replicas added later); 0: never")
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight RPCs get at shutdown")
+    add_metrics_argument(p)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--enable-test-hooks", action="store_true", help=argparse.SUPPRESS)
     return p
@@ -58,11 +60,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("cannot start redo workers", extra={"error": str(e)})
         return 1
     servicer = RedoServicer(pool, test_hooks=args.enable_test_hooks)
+    metrics = Metrics("redo")
+    metrics.add_collector(lambda: [gauge("zenith_redo_workers", "Redo worker processes", (), [((), pool.size)])])
     try:
         endpoint = GrpcEndpoint(args.listen, [SERVICE_NAME],
                                 lambda server: add_to_server(servicer, server),
                                 threads=args.grpc_threads, thread_name="redo-grpc", max_message_bytes=MAX_MESSAGE_BYTES,
-                                max_connection_age=args.max_connection_age)
+                                max_connection_age=args.max_connection_age, interceptors=[metrics.interceptor()])
     except (OSError, RuntimeError) as e:
         log.error("cannot listen", extra={"listen": args.listen, "error": str(e)})
         pool.close()
@@ -72,7 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("test hooks enabled: requests can crash workers on purpose")
     log.info("serving", extra={"listen": endpoint.address, "workers": pool.size, "pids": pool.worker_pids()})
     print(f"zenith-redo listening on {endpoint.address}", flush=True)
+    serve_and_announce(metrics, args.listen, args.metrics_listen)
     shutdown.wait(log)
+    metrics.stop()
     t0 = time.monotonic()
     endpoint.stop(args.grace)
     pool.close()

@@ -24,13 +24,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+from services.metrics import Metrics, add_metrics_argument, gauge, serve_and_announce
 from services.runtime import GrpcEndpoint, ShutdownSignal, configure_logging
 from zproto import walreceiver_pb2_grpc
 
-from .receiver import ReceiverOptions
+from .receiver import ReceiverOptions, ReceiverStatus, State
 from .server import StateFileError, WalReceiverServicer
 
 log = logging.getLogger("zenith.walreceiver")
@@ -44,9 +46,34 @@ class WalReceiverServer:
     def __init__(self, listen: str, pageserver: str, data_dir: Path, options: ReceiverOptions | None = None,
                  threads: int = 16, state_file: Path | None = None) -> None:
         self.servicer = WalReceiverServicer(pageserver, data_dir, options, state_file)
+        self.metrics = Metrics("walreceiver")
+        self.metrics.add_collector(self._attachment_gauges)
         self.endpoint = GrpcEndpoint(
             listen, [SERVICE_NAME], lambda server: walreceiver_pb2_grpc.add_WalReceiverServicer_to_server(
-                self.servicer, server), threads=threads, thread_name="walreceiver-grpc")
+                self.servicer, server), threads=threads, thread_name="walreceiver-grpc",
+            interceptors=[self.metrics.interceptor()])
+
+    def _attachment_gauges(self) -> list[Any]:
+        statuses = self.servicer.statuses()
+        labels = ("tenant", "timeline")
+
+        def each(value: Callable[[ReceiverStatus], float]) -> list[tuple[tuple[str, str], float]]:
+            return [((s.tenant, s.timeline), value(s)) for s in statuses]
+
+        return [
+            gauge("zenith_walreceiver_durable_lsn", "End of the WAL fsynced here (reported to the primary as "
+                  "flushed)", labels, each(lambda s: s.durable_lsn)),
+            gauge("zenith_walreceiver_primary_lsn", "The primary's WAL end as last reported", labels,
+                  each(lambda s: s.primary_lsn)),
+            gauge("zenith_walreceiver_lag_bytes", "Primary's WAL end minus the WAL durable here", labels,
+                  each(lambda s: s.lag_bytes)),
+            gauge("zenith_walreceiver_pageserver_lag_bytes", "WAL durable here the page server has not "
+                  "acknowledged yet", labels, each(lambda s: max(0, s.durable_lsn - s.pageserver_lsn))),
+            gauge("zenith_walreceiver_streaming", "1 while streaming from the primary", labels,
+                  each(lambda s: 1.0 if s.state is State.STREAMING else 0.0)),
+            gauge("zenith_walreceiver_reconnects", "Reconnects to the primary since the attachment", labels,
+                  each(lambda s: s.reconnects)),
+        ]
 
     @property
     def address(self) -> str:
@@ -77,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "stored it durably")
     p.add_argument("--state-file", type=Path, default=None, metavar="PATH",
                    help="keep the attachments in this JSON file, so they survive a restart (default: in memory only)")
+    add_metrics_argument(p)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 
@@ -96,7 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     shutdown = ShutdownSignal()
     server.start()
     print(f"zenith-walreceiver listening on {server.address}", flush=True)
+    serve_and_announce(server.metrics, args.listen, args.metrics_listen)
     shutdown.wait(log)
+    server.metrics.stop()
     server.stop()
     return 0
 

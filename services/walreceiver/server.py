@@ -346,6 +346,11 @@ class WalReceiverServicer(walreceiver_pb2_grpc.WalReceiverServicer):
         wal_dir.rename(aside)
         return aside
 
+    def statuses(self) -> list[ReceiverStatus]:
+        with self._lock:
+            receivers = list(self._receivers.values())
+        return [r.status() for r in receivers]
+
     def Status(self, request: Any, context: grpc.ServicerContext) -> Any:
         with self._lock:
             receivers = sorted(self._receivers.items())
