@@ -14,7 +14,8 @@ import pytest
 from conftest import PgFactory
 from polling import wait_for
 from prometheus_client.parser import text_string_to_metric_families
-from zctl_util import make_repo, zctl
+from test_zctl_cluster import repo  # noqa: F401  (the fixture)
+from zctl_util import zctl
 
 from zproto import common_pb2, pageserver_pb2, pageserver_pb2_grpc
 
@@ -31,14 +32,7 @@ def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: s
     return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
 
 
-@pytest.fixture
-def repo(tmp_path: Path):  # type: ignore[no-untyped-def]
-    r = make_repo(tmp_path / "repo")
-    yield r
-    zctl(r, "stop", check=False)
-
-
-def test_every_service_serves_metrics_that_move(repo: Path, pg_factory: PgFactory) -> None:
+def test_every_service_serves_metrics_that_move(repo: Path, pg_factory: PgFactory) -> None:  # noqa: F811
     primary = pg_factory(autovacuum="off")
     primary.execute("CREATE TABLE t (x int)")
     zctl(repo, "start")
