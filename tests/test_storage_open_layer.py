@@ -11,7 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.pageserver.keys import KIND_RECORD, RelTag
+from services.pageserver.storage.delta_layer import DeltaLayerReader
 from services.pageserver.storage.open_layer import OpenLayer, OpenLayerError
+from services.pageserver.storage.store import DiskLayerStore, MemoryLayerStore
 from services.pageserver.storage.values import Value
 
 REL = RelTag(1663, 5, 16384, 0)
@@ -70,6 +72,43 @@ def test_versions_match_the_model(tmp_path_factory: pytest.TempPathFactory, vers
         assert layer.end_lsn == lsn + 1 and layer.entries_count == len(model)
     finally:
         layer.close()
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(_version, min_size=1, max_size=150), st.data())
+def test_written_delta_layer_answers_as_the_open_layer(tmp_path_factory: pytest.TempPathFactory,
+                                                       versions: list[tuple[int, str, int]],
+                                                       data: st.DataObject) -> None:
+    """A frozen open layer written out as a delta layer (on disk and in memory) gives the same
+    versions for every key at every LSN, and a complete entry scan equal to its own."""
+    tmp = tmp_path_factory.mktemp("delta")
+    layer = OpenLayer(tmp / "open", start_lsn=0x2000)
+    lsn = 0x2000
+    for blk, kind, size in versions:
+        lsn += 8 * data.draw(st.integers(1, 40))
+        layer.put(key(blk), lsn, _value(kind, size, lsn))
+    layer.freeze()
+    try:
+        for store in (DiskLayerStore(tmp / "layers"), MemoryLayerStore()):
+            desc = layer.write_delta(store)
+            assert desc.is_l0 and desc.lsn_range == (0x2000, lsn + 1)
+            with DeltaLayerReader.open(store, desc.file_name) as reader:
+                assert list(reader.iter_entries()) == list(layer.entries())
+                for _ in range(30):
+                    blk = data.draw(st.integers(0, 8))
+                    at = data.draw(st.integers(0x2000, lsn + 8))
+                    ours, _ = layer.versions(key(blk), at)
+                    assert reader.versions(key(blk), at) == ours
+    finally:
+        layer.close()
+
+
+def test_an_empty_layer_is_not_written(tmp_path: Path) -> None:
+    layer = OpenLayer(tmp_path / "open", start_lsn=100)
+    layer.freeze()
+    with pytest.raises(OpenLayerError, match="empty"):
+        layer.write_delta(MemoryLayerStore())
+    layer.close()
 
 
 def test_a_record_for_several_pages_is_stored_once(tmp_path: Path) -> None:

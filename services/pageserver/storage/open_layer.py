@@ -11,8 +11,8 @@ that touches several pages is stored once and indexed under each of them
 
 When the layer is big or old enough, the timeline freezes it (no more
 appends; reads go on) and starts a new one; the flusher writes the frozen
-layer out as a delta layer (`entries()` yields it in key, LSN order) and
-then drops it. Neon's counterpart is InMemoryLayer in
+layer out as an L0 delta layer (`write_delta`, from `entries()` in key, LSN
+order) and then drops it. Neon's counterpart is InMemoryLayer in
 pageserver/src/tenant/storage_layer/inmemory_layer.rs.
 """
 
@@ -27,7 +27,10 @@ from pathlib import Path
 from typing import Final
 
 from ..keys import KIND_DELETED, KIND_FILE, KIND_IMAGE, KIND_RECORD, KIND_RECORD_INIT
+from .delta_layer import DeltaLayerWriter
 from .errors import StorageError
+from .layer_desc import KEY_MAX, KEY_MIN, LayerDesc
+from .store import LayerStore
 from .values import Value
 
 # An index entry packs the kind into the low bits of the offset.
@@ -187,6 +190,21 @@ class OpenLayer:
             entries = self._index[key]
             for i in range(0, len(entries), 2):
                 yield key, entries[i], self._value(entries[i + 1])
+
+    def write_delta(self, store: LayerStore) -> LayerDesc:
+        """Write the frozen layer out as an L0 delta layer (every key; LSNs [start_lsn, end_lsn)) into
+        `store`, streaming (memory stays bounded); the new layer's descriptor. Nothing is left in the
+        store if this fails."""
+        if self.end_lsn == self.start_lsn:
+            raise OpenLayerError("an empty open layer is not written out")
+        writer = DeltaLayerWriter(store, LayerDesc.delta(KEY_MIN, KEY_MAX, self.start_lsn, self.end_lsn))
+        try:
+            for key, lsn, value in self.entries():
+                writer.add(key, lsn, value)
+            return writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
 
     def close(self, remove: bool = True) -> None:
         with self._lock:
