@@ -48,6 +48,10 @@ class OpenLayerError(StorageError):
     """Misuse of an open layer (an append after freezing, LSNs going backwards)."""
 
 
+class LayerRetired(StorageError):
+    """The layer was closed (flushed and dropped) while a read was about to use it: read again."""
+
+
 class OpenLayer:
     """Versions of one timeline with LSNs in [start_lsn, end_lsn); thread-safe: one appender,
     any number of readers."""
@@ -158,6 +162,8 @@ class OpenLayer:
         and whether one did (if not, older layers hold the rest)."""
         out: list[tuple[int, Value]] = []
         with self._lock:
+            if self._fd < 0:
+                raise LayerRetired(f"open layer {self.path.name} was dropped")
             entries = self._index.get(key)
             if entries is None:
                 return out, False

@@ -1,0 +1,204 @@
+"""One timeline's layered storage: the open layer, frozen layers on their way to disk, the layer files.
+
+Ingest puts versions into the open layer (open_layer.py). At
+`checkpoint_distance` bytes the open layer is frozen (it still answers
+reads) and a new one takes the next versions; `flush` writes the oldest
+frozen layer out as an L0 delta layer, then saves a manifest naming it with
+the new `disk_consistent_lsn`, and only then drops the frozen layer: a crash
+at any point leaves the previous manifest or the new one, an orphan file at
+worst (removed at open). After a crash everything above
+`disk_consistent_lsn` is gone from here and comes back from the walreceiver.
+
+A read of (key, LSN) takes versions newest first from the open layer, the
+frozen layers and then the layers the layer map names, until one stands
+alone (an image, a file, a deletion or a record that initializes the page);
+the caller goes on into the ancestor timeline if none did. Readers of layer
+files are opened once and kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Final
+
+from .delta_layer import DeltaLayerReader
+from .image_layer import ImageLayerReader
+from .layer_desc import LayerDesc
+from .layer_map import LayerMap
+from .manifest import Manifest, load_manifest, orphan_layers, save_manifest
+from .open_layer import LayerRetired, OpenLayer
+from .store import LayerStore
+from .values import Value
+
+log = logging.getLogger(__name__)
+
+# Neon's default is 256 MiB of WAL per L0 delta layer; the page server sets its own.
+DEFAULT_CHECKPOINT_DISTANCE: Final = 64 << 20
+
+
+class TimelineLayers:
+    """Thread-safe: one ingesting thread, one flushing thread, any number of readers."""
+
+    def __init__(self, store: LayerStore, scratch: Path, start_lsn: int,
+                 checkpoint_distance: int = DEFAULT_CHECKPOINT_DISTANCE) -> None:
+        """Open the timeline's layers in `store` (a timeline with no manifest yet starts empty at
+        `start_lsn`); `scratch` holds the ephemeral files of open layers."""
+        self.store = store
+        self.scratch = Path(scratch)
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        for stale in self.scratch.glob("open-*"):
+            stale.unlink()  # a crashed predecessor's open layers: their WAL is resent
+        self.checkpoint_distance = checkpoint_distance
+        manifest = load_manifest(store)
+        if manifest is None:
+            manifest = Manifest(disk_consistent_lsn=start_lsn)
+            save_manifest(store, manifest)  # the timeline exists from here on, empty at start_lsn
+        for name in orphan_layers(store, manifest):
+            log.info("removing orphan layer file %s", name)
+            store.delete(name)
+        self._manifest = manifest
+        self.map = LayerMap(manifest.descs())
+        self.disk_consistent_lsn = manifest.disk_consistent_lsn
+        self.last_lsn = manifest.disk_consistent_lsn  # newest LSN put here
+        self._open: OpenLayer | None = None
+        self._frozen: list[OpenLayer] = []  # oldest first
+        self._readers: dict[str, DeltaLayerReader | ImageLayerReader] = {}
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+
+    # -- ingest ---------------------------------------------------------------------------
+
+    def _open_layer(self) -> OpenLayer:
+        if self._open is None:
+            start = self._covered() + 1  # right after what the frozen and flushed layers cover
+            self._open = OpenLayer(self.scratch / f"open-{start:016X}", start_lsn=start)
+        return self._open
+
+    def put_record(self, lsn: int, raw: bytes, start_lsn: int, pages: list[tuple[bytes, bool]]) -> None:
+        """A WAL record ending at `lsn` for `pages` (key, will_init); an empty `pages` only moves the LSN."""
+        with self._lock:
+            self._next_lsn(lsn)
+            if pages:
+                self._open_layer().put_record(lsn, raw, start_lsn, pages)
+
+    def put(self, key: bytes, lsn: int, value: Value) -> None:
+        """One version (several may share an LSN: what one record did)."""
+        with self._lock:
+            self._next_lsn(lsn)
+            self._open_layer().put(key, lsn, value)
+
+    def _next_lsn(self, lsn: int) -> None:
+        """Versions at a new LSN: the previous record is complete, so the open layer may freeze here."""
+        if lsn > self.last_lsn:
+            if self._open is not None and self._open.size >= self.checkpoint_distance:
+                self._freeze()
+            self.last_lsn = lsn
+
+    def _covered(self) -> int:
+        """The newest LSN the frozen and flushed layers cover."""
+        return self._frozen[-1].end_lsn - 1 if self._frozen else self.disk_consistent_lsn
+
+    def _freeze(self) -> None:
+        layer = self._open_layer()
+        layer.end_lsn = max(layer.end_lsn, self.last_lsn + 1)  # covers every record up to here
+        layer.freeze()
+        self._frozen.append(layer)
+        self._open = None
+
+    def freeze(self) -> bool:
+        """Freeze what is open (the next versions go to a new layer); False if nothing new was put."""
+        with self._lock:
+            if self.last_lsn <= self._covered():
+                return False
+            self._freeze()
+            return True
+
+    @property
+    def frozen_count(self) -> int:
+        with self._lock:
+            return len(self._frozen)
+
+    # -- flush ------------------------------------------------------------------------------
+
+    def flush(self) -> bool:
+        """Write the oldest frozen layer to disk and make it part of the timeline; False if there
+        was none. disk_consistent_lsn moves to the end of that layer."""
+        with self._flush_lock:
+            with self._lock:
+                if not self._frozen:
+                    return False
+                layer = self._frozen[0]
+            desc = layer.write_delta(self.store) if layer.entries_count else None
+            manifest = Manifest(layer.end_lsn - 1, dict(self._manifest.layers), dict(self._manifest.extra))
+            if desc is not None:
+                manifest.add_layer(desc, self.store.size(desc.file_name))
+            save_manifest(self.store, manifest)
+            with self._lock:
+                if desc is not None:
+                    self.map.insert(desc)
+                self._manifest = manifest
+                self.disk_consistent_lsn = manifest.disk_consistent_lsn
+                self._frozen.pop(0)
+            layer.close()
+            return True
+
+    def flush_all(self) -> None:
+        """Freeze what is open and flush everything: all put so far is durable."""
+        self.freeze()
+        while self.flush():
+            pass
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def _reader(self, desc: LayerDesc) -> DeltaLayerReader | ImageLayerReader:
+        reader = self._readers.get(desc.file_name)
+        if reader is None:
+            cls = DeltaLayerReader if desc.is_delta else ImageLayerReader
+            reader = self._readers.setdefault(desc.file_name, cls.open(self.store, desc.file_name))
+        return reader
+
+    def versions(self, key: bytes, lsn: int) -> tuple[list[tuple[int, Value]], bool]:
+        """Versions of `key` at or below `lsn`, newest first, down to one that stands alone; and
+        whether one did (if not, the ancestor timeline holds the rest)."""
+        while True:
+            try:
+                return self._versions(key, lsn)
+            except LayerRetired:
+                continue  # a frozen layer was flushed under this read: its versions are in a file now
+
+    def _versions(self, key: bytes, lsn: int) -> tuple[list[tuple[int, Value]], bool]:
+        with self._lock:
+            in_memory = ([self._open] if self._open is not None else []) + self._frozen[::-1]
+            steps = self.map.search(key, lsn)
+        out: list[tuple[int, Value]] = []
+        for layer in in_memory:
+            if layer.start_lsn > lsn:
+                continue
+            found, complete = layer.versions(key, lsn)
+            out += found
+            if complete:
+                return out, True
+        for step in steps:
+            reader = self._reader(step.layer)
+            if isinstance(reader, ImageLayerReader):
+                value = reader.get(key)
+                if value is not None:
+                    out.append((step.layer.image_lsn, value))
+                    return out, True
+                continue
+            found = reader.versions(key, step.lsn_ceil, step.lsn_floor)
+            out += found
+            if found and found[-1][1].complete:
+                return out, True
+        return out, False
+
+    def close(self) -> None:
+        with self._lock:
+            for layer in ([self._open] if self._open else []) + self._frozen:
+                layer.close()
+            self._open, self._frozen = None, []
+            for reader in self._readers.values():
+                reader.close()
+            self._readers.clear()
