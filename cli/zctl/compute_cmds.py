@@ -84,6 +84,10 @@ def cmd_branch_create(args: argparse.Namespace) -> int:
         kind, value = parse_branch_point(args.at)
         if kind == "lsn":
             lsn = value
+            known = max(acknowledged, parent.last_record_lsn)
+            if lsn > known:  # nobody has that WAL yet: say so now rather than after the page server's wait
+                raise CommandError(f"branch point {format_lsn(lsn)} is beyond the last record of "
+                                   f"{args.parent} ({format_lsn(known)})")
         else:
             _wait_ingested(stub, parent.timeline.id, acknowledged)
             try:
@@ -94,7 +98,7 @@ def cmd_branch_create(args: argparse.Namespace) -> int:
     try:
         info = stub.CreateTimeline(pageserver_pb2.CreateTimelineRequest(
             tenant=tenant, new_timeline=common_pb2.TimelineId(id=uuid.uuid4().hex),
-            ancestor_timeline=parent.timeline, ancestor_lsn=lsn, name=args.name), timeout=30)
+            ancestor_timeline=parent.timeline, ancestor_lsn=lsn, name=args.name), timeout=90)  # the page server may wait for the LSN
     except grpc.RpcError as e:
         if e.code() == grpc.StatusCode.OUT_OF_RANGE:
             raise CommandError(f"creating branch {args.name!r}: {e.details()}; `zctl branch list` shows each "
