@@ -25,6 +25,7 @@ import grpc
 
 from pgformat.lsn import format_lsn
 from pgformat.xlogreader import RawRecord, WalStreamReader
+from pgformat.xlogrecord import parse_record_header
 from zproto import common_pb2, pageserver_pb2, pageserver_pb2_grpc
 
 from .errors import FatalError, PageServerError
@@ -36,21 +37,12 @@ _READ_CHUNK: Final = 1 << 20
 
 
 def record_to_proto(raw: RawRecord) -> common_pb2.DecodedRecord:
-    """A CRC-checked record plus the summary of its block references."""
-    rec = raw.decode()
-    blocks = [
-        common_pb2.BlockRef(
-            block_id=b.block_id,
-            rel=common_pb2.RelTag(spc_oid=b.rnode.spc, db_oid=b.rnode.db, rel_number=b.rnode.rel, fork=b.forknum),
-            blkno=b.blkno, will_init=b.will_init, has_image=b.has_image, apply_image=b.apply_image,
-            has_data=b.has_data,
-        )
-        for b in rec.blocks
-    ]
-    return common_pb2.DecodedRecord(
-        lsn=raw.lsn, end_lsn=raw.end_lsn, prev_lsn=rec.prev, xid=rec.xid, rmid=rec.rmid, info=rec.info,
-        total_len=rec.tot_len, raw=raw.data, blocks=blocks,
-    )
+    """A CRC-checked record as Ingest takes it: its bytes and header fields. The block references
+    are left out: the page server decodes `raw` itself (it is authoritative), so decoding them here
+    would only cost the walreceiver CPU (and the primary's commits GIL time)."""
+    hdr = raw.header if raw.header is not None else parse_record_header(raw.data, raw.lsn)
+    return common_pb2.DecodedRecord(lsn=raw.lsn, end_lsn=raw.end_lsn, prev_lsn=hdr.prev, xid=hdr.xid, rmid=hdr.rmid,
+                                    info=hdr.info, total_len=hdr.tot_len, raw=raw.data)
 
 
 def check_writer(info: pageserver_pb2.TimelineInfo, writer_epoch: int) -> None:

@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
+    # The primary side answers a synchronous commit right after its fsync; with the default 5 ms
+    # switch interval it could wait that long for the GIL behind the feeder's decoding.
+    sys.setswitchinterval(0.0005)
     if args.status_interval <= 0 or args.max_backoff <= 0:
         print("zenith-walreceiver: --status-interval and --max-backoff must be positive", file=sys.stderr)
         return 2
