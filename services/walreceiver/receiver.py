@@ -561,14 +561,19 @@ class WalReceiver:
                 primary_lsn = max(primary_lsn, msg.wal_end, write_pos)
                 skip = max(0, reader.position - msg.start)  # bytes before `resume`: kept, not parsed
                 reader.feed(msg.data[skip:])
+                last = None
                 try:
-                    for raw in reader.records():  # raises before yielding a bad record
-                        with self._changed:
-                            self._local_end, self._local_last_start = raw.end_lsn, raw.lsn
+                    for last in reader.records():  # raises before yielding a bad record
+                        pass
                 except FormatError:
+                    if last is not None:
+                        self._local_end, self._local_last_start = last.end_lsn, last.lsn
                     sync()  # the records before the bad one are good: durable and reported
                     reply(time.monotonic())
                     raise
+                if last is not None:
+                    # Only this thread reads these (sync(), the next session's resume): no lock.
+                    self._local_end, self._local_last_start = last.end_lsn, last.lsn
                 if unsynced >= _SYNC_BYTES:
                     break
             if n:
