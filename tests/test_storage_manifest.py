@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_storage_store import store  # noqa: F401  (the fixture: a memory and a disk store)
 
 from services.pageserver.storage.delta_layer import DeltaLayerWriter
 from services.pageserver.storage.errors import ManifestError
@@ -27,24 +27,18 @@ from services.pageserver.storage.manifest import (
 from services.pageserver.storage.store import (
     DiskLayerStore,
     LayerStore,
-    MemoryLayerStore,
 )
 from services.pageserver.storage.values import Value
 
 
-@pytest.fixture(params=["memory", "disk"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LayerStore]:
-    yield MemoryLayerStore() if request.param == "memory" else DiskLayerStore(tmp_path / "tl")
-
-
-def _layer(store: LayerStore, lsn: int) -> tuple[LayerDesc, int]:
-    w = DeltaLayerWriter(store, LayerDesc.delta(KEY_MIN, KEY_MAX, lsn, lsn + 10))
+def _layer(target: LayerStore, lsn: int) -> tuple[LayerDesc, int]:
+    w = DeltaLayerWriter(target, LayerDesc.delta(KEY_MIN, KEY_MAX, lsn, lsn + 10))
     w.add(bytes(18), lsn, Value.record(b"r" * lsn))
     d = w.finish()
-    return d, store.size(d.file_name)
+    return d, target.size(d.file_name)
 
 
-def test_round_trip_and_orphans(store: LayerStore) -> None:
+def test_round_trip_and_orphans(store: LayerStore) -> None:  # noqa: F811
     assert load_manifest(store) is None
     (a, sa), (b, sb), (c, _) = _layer(store, 10), _layer(store, 20), _layer(store, 30)
     m = Manifest(0x16B3748, extra={"prev_record_lsn": 5, "ancestor": None})
@@ -62,7 +56,7 @@ def test_round_trip_and_orphans(store: LayerStore) -> None:
     assert MANIFEST_NAME in store.list()
 
 
-def test_missing_and_resized_layers_reported(store: LayerStore) -> None:
+def test_missing_and_resized_layers_reported(store: LayerStore) -> None:  # noqa: F811
     (a, sa), (b, sb) = _layer(store, 10), _layer(store, 20)
     save_manifest(store, Manifest(100, {a.file_name: sa, b.file_name: sb}))
     store.delete(a.file_name)
@@ -127,10 +121,10 @@ def test_garbage_only_raises_manifest_error(data: bytes) -> None:
 
 
 def test_disk_replacement_is_atomic(tmp_path: Path) -> None:
-    store = DiskLayerStore(tmp_path)
-    save_manifest(store, Manifest(1))
+    disk = DiskLayerStore(tmp_path)
+    save_manifest(disk, Manifest(1))
     before = os.stat(tmp_path / MANIFEST_NAME).st_ino
-    save_manifest(store, Manifest(2))
+    save_manifest(disk, Manifest(2))
     assert os.stat(tmp_path / MANIFEST_NAME).st_ino != before  # a new file renamed over the old
     assert sorted(os.listdir(tmp_path)) == [MANIFEST_NAME]
     (tmp_path / MANIFEST_NAME).write_bytes(b"ZENITH-MANIFEST\n{")  # torn by hand
