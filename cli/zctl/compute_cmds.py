@@ -21,11 +21,11 @@ from rich.tree import Tree
 from pgformat.autoconf import quote_value
 from pgformat.lsn import LsnFormatError, format_lsn, parse_lsn
 from services.runtime import ShutdownSignal
-from zproto import common_pb2, pageserver_pb2, walreceiver_pb2
+from zproto import common_pb2, pageserver_pb2
 
 from .cluster_cmds import DEFAULT_TENANT, CommandError, _cluster, _pageserver, _rpc_error, _walreceiver, find_branch
 from .compute_config import ComputeConfigError, parse_assignment
-from .computes import ComputeError, Computes, check_writable
+from .computes import ComputeError, Computes, attachment_of, check_writable
 from .importer import import_requests, scan_stopped_datadir
 from .postgres import PG_OS_USER, PostgresNode, make_pg_owned_dir, unreachable_ancestor
 from .supervisor import SupervisorError
@@ -53,12 +53,8 @@ def parse_branch_point(text: str) -> tuple[str, int]:
 def _acknowledged_lsn(cluster: Any, timeline: str) -> int:
     """Where the WAL a walreceiver acknowledged to the branch's writer ends (0 if not attached): the
     page server may still be catching up with it, and 'latest' must include every commit."""
-    try:
-        resp = _walreceiver(cluster).Status(walreceiver_pb2.StatusRequest(
-            tenant=common_pb2.TenantId(id=DEFAULT_TENANT), timeline=common_pb2.TimelineId(id=timeline)), timeout=10)
-    except grpc.RpcError:
-        return 0
-    return max((a.durable_lsn for a in resp.attachments), default=0)
+    found = attachment_of(_walreceiver(cluster), timeline)
+    return found.durable_lsn if found is not None else 0
 
 
 def _wait_ingested(stub: Any, timeline: str, lsn: int, timeout: float = 60.0) -> None:

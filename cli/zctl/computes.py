@@ -49,6 +49,18 @@ def replication_slot_name(timeline: str) -> str:
     return f"zenith_{timeline[:24]}"
 
 
+def attachment_of(walreceiver: walreceiver_pb2_grpc.WalReceiverStub,
+                  timeline: str) -> walreceiver_pb2.AttachmentStatus | None:
+    """The walreceiver's attachment of a timeline; None if there is none or it cannot be asked."""
+    try:
+        found = walreceiver.Status(walreceiver_pb2.StatusRequest(
+            tenant=common_pb2.TenantId(id=DEFAULT_TENANT), timeline=common_pb2.TimelineId(id=timeline)),
+            timeout=10).attachments
+    except grpc.RpcError:
+        return None
+    return found[0] if found else None
+
+
 def check_writable(branch: str, info: pageserver_pb2.TimelineInfo) -> None:
     """ComputeError if a writable compute on the branch would fork the WAL of its writer."""
     w = info.writer
@@ -289,13 +301,7 @@ class Computes:
         self._epoch_file(spec).unlink(missing_ok=True)
 
     def _attachment(self, spec: ComputeSpec) -> walreceiver_pb2.AttachmentStatus | None:
-        tenant, timeline = self._timeline_request(spec)
-        try:
-            found = self.walreceiver.Status(walreceiver_pb2.StatusRequest(tenant=tenant, timeline=timeline),
-                                            timeout=10).attachments
-        except grpc.RpcError:
-            return None
-        return found[0] if found else None
+        return attachment_of(self.walreceiver, spec.timeline)
 
     def _fetch_basebackup(self, spec: ComputeSpec, datadir: Path) -> int:
         """Stream the page server's base backup (LZ4 frames of a tar) into the data directory as it
@@ -504,4 +510,4 @@ def _port_free(port: int) -> bool:
     return True
 
 
-__all__ = ["ComputeError", "ComputeSpec", "Computes", "check_writable", "free_port"]
+__all__ = ["ComputeError", "ComputeSpec", "Computes", "attachment_of", "check_writable", "free_port"]
