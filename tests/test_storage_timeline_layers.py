@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.pageserver.keys import KIND_RECORD, RelTag
+from services.pageserver.storage.image_layer import ImageLayerWriter
 from services.pageserver.storage.layer_desc import KEY_MAX, KEY_MIN, LayerDesc
 from services.pageserver.storage.manifest import load_manifest
 from services.pageserver.storage.store import DiskLayerStore, LayerStore, MemoryLayerStore
@@ -83,6 +84,17 @@ def test_reads_match_the_model_through_flushes_and_crashes(tmp_path_factory: pyt
                 blk = data.draw(st.integers(0, 10))
                 at = data.draw(st.integers(START, lsn + 8))
                 assert tl.versions(key(blk), at) == _model(model, key(blk), at)
+            # Range reads: the keys with versions up to an LSN (a superset is allowed, never fewer)
+            # and every version of a key in an LSN window, oldest first.
+            at = data.draw(st.integers(START, lsn + 8))
+            lo, hi = key(data.draw(st.integers(0, 5))), key(data.draw(st.integers(5, 11)))
+            listed = list(tl.keys(lo, hi, at))
+            assert listed == sorted(set(listed)) and all(lo <= k < hi for k in listed)
+            assert {k for k, vl, _ in model if lo <= k < hi and vl <= at} <= set(listed)
+            blk, a = data.draw(st.integers(0, 10)), data.draw(st.integers(START, lsn + 8))
+            b = data.draw(st.integers(a, lsn + 8))
+            assert list(tl.versions_between(key(blk), a, b)) == sorted(
+                ((vl, v) for k, vl, v in model if k == key(blk) and a <= vl <= b), key=lambda e: e[0])
         tl.flush_all()
         assert tl.disk_consistent_lsn == max(lsn, START)
         manifest = load_manifest(store)
@@ -146,4 +158,42 @@ def test_reads_go_on_while_layers_freeze_and_flush(tmp_path: Path) -> None:
     found, complete = tl.versions(key(0), 1 << 40)
     assert complete and len(found) == 2999
     assert not errors, errors[:3]
+    tl.close()
+
+
+def test_image_layers_end_reads_and_gc_drops_what_they_hide(tmp_path: Path) -> None:
+    store = DiskLayerStore(tmp_path / "layers")
+    tl = TimelineLayers(store, tmp_path / "scratch", START)
+    tl.put(key(1), START + 8, Value.image(b"a" * 8192))
+    tl.put_record(START + 16, b"r1", START + 8, [(key(1), False), (key(2), True)])
+    tl.flush_all()
+    first = tl.descs()
+    # An image layer at START + 16 holding key 1 only: key 2 did not exist "then" as far as it says.
+    image = LayerDesc.image(KEY_MIN, KEY_MAX, START + 16)
+    with ImageLayerWriter(store, image) as w:
+        w.add(key(1), Value.image(b"b" * 8192))
+        w.finish()
+    tl.add_layer(image)
+    assert tl.has_image_at(START + 16) and not tl.has_image_at(START + 8)
+    assert tl.versions(key(1), START + 20) == ([(START + 16, Value.image(b"b" * 8192))], True)
+    assert tl.versions(key(2), START + 20) == ([], True)  # absent from the image: no older read
+    assert tl.versions(key(1), START + 8) == ([(START + 8, Value.image(b"a" * 8192))], True)
+    # Everything below the image is hidden from reads at or above it: GC may drop it.
+    assert tl.gc_candidates(START + 16, []) == first
+    assert tl.remove_layers(first) > 0 and tl.descs() == [image]
+    assert not any(store.exists(d.file_name) for d in first)
+    tl.close()
+    reopened = TimelineLayers(store, tmp_path / "scratch", START)
+    assert reopened.descs() == [image]
+    assert reopened.versions(key(1), START + 20) == ([(START + 16, Value.image(b"b" * 8192))], True)
+    reopened.close()
+
+
+def test_checkpoint_writes_out_an_old_open_layer(tmp_path: Path) -> None:
+    tl = TimelineLayers(MemoryLayerStore(), tmp_path / "scratch", START)
+    tl.put(key(1), START + 8, Value.image(b"a" * 8192))
+    assert not tl.checkpoint(timeout=3600) and tl.disk_consistent_lsn == START  # young: stays open
+    assert tl.open_age() >= 0
+    assert tl.checkpoint(timeout=0) and tl.disk_consistent_lsn == START + 8
+    assert not tl.checkpoint(timeout=0)  # nothing new
     tl.close()

@@ -22,6 +22,10 @@ class KeyKind(enum.IntEnum):
     TWOPHASE_FILE = 0x03
     CHECKPOINT = 0x04
     CONTROL_FILE = 0x05
+    # Timeline metadata kept as versioned keys beside the pages, so layers hold all of a timeline:
+    REL_SIZE = 0x06  # a relation fork's size in blocks (a file value), deleted when dropped
+    COMMIT_TIME = 0x07  # one key: a version per commit record, the commit timestamp (find-LSN-by-time)
+    WAL_RECORD = 0x08  # one key: a version per WAL record, the raw record (record boundaries, base backups)
 
 
 _KEY = struct.Struct(">BIIIBI")  # kind, spc/slru kind, db/segno, rel, fork, block/page
@@ -68,8 +72,21 @@ def twophase_key(xid: int) -> bytes:
     return _KEY.pack(KeyKind.TWOPHASE_FILE, 0, 0, 0, 0, xid)
 
 
-# What a version of a key holds (page_versions.kind); at the same LSN, lower kinds sort first,
-# so an image written for an LSN hides the record stored at that LSN.
+def rel_size_key(rel: RelTag) -> bytes:
+    return _KEY.pack(KeyKind.REL_SIZE, rel.spc, rel.db, rel.rel, rel.fork, 0)
+
+
+def rel_of_size_key(key: bytes) -> RelTag:
+    _, spc, db, rel, fork, _ = _KEY.unpack(key)
+    return RelTag(spc, db, rel, fork)
+
+
+def kind_range(kind: KeyKind) -> tuple[bytes, bytes]:
+    """[start, end) of every key of one kind."""
+    return bytes([kind]) + bytes(KEY_SIZE - 1), bytes([kind + 1]) + bytes(KEY_SIZE - 1)
+
+
+# What a version of a key holds (storage/values.py encodes it). A key has at most one version per LSN.
 KIND_IMAGE: Final = 0  # a full 8192-byte page
 KIND_RECORD_INIT: Final = 1  # a WAL record that initializes the page (will_init): a chain ends here
 KIND_RECORD: Final = 2  # a WAL record to apply on the version before it
@@ -78,6 +95,8 @@ KIND_DELETED: Final = 4  # the file is gone from this LSN on
 
 CHECKPOINT_KEY: Final = _KEY.pack(KeyKind.CHECKPOINT, 0, 0, 0, 0, 0)
 CONTROL_FILE_KEY: Final = _KEY.pack(KeyKind.CONTROL_FILE, 0, 0, 0, 0, 0)
+COMMIT_TIME_KEY: Final = _KEY.pack(KeyKind.COMMIT_TIME, 0, 0, 0, 0, 0)
+WAL_RECORD_KEY: Final = _KEY.pack(KeyKind.WAL_RECORD, 0, 0, 0, 0, 0)
 
 
 def decode_key(key: bytes) -> tuple[int, int, int, int, int, int]:

@@ -69,6 +69,19 @@ class DeltaLayerReader(LayerFileReader):
             blk = f.block(b)
             i = len(blk) - 1
 
+    def versions_between(self, key: bytes, lo: int, hi: int) -> list[tuple[int, Value]]:
+        """The versions of `key` with LSN in [lo, hi], oldest first."""
+        out: list[tuple[int, Value]] = []
+        start, stop = entry_key(key, max(lo, 0)), entry_key(key, min(hi, MAX_LSN))
+        for blk, i in self._blocks_from(start):
+            keys = blk.keys
+            for j in range(i, len(keys)):
+                ek = keys[j]
+                if ek > stop:
+                    return out
+                out.append((int.from_bytes(ek[KEY_SIZE:], "big"), self._decode(blk.value(j), ek)))
+        return out
+
     def _blocks_from(self, start: bytes | None) -> Iterator[tuple[Block, int]]:
         """Blocks in order from the one holding entry key `start`, each with the position to start at."""
         f = self._file
@@ -102,12 +115,19 @@ class DeltaLayerReader(LayerFileReader):
         for key, lsn, raw in self.iter_encoded(key_range):
             yield key, lsn, self._decode(raw, key)
 
-    def iter_keys(self) -> Iterator[bytes]:
-        """Each distinct key once, in order (without decoding values)."""
+    def iter_keys(self, key_range: tuple[bytes, bytes] | None = None) -> Iterator[bytes]:
+        """Each distinct key once, in order (without decoding values), optionally only keys in
+        [start, end)."""
+        start, end = key_range if key_range is not None else (None, None)
         last = None
-        for blk, _ in self._blocks_from(None):
-            for ek in blk.keys:
-                key = ek[:KEY_SIZE]
+        for blk, i in self._blocks_from(None if start is None else entry_key(start[:KEY_SIZE], 0)):
+            keys = blk.keys
+            for j in range(i, len(keys)):
+                key = keys[j][:KEY_SIZE]
                 if key != last:
+                    if start is not None and key < start:
+                        continue
+                    if end is not None and key >= end:
+                        return
                     yield key
                     last = key

@@ -75,6 +75,6 @@ class ImageLayerReader(LayerFileReader):
         for key, raw in self.iter_encoded(key_range):
             yield key, self._decode(raw, key)
 
-    def iter_keys(self) -> Iterator[bytes]:
-        for key, _ in self.iter_encoded():
+    def iter_keys(self, key_range: tuple[bytes, bytes] | None = None) -> Iterator[bytes]:
+        for key, _ in self.iter_encoded(key_range):
             yield key

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
+import time
 from array import array
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -67,6 +68,7 @@ class OpenLayer:
         self._lock = threading.Lock()
         self._frozen = False
         self.entries_count = 0
+        self.opened_at = time.monotonic()
 
     # -- appending ------------------------------------------------------------------------
 
@@ -100,8 +102,13 @@ class OpenLayer:
         entries = self._index.get(key)
         if entries is None:
             entries = self._index[key] = array("Q")
-        elif entries[-2] > lsn:
-            raise OpenLayerError(f"version at {lsn:X} for a key already at {entries[-2]:X}: LSNs go backwards")
+        elif entries[-2] >= lsn:
+            if entries[-2] > lsn:
+                raise OpenLayerError(f"version at {lsn:X} for a key already at {entries[-2]:X}: LSNs go backwards")
+            # One version per (key, LSN): a second one at the same LSN (a size set twice by one
+            # record) replaces the first; its bytes stay in the file unreferenced.
+            entries[-1] = offset << _KIND_BITS | _KIND_CODE[kind]
+            return
         entries.append(lsn)
         entries.append(offset << _KIND_BITS | _KIND_CODE[kind])
 
@@ -167,15 +174,7 @@ class OpenLayer:
             entries = self._index.get(key)
             if entries is None:
                 return out, False
-            # Binary search over the (LSN, packed) pairs for the first LSN above `lsn`.
-            lo, hi = 0, len(entries) // 2
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if entries[2 * mid] <= lsn:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            i = lo
+            i = _bisect_pairs(entries, lsn, len(entries) // 2)
             while i > 0:
                 i -= 1
                 packed = entries[2 * i + 1]
@@ -184,9 +183,36 @@ class OpenLayer:
                     return out, True
         return out, False
 
-    def keys(self) -> list[bytes]:
+    def keys(self, start: bytes | None = None, end: bytes | None = None) -> list[bytes]:
+        """The keys with versions here, sorted (only those in [start, end) if given)."""
         with self._lock:
-            return sorted(self._index)
+            if self._fd < 0:
+                raise LayerRetired(f"open layer {self.path.name} was dropped")
+            keys = list(self._index)
+        if start is not None or end is not None:
+            lo, hi = start or b"", end
+            keys = [k for k in keys if k >= lo and (hi is None or k < hi)]
+        keys.sort()
+        return keys
+
+    def versions_between(self, key: bytes, lo: int, hi: int) -> list[tuple[int, Value]]:
+        """Every version of `key` with LSN in [lo, hi], oldest first."""
+        with self._lock:
+            if self._fd < 0:
+                raise LayerRetired(f"open layer {self.path.name} was dropped")
+            entries = self._index.get(key)
+            if entries is None:
+                return []
+            n = len(entries) // 2
+            first = _bisect_pairs(entries, lo - 1, n)
+            last = _bisect_pairs(entries, hi, n)
+            return [(entries[2 * i], self._value(entries[2 * i + 1])) for i in range(first, last)]
+
+    def lsn_span(self, key: bytes) -> tuple[int, int] | None:
+        """(oldest, newest) LSN of the versions of `key` here, None if it has none."""
+        with self._lock:
+            entries = self._index.get(key)
+            return (entries[0], entries[-2]) if entries else None
 
     def entries(self) -> Iterator[tuple[bytes, int, Value]]:
         """Every version in (key, LSN) order: what the delta layer written from a frozen layer holds."""
@@ -218,3 +244,15 @@ class OpenLayer:
             self._fd = -1
             if remove:
                 self.path.unlink(missing_ok=True)
+
+
+def _bisect_pairs(entries: array[int], lsn: int, n: int) -> int:
+    """Index of the first (LSN, packed) pair whose LSN is above `lsn`."""
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if entries[2 * mid] <= lsn:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo

@@ -322,14 +322,16 @@ class DiskLayerStore(LayerStore):
     """Files in one directory. Temporary files of writers that never finished (a crash) are
     removed when the store is opened."""
 
-    def __init__(self, root: Path | str, *, create: bool = True) -> None:
+    def __init__(self, root: Path | str, *, create: bool = True, clean: bool = True) -> None:
+        """`clean=False` leaves temporary files alone: for reading a store another process owns."""
         self.root = Path(root)
         if create:
             self.root.mkdir(parents=True, exist_ok=True)
         elif not self.root.is_dir():
             raise StoreError(f"{self.root} is not a directory")
-        for p in self.root.glob(f"{TEMP_PREFIX}*"):
-            p.unlink(missing_ok=True)
+        if clean:
+            for p in self.root.glob(f"{TEMP_PREFIX}*"):
+                p.unlink(missing_ok=True)
 
     def create(self, name: str) -> FileWriter:
         return _DiskWriter(self, check_name(name))

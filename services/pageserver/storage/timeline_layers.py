@@ -18,14 +18,17 @@ files are opened once and kept.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Final
 
 from .delta_layer import DeltaLayerReader
 from .image_layer import ImageLayerReader
-from .layer_desc import LayerDesc
+from .layer_desc import KEY_MAX, KEY_MIN, LayerDesc
 from .layer_map import LayerMap
 from .manifest import Manifest, load_manifest, orphan_layers, save_manifest
 from .open_layer import LayerRetired, OpenLayer
@@ -156,7 +159,11 @@ class TimelineLayers:
         reader = self._readers.get(desc.file_name)
         if reader is None:
             cls = DeltaLayerReader if desc.is_delta else ImageLayerReader
-            reader = self._readers.setdefault(desc.file_name, cls.open(self.store, desc.file_name))
+            try:
+                opened = cls.open(self.store, desc.file_name)
+            except FileNotFoundError:
+                raise LayerRetired(f"layer {desc.file_name} was removed") from None
+            reader = self._readers.setdefault(desc.file_name, opened)
         return reader
 
     def versions(self, key: bytes, lsn: int) -> tuple[list[tuple[int, Value]], bool]:
@@ -183,16 +190,136 @@ class TimelineLayers:
         for step in steps:
             reader = self._reader(step.layer)
             if isinstance(reader, ImageLayerReader):
+                # An image layer holds every key of its range that had a value at its LSN: a key
+                # it lacks did not exist then, and nothing older (nor the ancestor) is read.
                 value = reader.get(key)
                 if value is not None:
                     out.append((step.layer.image_lsn, value))
-                    return out, True
-                continue
+                return out, True
             found = reader.versions(key, step.lsn_ceil, step.lsn_floor)
             out += found
             if found and found[-1][1].complete:
                 return out, True
         return out, False
+
+    def _sources(self) -> tuple[list[OpenLayer], list[LayerDesc]]:
+        """The in-memory layers (oldest first) and the layer files, as one consistent snapshot."""
+        with self._lock:
+            return self._frozen + ([self._open] if self._open is not None else []), self.map.layers()
+
+    def versions_between(self, key: bytes, lo: int, hi: int) -> Iterator[tuple[int, Value]]:
+        """Every version of `key` with LSN in [lo, hi] that a delta or open layer holds, oldest
+        first (image layers are left out: they repeat a version at their LSN). For the keys with
+        a version per record or per commit (WAL_RECORD, COMMIT_TIME)."""
+        while True:
+            try:
+                return iter(self._versions_between(key, lo, hi))
+            except LayerRetired:
+                continue
+
+    def _versions_between(self, key: bytes, lo: int, hi: int) -> list[tuple[int, Value]]:
+        in_memory, files = self._sources()
+        out: list[tuple[int, Value]] = []
+        for desc in files:
+            if desc.is_delta and desc.covers_key(key) and desc.lsn_start <= hi and desc.lsn_end > lo:
+                reader = self._reader(desc)
+                assert isinstance(reader, DeltaLayerReader)
+                out += reader.versions_between(key, lo, hi)
+        for layer in in_memory:
+            out += layer.versions_between(key, lo, hi)
+        return out
+
+    def keys(self, start: bytes, end: bytes, lsn: int) -> Iterator[bytes]:
+        """Every key in [start, end) that may have a version at or below `lsn`, once each, in
+        order (a superset: the caller reads each one's value). Streams over the layer files."""
+        while True:
+            try:
+                in_memory, files = self._sources()
+                sources: list[Iterable[bytes]] = [layer.keys(start, end) for layer in in_memory
+                                                  if layer.start_lsn <= lsn]
+                sources += [self._reader(desc).iter_keys((start, end)) for desc in files
+                            if desc.lsn_start <= lsn and desc.overlaps_keys(start, end)]
+                break
+            except LayerRetired:
+                continue
+        last = None
+        for key in heapq.merge(*sources):
+            if key != last:
+                yield key
+                last = key
+
+    def open_age(self) -> float:
+        """Seconds since the open layer took its first version (0 without one)."""
+        with self._lock:
+            return time.monotonic() - self._open.opened_at if self._open is not None else 0.0
+
+    def checkpoint(self, timeout: float) -> bool:
+        """What the page server does every second: freeze the open layer once it is `timeout`
+        seconds old, and flush every frozen layer. True if disk_consistent_lsn moved."""
+        before = self.disk_consistent_lsn
+        with self._lock:
+            if self._open is not None and time.monotonic() - self._open.opened_at >= timeout \
+                    and self.last_lsn > self._covered():
+                self._freeze()
+        while self.flush():
+            pass
+        return self.disk_consistent_lsn != before
+
+    # -- layers written by others: image layers, GC -----------------------------------------
+
+    def add_layer(self, desc: LayerDesc) -> None:
+        """Make a layer file already in the store (an image layer) part of the timeline."""
+        with self._flush_lock:
+            manifest = Manifest(self._manifest.disk_consistent_lsn, dict(self._manifest.layers),
+                                dict(self._manifest.extra))
+            manifest.add_layer(desc, self.store.size(desc.file_name))
+            save_manifest(self.store, manifest)
+            with self._lock:
+                self.map.insert(desc)
+                self._manifest = manifest
+
+    def remove_layers(self, descs: Iterable[LayerDesc]) -> int:
+        """Drop layers from the timeline (GC); their files go once the manifest no longer names
+        them (reads holding one open finish on it). Bytes freed."""
+        descs = [d for d in descs]
+        if not descs:
+            return 0
+        with self._flush_lock:
+            manifest = Manifest(self._manifest.disk_consistent_lsn, dict(self._manifest.layers),
+                                dict(self._manifest.extra))
+            freed = 0
+            for d in descs:
+                freed += manifest.layers.get(d.file_name, 0)
+                manifest.remove_layer(d)
+            save_manifest(self.store, manifest)
+            with self._lock:
+                self.map.update(remove=descs)
+                self._manifest = manifest
+                for d in descs:
+                    self._readers.pop(d.file_name, None)
+        for d in descs:
+            self.store.delete(d.file_name)
+        return freed
+
+    def descs(self) -> list[LayerDesc]:
+        """Every live layer file, in (LSN, key) order."""
+        with self._lock:
+            return self.map.layers()
+
+    def gc_candidates(self, horizon: int, retain_lsns: Iterable[int]) -> list[LayerDesc]:
+        """Layers no read at or above `horizon`, nor at any of `retain_lsns`, visits (LayerMap.gc_candidates)."""
+        with self._lock:
+            return self.map.gc_candidates(horizon, retain_lsns)
+
+    def has_image_at(self, lsn: int) -> bool:
+        """Whether an image layer over the whole key space holds every key as of exactly `lsn`."""
+        with self._lock:
+            return self.map.covered_by_images(KEY_MIN, KEY_MAX, lsn, lsn)
+
+    def layer_sizes(self) -> dict[str, int]:
+        """File name -> bytes of every live layer file."""
+        with self._lock:
+            return dict(self._manifest.layers)
 
     def close(self) -> None:
         with self._lock:
