@@ -43,18 +43,24 @@ def record_proto(raw: object) -> common_pb2.DecodedRecord:
 
 
 def push_wal(stub: pageserver_pb2_grpc.PageServerStub, waldir: Path, timeline: str, start: int,
-             end: int | None = None, batch: int = 400) -> int:
-    """Send every record in [start, end) read from `waldir` over Ingest; return the last durable LSN."""
+             end: int | None = None, batch: int = 400, flush_every: int = 0) -> int:
+    """Send every record in [start, end) read from `waldir` over Ingest; return the last durable LSN.
+
+    The last batch asks the page server to flush (everything sent is durable on return); with
+    `flush_every`, every that many batches too (each flush ends a delta layer)."""
     records = (r for r in iter_file_records([waldir]) if r.lsn >= start and (end is None or r.end_lsn <= end))
 
     def batches() -> Iterator[pageserver_pb2.IngestRequest]:
+        chunk = list(itertools.islice(records, batch))
         for seq in itertools.count(1):
-            chunk = list(itertools.islice(records, batch))
             if not chunk:
                 return
+            following = list(itertools.islice(records, batch))
+            flush = not following or (flush_every > 0 and seq % flush_every == 0)
             yield pageserver_pb2.IngestRequest(
                 tenant=common_pb2.TenantId(id=DEFAULT_TENANT), timeline=common_pb2.TimelineId(id=timeline),
-                batch_seq=seq, records=[record_proto(r) for r in chunk], flush=True)
+                batch_seq=seq, records=[record_proto(r) for r in chunk], flush=flush)
+            chunk = following
 
     durable = 0
     for ack in stub.Ingest(batches()):

@@ -6,9 +6,9 @@ size, SLRU segment and base backup must come back byte-identical after GC,
 and so must a child branch's reads at its branch point below the cutoff.
 Those pre-GC answers are themselves checked against a real primary by
 test_pageserver.py and test_basebackup.py. Below the cutoff, every read and
-branching fails with OUT_OF_RANGE. The repository's own tables show that GC
-removed rows; a page server killed with SIGKILL in the middle of GC comes
-back with the same answers and a second GC finishes the job.
+branching fails with OUT_OF_RANGE. The timeline's manifest and layer files
+show that GC removed layers; a page server killed with SIGKILL in the middle
+of GC comes back with the same answers and a second GC finishes the job.
 """
 
 from __future__ import annotations
@@ -38,9 +38,12 @@ from zctl_util import zctl
 
 from pgformat.controlfile import parse_control_file
 from pgformat.lsn import format_lsn
-from services.pageserver.keys import KIND_DELETED, KIND_FILE, KIND_IMAGE, KIND_RECORD, KIND_RECORD_INIT
-from services.pageserver.repository import DEFAULT_TENANT, Repository
-from services.pageserver.retention import Version, chain_at, newest_first, plan_key, plan_sizes
+from services.pageserver.keys import rel_page_key
+from services.pageserver.repository import DEFAULT_TENANT, Repository, RepositoryError
+from services.pageserver.storage.delta_layer import DeltaLayerReader
+from services.pageserver.storage.image_layer import ImageLayerReader
+from services.pageserver.storage.manifest import load_manifest
+from services.pageserver.storage.store import DiskLayerStore
 from zctl.postgres import free_port
 from zproto import common_pb2, pageserver_pb2, pageserver_pb2_grpc
 
@@ -53,52 +56,7 @@ RELATIONS = ("pgbench_accounts", "pgbench_accounts_pkey", "pgbench_branches", "p
              "pgbench_history", "kv", "kv_pkey", "pg_class")
 
 
-# -- retention decisions, no I/O ---------------------------------------------------------
-
-
-def _v(*pairs: tuple[int, int]) -> list[Version]:
-    return newest_first(Version(lsn, kind) for lsn, kind in pairs)
-
-
-def test_chain_at_stops_where_get_page_stops() -> None:
-    versions = _v((10, KIND_IMAGE), (20, KIND_RECORD), (30, KIND_RECORD_INIT), (40, KIND_RECORD), (40, KIND_IMAGE))
-    assert chain_at(versions, 25) == [Version(20, KIND_RECORD), Version(10, KIND_IMAGE)]
-    assert chain_at(versions, 35) == [Version(30, KIND_RECORD_INIT)]
-    assert chain_at(versions, 45) == [Version(40, KIND_IMAGE)]  # the image hides the record at its LSN
-    assert chain_at(versions, 5) == []
-    assert chain_at(_v((10, KIND_RECORD), (20, KIND_RECORD)), 20) == _v((10, KIND_RECORD), (20, KIND_RECORD))
-
-
-def test_plan_key_images_at_the_cutoff_and_keeps_branch_chains() -> None:
-    versions = _v((10, KIND_IMAGE), (20, KIND_RECORD), (30, KIND_RECORD), (40, KIND_RECORD_INIT), (50, KIND_RECORD))
-    plan = plan_key(versions, 55, [25], live_at_cutoff=True, root=True)
-    assert plan.image_lsn == 50  # the page as of 55 is the page as of its last change, 50
-    assert plan.keep == {Version(50, KIND_IMAGE), Version(20, KIND_RECORD), Version(10, KIND_IMAGE)}
-    assert sorted(plan.delete) == [Version(30, KIND_RECORD), Version(40, KIND_RECORD_INIT), Version(50, KIND_RECORD)]
-    assert sorted(plan.kept_records) == [20]
-    # Already an image at the newest version: nothing to write, everything older goes.
-    plan = plan_key(_v((10, KIND_IMAGE), (20, KIND_RECORD), (20, KIND_IMAGE)), 30, [], live_at_cutoff=True, root=False)
-    assert plan.image_lsn is None and sorted(plan.delete) == [Version(10, KIND_IMAGE), Version(20, KIND_RECORD)]
-    # A dropped relation's page: no image, only what branch points read stays.
-    plan = plan_key(_v((10, KIND_IMAGE), (20, KIND_RECORD)), 30, [15], live_at_cutoff=False, root=True)
-    assert plan.image_lsn is None and plan.keep == {Version(10, KIND_IMAGE)}
-    with pytest.raises(ValueError):
-        plan_key(_v((10, KIND_IMAGE), (40, KIND_RECORD)), 30, [], live_at_cutoff=True, root=True)
-
-
-def test_plan_key_deletions_stay_on_branches_and_go_on_roots() -> None:
-    versions = _v((10, KIND_FILE), (20, KIND_DELETED))
-    assert plan_key(versions, 30, [], live_at_cutoff=True, root=False).keep == {Version(20, KIND_DELETED)}
-    assert sorted(plan_key(versions, 30, [], live_at_cutoff=True, root=True).delete) == versions[::-1]
-    # A branch point still reading the file keeps the deletion too: otherwise the cutoff would see the file.
-    assert plan_key(versions, 30, [15], live_at_cutoff=True, root=True).keep == set(versions)
-
-
-def test_plan_sizes_keeps_the_size_in_force_at_each_retained_lsn() -> None:
-    entries = [(40, 12), (30, -1), (20, 9), (10, 5)]
-    assert plan_sizes(entries, 45, [25], root=False) == [30, 10]
-    assert plan_sizes([(30, -1), (20, 9)], 45, [], root=True) == [30, 20]
-    assert plan_sizes([(30, -1), (20, 9)], 45, [], root=False) == [20]
+# -- the catalog ------------------------------------------------------------------------------
 
 
 def test_old_repository_gets_the_gc_cutoff_column(tmp_path: Path) -> None:
@@ -114,6 +72,14 @@ def test_old_repository_gets_the_gc_cutoff_column(tmp_path: Path) -> None:
     assert repo.gc(tl, 0x2000000).cutoff == 0x1000000  # capped at the last record LSN
     repo.close()
     assert Repository(tmp_path / "repo").timeline(DEFAULT_TENANT, MAIN).gc_cutoff_lsn == 0x1000000
+
+
+def test_a_repository_of_the_sqlite_page_store_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "repo").mkdir()
+    with sqlite3.connect(tmp_path / "repo" / "repository.sqlite") as db:  # what versions before layers wrote
+        db.execute("CREATE TABLE page_versions (tl INTEGER, key BLOB, lsn INTEGER, kind INTEGER, data BLOB)")
+    with pytest.raises(RepositoryError, match="older page server that kept page versions in SQLite"):
+        Repository(tmp_path / "repo")
 
 
 # -- against a real primary ----------------------------------------------------------------
@@ -162,7 +128,7 @@ def history(pg_session_factory: PgFactory, pg_base_dir: Path, tmp_path_factory: 
     try:
         summary = import_backup(ps.stub, backup, MAIN)
         assert summary.start_lsn < branch_lsn
-        push_wal(ps.stub, node.waldir, MAIN, summary.start_lsn, end)
+        push_wal(ps.stub, node.waldir, MAIN, summary.start_lsn, end, flush_every=3)  # many delta layers
     finally:
         ps.close()
     return History(tmp / "repo", rels, doomed, db_oid, branch_lsn, cutoff, mid, end)
@@ -254,19 +220,30 @@ def _snapshot(stub: pageserver_pb2_grpc.PageServerStub, h: History, timeline: st
     return snap
 
 
-def _counts(repo: Path, timeline: str) -> dict[str, int]:
-    with sqlite3.connect(f"file:{repo / 'repository.sqlite'}?mode=ro", uri=True) as db:
-        tid = db.execute("SELECT id FROM timelines WHERE timeline = ?", (timeline,)).fetchone()[0]
-        return {table: db.execute(f"SELECT count(*) FROM {table} WHERE tl = ?", (tid,)).fetchone()[0]  # noqa: S608
-                for table in ("page_versions", "wal_records", "rel_sizes")}
+def _layers(repo: Path, timeline: str) -> dict[str, int]:
+    """Layer file name -> size, as the timeline's manifest lists them (read-only)."""
+    store = DiskLayerStore(repo / "tenants" / DEFAULT_TENANT / "timelines" / timeline, create=False, clean=False)
+    manifest = load_manifest(store)
+    assert manifest is not None
+    return dict(manifest.layers)
 
 
 def _doomed_versions(repo: Path, h: History) -> int:
-    lo = bytes([0]) + h.doomed.spc_oid.to_bytes(4, "big") + h.doomed.db_oid.to_bytes(4, "big") + \
-        h.doomed.rel_number.to_bytes(4, "big")
-    with sqlite3.connect(f"file:{repo / 'repository.sqlite'}?mode=ro", uri=True) as db:
-        return db.execute("SELECT count(*) FROM page_versions WHERE key >= ? AND key < ?",
-                          (lo, lo + b"\xff")).fetchone()[0]
+    """Versions of the dropped table's pages in the live layers of MAIN."""
+    d = h.doomed
+    lo = rel_page_key(d.spc_oid, d.db_oid, d.rel_number, 0, 0)
+    hi = rel_page_key(d.spc_oid, d.db_oid, d.rel_number + 1, 0, 0)
+    store = DiskLayerStore(repo / "tenants" / DEFAULT_TENANT / "timelines" / MAIN, create=False, clean=False)
+    count = 0
+    for name in _layers(repo, MAIN):
+        cls = DeltaLayerReader if name.endswith(".delta") else ImageLayerReader
+        with cls.open(store, name) as reader:
+            count += sum(1 for _ in reader.iter_encoded((lo, hi)))
+    return count
+
+
+def _writing_a_layer(tl_dir: Path) -> bool:
+    return any(p.name.startswith(".tmp-") and "manifest" not in p.name for p in tl_dir.iterdir())
 
 
 def _gc(stub: pageserver_pb2_grpc.PageServerStub, timeline: str, horizon: int) -> Any:
@@ -287,7 +264,7 @@ class Collected:
     before_main: Snapshot
     before_child: Snapshot
     backups_before: dict[str, dict[str, Any]]
-    counts_before: dict[str, int]
+    layers_before: dict[str, int]
     doomed_before: int
     response: Any
     seconds: float
@@ -306,31 +283,31 @@ def collected(history: History, tmp_path_factory: pytest.TempPathFactory) -> Col
         before_main = _snapshot(ps.stub, history, MAIN, lsns)
         before_child = _snapshot(ps.stub, history, CHILD, [None], ("kv", "kv_pkey", "pgbench_branches", "pg_class"))
         backups = {"main@cutoff": _backup(ps.stub, MAIN, history.cutoff), "child": _backup(ps.stub, CHILD, 0)}
-        counts = _counts(repo, MAIN)
+        layers = _layers(repo, MAIN)
         doomed = _doomed_versions(repo, history)
         t0 = time.monotonic()
         response = _gc(ps.stub, MAIN, history.cutoff)
         seconds = time.monotonic() - t0
     finally:
         ps.close()
-    return Collected(repo, before_main, before_child, backups, counts, doomed, response, seconds)
+    return Collected(repo, before_main, before_child, backups, layers, doomed, response, seconds)
 
 
 def test_gc_removes_history_and_reports_it(history: History, collected: Collected) -> None:
     r = collected.response
     assert r.gc_cutoff_lsn == history.cutoff and r.previous_gc_cutoff_lsn == 0
     assert list(r.retained_branch_lsns) == [history.branch_lsn]
-    assert r.keys_failed == 0
-    after = _counts(collected.repo, MAIN)
-    removed = {k: collected.counts_before[k] - after[k] for k in after}
-    assert removed["page_versions"] == r.versions_removed - r.images_written > 1000, (removed, r)
-    assert removed["wal_records"] == r.wal_records_removed > 100
-    assert removed["rel_sizes"] == r.rel_sizes_removed > 0
-    # Chains of records at the cutoff became images; most were stored already by the base backups
-    # taken before (they keep the pages they redo), so only the rest is GC's to write.
-    assert r.images_written > 0
-    # The dropped table is gone entirely: no child needs it, nothing reads it at or after the cutoff.
-    assert collected.doomed_before > 20 and _doomed_versions(collected.repo, history) == 0
+    after = _layers(collected.repo, MAIN)
+    removed = set(collected.layers_before) - set(after)
+    # An image layer at the cutoff let the layers wholly below it go, but for those the child's
+    # branch point and the WAL a base backup at the cutoff scans still need.
+    assert r.image_layers_written == 1
+    assert set(after) - set(collected.layers_before) == {n for n in after if n.endswith(f"__{history.cutoff:016X}.image")}
+    assert r.layers_removed == len(removed) > 2, (r, sorted(removed))
+    assert r.bytes_removed == sum(collected.layers_before[n] for n in removed) > 0
+    # The dropped table's versions went with the layers that held them; what is left of it is in
+    # layers kept for the WAL they hold (none of it is in the image at the cutoff).
+    assert collected.doomed_before > 20 and _doomed_versions(collected.repo, history) < collected.doomed_before
 
 
 def test_reads_at_and_above_the_cutoff_are_unchanged(history: History, collected: Collected) -> None:
@@ -401,13 +378,12 @@ def test_reads_and_branches_below_the_cutoff_are_out_of_range(history: History, 
 def test_gc_again_changes_nothing(history: History, collected: Collected) -> None:
     ps = RunningPageServer(collected.repo)
     try:
-        counts = _counts(collected.repo, MAIN)
+        layers = _layers(collected.repo, MAIN)
         for horizon in (history.cutoff, history.branch_lsn):  # the cutoff never moves back
             r = _gc(ps.stub, MAIN, horizon)
             assert r.gc_cutoff_lsn == r.previous_gc_cutoff_lsn == history.cutoff
-            assert (r.versions_removed, r.images_written, r.rel_sizes_removed, r.wal_records_removed) == (0, 0, 0, 0)
-            assert r.keys_scanned > 1000
-        assert _counts(collected.repo, MAIN) == counts
+            assert (r.layers_removed, r.bytes_removed, r.image_layers_written) == (0, 0, 0)
+        assert _layers(collected.repo, MAIN) == layers
         with pytest.raises(grpc.RpcError) as ei:
             ps.stub.Gc(pageserver_pb2.GcRequest(tenant=TENANT, timeline=_tl(MAIN)), timeout=60)
         assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -428,7 +404,7 @@ def test_zctl_gc_and_branches(history: History, collected: Collected, tmp_path: 
             f'"walreceiver": {free_port()}}}, "redo_workers": 1}}')
         out = zctl(cli, "gc", "--branch", MAIN, "--horizon", format_lsn(history.branch_lsn)).stdout
         assert f"cutoff moved from {format_lsn(0)} to {format_lsn(history.branch_lsn)}" in out, out
-        assert "page versions removed" in out
+        assert "layer files" in out and "removed" in out
         rows = {r["timeline_id"]: r for r in json.loads(zctl(cli, "branch", "list", "--json").stdout)}
         assert rows[MAIN]["gc_cutoff_lsn"] == format_lsn(history.branch_lsn)
         proc = zctl(cli, "branch", "create", "old", "--parent", MAIN, "--at", format_lsn(history.branch_lsn - 8),
@@ -439,22 +415,24 @@ def test_zctl_gc_and_branches(history: History, collected: Collected, tmp_path: 
         report = json.loads(zctl(cli, "gc", "--branch", MAIN, "--keep-bytes", str(keep), "--json").stdout)
         info = ps.stub.GetTimeline(pageserver_pb2.GetTimelineRequest(tenant=TENANT, timeline=_tl(MAIN)))
         assert report["gc_cutoff_lsn"] == format_lsn(info.last_record_lsn - keep) == format_lsn(info.gc_cutoff_lsn)
-        assert report["versions_removed"] > 0
+        assert report["layers_removed"] > 0 and report["bytes_removed"] > 0
         zctl(cli, "branch", "create", "recent", "--parent", MAIN, "--at", report["gc_cutoff_lsn"])
     finally:
         ps.close()
 
 
 def test_page_server_killed_during_gc_comes_back_whole(history: History, tmp_path: Path) -> None:
-    """SIGKILL while GC is half done: reads at and above the cutoff unchanged, and a second GC finishes."""
+    """SIGKILL while GC writes its image layer: reads at and above the cutoff unchanged, and a second
+    GC finishes the job."""
     repo = _copy(history, tmp_path / "repo")
     rels = ("kv", "pgbench_branches", "pgbench_accounts")
     ps = RunningPageServer(repo)
     try:
         before = _snapshot(ps.stub, history, MAIN, [history.cutoff, None], rels)
-        images_before = _images(repo)
     finally:
         ps.close()
+    layers_before = _layers(repo, MAIN)
+    tl_dir = repo / "tenants" / DEFAULT_TENANT / "timelines" / MAIN
 
     proc, stub, channel = _spawn_pageserver(repo)
     try:
@@ -469,9 +447,9 @@ def test_page_server_killed_during_gc_comes_back_whole(history: History, tmp_pat
         gc_thread = threading.Thread(target=run_gc)
         gc_thread.start()
         deadline = time.monotonic() + 60
-        while _images(repo) == images_before:  # the first batch of keys has committed
+        while not _writing_a_layer(tl_dir):
             assert time.monotonic() < deadline and gc_thread.is_alive(), "GC finished before it could be killed"
-            time.sleep(0.005)
+            time.sleep(0.002)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
         gc_thread.join(timeout=30)
@@ -482,23 +460,20 @@ def test_page_server_killed_during_gc_comes_back_whole(history: History, tmp_pat
             proc.kill()
             proc.wait()
 
+    assert _layers(repo, MAIN) == layers_before  # the manifest never named the half-written layer
     ps = RunningPageServer(repo)
     try:
+        assert not _writing_a_layer(tl_dir)  # its file went at the restart
         info = ps.stub.GetTimeline(pageserver_pb2.GetTimelineRequest(tenant=TENANT, timeline=_tl(MAIN)))
-        assert info.gc_cutoff_lsn == history.cutoff  # made durable before any deletion
+        assert info.gc_cutoff_lsn == history.cutoff  # made durable before any layer was written
         assert _snapshot(ps.stub, history, MAIN, [history.cutoff, None], rels) == before
         r = _gc(ps.stub, MAIN, history.cutoff)
-        assert r.versions_removed > 0 and r.wal_records_removed > 0  # the run that was cut short left work
+        assert r.image_layers_written == 1 and r.layers_removed > 0  # the run that was cut short left work
         assert _snapshot(ps.stub, history, MAIN, [history.cutoff, None], rels) == before
         r = _gc(ps.stub, MAIN, history.cutoff)
-        assert (r.versions_removed, r.images_written, r.wal_records_removed) == (0, 0, 0)
+        assert (r.image_layers_written, r.layers_removed) == (0, 0)
     finally:
         ps.close()
-
-
-def _images(repo: Path) -> int:
-    with sqlite3.connect(f"file:{repo / 'repository.sqlite'}?mode=ro", uri=True, timeout=30) as db:
-        return db.execute("SELECT count(*) FROM page_versions WHERE kind = ?", (KIND_IMAGE,)).fetchone()[0]
 
 
 def _spawn_pageserver(repo: Path) -> tuple[subprocess.Popen[str], pageserver_pb2_grpc.PageServerStub, grpc.Channel]:

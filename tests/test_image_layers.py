@@ -1,12 +1,12 @@
-"""Image layers: base backups read through a layer are byte-identical to base backups read from page
-versions alone.
+"""Image layers: base backups read through a layer are byte-identical to base backups read from the
+delta layers alone.
 
-The oracle is a second copy of the same repository that never had a layer: every member of
-every base backup (plain tar and LZ4 frames) must match, at the layer's LSN, after it (pages
+The oracle is a second copy of the same repository that never had an image layer: every member
+of every base backup (plain tar and LZ4 frames) must match, at the layer's LSN, after it (pages
 changed, a fork truncated, a table dropped, a relation rewritten), before it (the layer is out of
-reach) and on a branch reading through its parent's layer. The primary runs with data checksums,
-so the layer's stored pages carry them too. Layers are made with redo in this process and with
-the redo service's stream API.
+reach) and on a branch reading through its parent's layer; and a backup at the layer's LSN needs
+no redo at all (every read stops at the layer). The primary runs with data checksums. Layers
+are made with redo in this process and with the redo service's stream API.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tarfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,11 +27,19 @@ from pageserver_util import RunningPageServer, current_lsn, import_backup, push_
 
 from pgformat.lz4stream import Lz4FrameStream, Lz4StreamError
 from services.pageserver.basebackup import write_basebackup
-from services.pageserver.image_layers import LAYER_DIR, ImageLayerError
+from pgformat.xlogrecord import DecodedRecord
 from services.pageserver.imager import ImageLayerMaker
+from services.pageserver.maintenance import image_debt
 from services.pageserver.redo_client import RemoteRedo
-from services.pageserver.repository import DEFAULT_TENANT, LayerCancelledError, Repository, Timeline
-from zctl.extract import DataDirectoryWriter, ExtractError
+from services.pageserver.repository import (
+    DEFAULT_TENANT,
+    LayerCancelledError,
+    PageRedo,
+    RedoJob,
+    Repository,
+    Timeline,
+)
+from services.pageserver.storage.errors import LayerCorruptError, ManifestError
 
 TIMELINE = "44444444444444444444444444444444"
 BRANCH = "55555555555555555555555555555555"
@@ -132,41 +140,65 @@ def _main(repo: Repository) -> Timeline:
     return repo.timeline(DEFAULT_TENANT, TIMELINE)
 
 
+class CountingRedo:
+    """The repository's redo, counting the pages it rebuilds."""
+
+    def __init__(self, inner: PageRedo) -> None:
+        self.inner, self.pages = inner, 0
+
+    def redo(self, key: bytes, base: bytes | None, records: Sequence[DecodedRecord]) -> bytes:
+        self.pages += 1
+        return self.inner.redo(key, base, records)
+
+    def redo_many(self, jobs: Sequence[RedoJob]) -> list[bytes]:
+        self.pages += len(jobs)
+        return self.inner.redo_many(jobs)
+
+
+def _image_files(repo: Repository, tl: Timeline) -> list[Path]:
+    return [tl.layers.store.root / d.file_name for d in repo.image_layers(tl)]  # type: ignore[attr-defined]
+
+
 def test_backups_through_a_layer_match_backups_without(history: History, pair: tuple[Repository, Repository]) -> None:
     ours, reference = pair
     tl, ref_tl = _main(ours), _main(reference)
     layer_lsn = write_basebackup(reference, ref_tl, history.layer_lsn, io.BytesIO()).lsn  # snapped to a record end
     layer = ours.create_image_layer(tl, layer_lsn)
-    assert layer.checksums and layer.path.is_file() and [la.lsn for la in ours.image_layers(tl)] == [layer_lsn]
+    assert layer.lsn_start == layer_lsn and ours.image_layers(tl) == [layer]
+    assert all(p.is_file() for p in _image_files(ours, tl))
     last = tl.last_record_lsn
     for name, lsn in (("import", history.start), ("layer", layer_lsn), ("after", history.after), ("last", last)):
         expected = _members(reference, ref_tl, lsn)
         _assert_same(_members(ours, tl, lsn), expected)
         _assert_same(_members(ours, tl, lsn, lz4=True), expected)
-    # The untouched table's pages travel as the layer's stored frames, not recompressed.
-    out = io.BytesIO()
-    write_basebackup(ours, tl, last, out, lz4=True)
-    kept = history.filepaths["kept"]
-    with ours.backup_view(tl, last, checksums=True) as view:
-        assert view.layer is not None and view.floor == (tl.id, layer_lsn)
-        rel = next(r for r in ours.list_rels(tl, layer_lsn) if kept.endswith(f"/{r.rel}") and r.fork == 0)
-        chunk = next(iter(ours.fork_chunks(view, rel, 1)))
-        assert chunk.frame is None  # block 0 of `kept` changed after the layer; the others did not
-        chunks = list(ours.fork_chunks(view, rel, ours.rel_size(tl, rel, last) or 0))
-    assert any(c.frame is not None for c in chunks) and all(c.frame in out.getvalue() for c in chunks if c.frame)
-    # A branch at the last LSN reads through its parent's layer.
+    # At the layer's LSN every read stops at the layer: nothing is redone, where the copy without
+    # a layer redoes the pages written since the import.
+    counting, ref_counting = CountingRedo(ours.redo), CountingRedo(reference.redo)
+    ours.redo, reference.redo = counting, ref_counting
+    _members(ours, tl, layer_lsn)
+    _members(reference, ref_tl, layer_lsn)
+    assert counting.pages == 0 and ref_counting.pages > 100, (counting.pages, ref_counting.pages)
+    # A branch at the last LSN reads through its parent's layers.
     for repo in (ours, reference):
         repo.create_timeline(DEFAULT_TENANT, BRANCH, ancestor=TIMELINE)
     _assert_same(_members(ours, ours.timeline(DEFAULT_TENANT, BRANCH), last),
                  _members(reference, reference.timeline(DEFAULT_TENANT, BRANCH), last))
 
-    # A newer layer replaces the old one (file and index); the old LSN is then out of its reach.
+    # A newer layer replaces the old one (file and manifest): reads at the old LSN go through the
+    # delta layers again, as they did before it.
+    old_files = _image_files(ours, tl)
     newer = ours.create_image_layer(tl)
-    assert [la.lsn for la in ours.image_layers(tl)] == [last] and not layer.path.exists()
-    assert newer.path.is_file()
+    assert ours.image_layers(tl) == [newer] and newer.lsn_start == last
+    assert not any(p.exists() for p in old_files)
     for lsn in (layer_lsn, last):
         _assert_same(_members(ours, tl, lsn, lz4=True), _members(reference, ref_tl, lsn))
     assert ours.create_image_layer(tl) == newer  # nothing new to write
+    # They survive a restart: the manifest names them.
+    ours.close()
+    reopened = Repository(ours.path)
+    assert reopened.image_layers(_main(reopened)) == [newer]
+    _assert_same(_members(reopened, _main(reopened), last), _members(reference, ref_tl, last))
+    reopened.close()
 
 
 def test_layer_made_through_the_redo_service(history: History, tmp_path: Path) -> None:
@@ -193,67 +225,57 @@ def test_layer_made_through_the_redo_service(history: History, tmp_path: Path) -
 def test_damaged_layers_are_refused(history: History, pair: tuple[Repository, Repository]) -> None:
     ours, _ = pair
     tl = _main(ours)
-    layer = ours.create_image_layer(tl)
-    raw = bytearray(layer.path.read_bytes())
-    # A flipped byte inside a frame: its content checksum catches it when the page server
-    # decompresses (plain archive) and when the client does (stored frames pass through).
+    ours.create_image_layer(tl)
+    (path,) = _image_files(ours, tl)
+    raw = bytearray(path.read_bytes())
+    # A flipped byte inside a block: its checksum catches it; nothing is served from that block.
     raw[len(raw) // 2] ^= 0xFF
-    layer.path.write_bytes(raw)
-    with pytest.raises(ImageLayerError):
+    path.write_bytes(raw)
+    with pytest.raises(LayerCorruptError, match=path.name):
         write_basebackup(ours, tl, tl.last_record_lsn, io.BytesIO())
-    out = io.BytesIO()
-    try:
-        write_basebackup(ours, tl, tl.last_record_lsn, out, lz4=True)
-    except ImageLayerError:
-        pass  # the damaged chunk had a changed page: decompressed here, refused here
-    else:
-        writer = DataDirectoryWriter(Path(ours.path / "unpacked"), lz4=True)
-        with pytest.raises(ExtractError):
-            writer.feed(out.getvalue())
-            writer.close()
-        writer.abort()
-    # A file cut short: the index says more than it holds.
-    layer.path.write_bytes(raw[: len(raw) // 3])
-    with pytest.raises(ImageLayerError, match="shorter than its index"):
-        write_basebackup(ours, tl, tl.last_record_lsn, io.BytesIO(), lz4=True)
+    # A file cut short: the manifest's size and the file's own index disagree with it.
+    path.write_bytes(raw[: len(raw) // 3])
+    ours.close()
+    with pytest.raises(ManifestError, match="wrong size"):
+        Repository(ours.path)
 
 
 def test_orphans_and_cancelled_layers_leave_nothing(history: History, pair: tuple[Repository, Repository]) -> None:
     ours, _ = pair
     tl = _main(ours)
+    files = sorted(p.name for p in tl.layers.store.root.iterdir())  # type: ignore[attr-defined]
     cancel = threading.Event()
     cancel.set()
     with pytest.raises(LayerCancelledError):
         ours.create_image_layer(tl, cancel=cancel)
-    assert ours.image_layers(tl) == [] and list((ours.path / LAYER_DIR).iterdir()) == []
-    # A crash between writing a layer file and committing its index leaves an orphan: removed at open.
-    (ours.path / LAYER_DIR / "1-0000000001000000.layer").write_bytes(b"half a layer")
-    (ours.path / LAYER_DIR / "1-0000000002000000.tmp").write_bytes(b"a layer being written")
+    assert ours.image_layers(tl) == []
+    assert sorted(p.name for p in tl.layers.store.root.iterdir()) == files  # type: ignore[attr-defined]
+    # A crash between writing a layer file and the manifest naming it leaves an orphan; one while
+    # writing it, a temporary file: both removed at open.
+    root = tl.layers.store.root  # type: ignore[attr-defined]
+    (root / f"{'00' * 18}-{'ff' * 19}__{tl.last_record_lsn:016X}.image").write_bytes(b"half a layer")
+    (root / ".tmp-a-layer-being-written").write_bytes(b"a layer being written")
     ours.close()
     reopened = Repository(ours.path)
-    assert list((ours.path / LAYER_DIR).iterdir()) == []
+    assert sorted(p.name for p in root.iterdir()) == files
     reopened.close()
 
 
 def test_background_maker_writes_a_layer_when_due(history: History, pair: tuple[Repository, Repository]) -> None:
     busy, quiet = pair
-    changes, pages = busy.changes_since_layer(_main(busy), lambda pages: 10**9)
-    assert pages == 0 and changes > 4 * 100  # the whole import and the WAL after it
+    debt, image_bytes = image_debt(busy, _main(busy))
+    assert image_bytes == 0 and debt == history.after - history.start + (_main(busy).last_record_lsn - history.after)
     # Far past the threshold: written at the first look, without waiting for ingest to go quiet.
-    maker = ImageLayerMaker(busy, interval=3600, min_changes=100)
+    maker = ImageLayerMaker(busy, interval=3600, min_wal=debt // 8)
     assert maker.run_once() == [_main(busy)]
-    assert [la.lsn for la in busy.image_layers(_main(busy))] == [_main(busy).last_record_lsn]
-    changes, pages = busy.changes_since_layer(_main(busy), lambda pages: 10**9)
-    assert changes == 0 and pages > 0
+    assert [d.lsn_start for d in busy.image_layers(_main(busy))] == [_main(busy).last_record_lsn]
+    debt, image_bytes = image_debt(busy, _main(busy))
+    assert debt == 0 and image_bytes > 0
     assert maker.run_once() == []  # nothing changed since
     # Past the threshold but not four times: only once the timeline was seen quiet (same LSN twice).
-    maker = ImageLayerMaker(quiet, interval=3600, min_changes=changes_at_start(quiet) // 2)
+    maker = ImageLayerMaker(quiet, interval=3600, min_wal=image_debt(quiet, _main(quiet))[0] // 2)
     assert maker.run_once() == []
     assert maker.run_once() == [_main(quiet)]
-
-
-def changes_at_start(repo: Repository) -> int:
-    return repo.changes_since_layer(_main(repo), lambda pages: 10**9)[0]
 
 
 def test_lz4_stream_refuses_other_bytes() -> None:
@@ -262,14 +284,17 @@ def test_lz4_stream_refuses_other_bytes() -> None:
 
 
 def test_gc_past_a_layer_removes_it(history: History, pair: tuple[Repository, Repository]) -> None:
-    """A layer below the GC cutoff is neither used nor kept (GC rewrites the history its readers
-    check); base backups at and above the cutoff stay as they were."""
+    """A layer below the GC cutoff goes (the image GC writes at the cutoff hides it); base backups
+    at and above the cutoff stay as they were."""
     ours, reference = pair
     tl = _main(ours)
     layer = ours.create_image_layer(tl, write_basebackup(ours, tl, history.layer_lsn, io.BytesIO()).lsn)
-    ours.gc(tl, history.after)
-    assert ours.image_layers(tl) == [] and not layer.path.exists()
+    old_files = _image_files(ours, tl)
+    cutoff = ours.gc(tl, history.after).cutoff
+    assert [d.lsn_start for d in ours.image_layers(tl)] == [cutoff] and layer not in ours.image_layers(tl)
+    assert not any(p.exists() for p in old_files)
     last = tl.last_record_lsn
     _assert_same(_members(ours, tl, last, lz4=True), _members(reference, _main(reference), last))
+    _assert_same(_members(ours, tl, cutoff, lz4=True), _members(reference, _main(reference), cutoff))
     ours.create_image_layer(tl)  # and a new one above the cutoff serves again
     _assert_same(_members(ours, tl, last, lz4=True), _members(reference, _main(reference), last))

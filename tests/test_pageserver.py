@@ -7,6 +7,7 @@ earlier LSN captured while the primary was quiet.
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -31,7 +32,10 @@ from pageserver_util import (
 
 from pgformat.constants import BLCKSZ
 from pgformat.fsm import fsm_nodes, fsm_slots
-from services.pageserver.repository import DEFAULT_TENANT
+from pgformat.xlogrecord import decode_record
+from services.pageserver.keys import rel_page_key
+from services.pageserver.repository import DEFAULT_TENANT, Repository
+from zctl.waldump import iter_file_records
 from zproto import common_pb2, pageserver_pb2
 
 TIMELINE = "11111111111111111111111111111111"
@@ -248,6 +252,36 @@ def test_restart_reopens_without_reingesting(ingested) -> None:  # type: ignore[
         assert masked_page(ours, 10, 0) == masked_page(old_page, 10, 0)
     finally:
         ps.close()
+
+
+def test_a_crash_loses_only_the_open_layer_and_the_wal_resent_goes_on(ingested, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Ingest without a flush, then a "crash" (the repository closed without writing its open layer
+    out): it reopens at its disk_consistent_lsn with the right xl_prev, takes the same WAL again
+    (continuity checked against that xl_prev) and serves the primary's pages."""
+    node, repo_dir, old_lsn, old_page, end = ingested
+    shutil.copytree(repo_dir, tmp_path / "repo")
+    node.pgbench("-c", "1", "-t", "50", "-n")
+    later = current_lsn(node)
+    records = [decode_record(r.data, r.lsn, r.end_lsn) for r in iter_file_records([node.waldir])
+               if r.lsn >= end and r.end_lsn <= later]
+    repo = Repository(tmp_path / "repo")
+    tl = repo.timeline(DEFAULT_TENANT, TIMELINE)
+    durable, prev = tl.disk_consistent_lsn, tl.prev_record_lsn
+    assert tl.last_record_lsn == durable >= end - 8192
+    todo = [r for r in records if r.end_lsn > durable]
+    assert repo.ingest(tl, todo) == todo[-1].end_lsn and tl.disk_consistent_lsn == durable
+    repo.close()  # no flush: the open layer is gone with the process
+
+    repo = Repository(tmp_path / "repo")
+    tl = repo.timeline(DEFAULT_TENANT, TIMELINE)
+    assert (tl.last_record_lsn, tl.prev_record_lsn, tl.disk_consistent_lsn) == (durable, prev, durable)
+    assert repo.ingest(tl, todo) == todo[-1].end_lsn
+    repo.sync()
+    assert tl.disk_consistent_lsn == todo[-1].end_lsn
+    rel = rel_key(node, "pgbench_branches")
+    page, _ = repo.get_page(tl, rel_page_key(rel.spc_oid, rel.db_oid, rel.rel_number, 0, 0), later)
+    assert masked_page(page, 10, 0) == masked_page(_raw_page(node, "pgbench_branches", 0), 10, 0)
+    repo.close()
 
 
 def test_getpages_stream_matches_unary_and_reports_item_errors(ingested) -> None:  # type: ignore[no-untyped-def]

@@ -35,7 +35,6 @@ import os
 import random
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -56,6 +55,7 @@ from zctl_util import make_repo, zctl
 from pgformat.lsn import parse_lsn
 from pgformat.rmgr import RM_XLOG_ID, XLOG_OVERWRITE_CONTRECORD
 from pgformat.xlogrecord import decode_record
+from services.pageserver.inspect import durable_records, timeline_start
 from services.walreceiver.receiver import AttachConfig
 from services.walreceiver.walstore import TimelineWal
 from services.walreceiver.server import AttachmentStore, StateFileError
@@ -132,7 +132,7 @@ def make_sync(node: PostgresNode, timeline: str) -> None:
                               (app,)) == [("sync",)], 30, "the walreceiver to be the synchronous standby")
 
 
-# -- the page server's stored WAL, read from its repository file -------------------------
+# -- the page server's stored WAL, read from its layer files -------------------------
 
 
 @dataclass(frozen=True)
@@ -143,17 +143,10 @@ class StoredRecord:
 
 
 def stored_wal(repo: Path, timeline: str) -> tuple[int, list[StoredRecord]]:
-    """(timeline start LSN, every stored record in WAL order), read-only from the SQLite file as it is on disk."""
-    db = sqlite3.connect(f"file:{repo / 'pageserver' / 'repository.sqlite'}?mode=ro", uri=True, timeout=60)
-    try:
-        row = db.execute("SELECT id, start_lsn FROM timelines WHERE tenant = ? AND timeline = ?",
-                         (TENANT, timeline)).fetchone()
-        assert row is not None, f"timeline {timeline} not in the repository"
-        rows = db.execute("SELECT start_lsn, end_lsn, raw FROM wal_records WHERE tl = ? ORDER BY end_lsn",
-                          (row[0],)).fetchall()
-    finally:
-        db.close()
-    return int(row[1]), [StoredRecord(int(a), int(b), bytes(c)) for a, b, c in rows]
+    """(timeline start LSN, every record in the page server's layer files in WAL order), read-only,
+    as it is on disk."""
+    records = durable_records(repo / "pageserver", TENANT, timeline)
+    return timeline_start(repo / "pageserver", TENANT, timeline), [StoredRecord(*r) for r in records]
 
 
 def committed_xids(records: list[StoredRecord]) -> set[int]:
@@ -174,6 +167,8 @@ def next_record_start(end: int) -> int:
 
 def check_stored_wal(repo: Path, timeline: str, node: PostgresNode, target: int) -> int:
     """The stored WAL is CRC-valid, gapless, duplicate-free and equals the primary's WAL files; return its size."""
+    pageserver_stub(repo).Checkpoint(pageserver_pb2.CheckpointRequest(
+        tenant=common_pb2.TenantId(id=TENANT), timeline=common_pb2.TimelineId(id=timeline)), timeout=60)
     start, stored = stored_wal(repo, timeline)
     assert stored and stored[0].lsn == start, "the stored WAL does not begin at the timeline's start"
     assert stored[-1].end_lsn >= target

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import sqlite3
 import struct
 import subprocess
 from collections.abc import Iterator, Sequence
@@ -39,6 +38,7 @@ from pgformat.xlogreader import RawRecord, next_record_starts
 from zctl.computes import Computes
 from zctl.postgres import PostgresNode, free_port
 from zctl.waldump import iter_file_records
+from services.pageserver.inspect import durable_records
 from zproto import (
     common_pb2,
     pageserver_pb2,
@@ -155,16 +155,11 @@ class Attached:
         return list(self.wr.Status(walreceiver_pb2.StatusRequest(tenant=tenant, timeline=tl), timeout=10).attachments)
 
     def stored_records(self, timeline: str | None = None) -> list[Record]:
-        """Every WAL record the page server stored for the timeline, in WAL order (its SQLite repository)."""
-        db = sqlite3.connect(f"file:{self.repo / 'pageserver' / 'repository.sqlite'}?mode=ro", uri=True)
-        try:
-            rows = db.execute(
-                "SELECT r.start_lsn, r.end_lsn, r.raw FROM wal_records r JOIN timelines t ON r.tl = t.id"
-                " WHERE t.tenant = ? AND t.timeline = ? ORDER BY r.end_lsn", (TENANT, timeline or self.timeline),
-            ).fetchall()
-        finally:
-            db.close()
-        return [(int(a), int(b), bytes(c)) for a, b, c in rows]
+        """Every WAL record the page server stored for the timeline, in WAL order: what its layer
+        files hold once it has written out everything it received (Checkpoint)."""
+        tenant, tl = self.ids(timeline)
+        self.ps.Checkpoint(pageserver_pb2.CheckpointRequest(tenant=tenant, timeline=tl), timeout=60)
+        return durable_records(self.repo / "pageserver", TENANT, timeline or self.timeline)
 
     def get_page(self, rel: common_pb2.RelTag, blkno: int, timeline: str | None = None) -> bytes:
         tenant, tl = self.ids(timeline)

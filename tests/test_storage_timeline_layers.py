@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.pageserver.keys import KIND_RECORD, RelTag
+from services.pageserver.storage.compaction import compact_l0
 from services.pageserver.storage.image_layer import ImageLayerWriter
 from services.pageserver.storage.layer_desc import KEY_MAX, KEY_MIN, LayerDesc
 from services.pageserver.storage.manifest import load_manifest
@@ -197,3 +198,42 @@ def test_checkpoint_writes_out_an_old_open_layer(tmp_path: Path) -> None:
     assert tl.checkpoint(timeout=0) and tl.disk_consistent_lsn == START + 8
     assert not tl.checkpoint(timeout=0)  # nothing new
     tl.close()
+
+
+def test_compaction_merges_l0_layers_into_l1_and_reads_stay_the_same(tmp_path: Path) -> None:
+    store = DiskLayerStore(tmp_path / "layers")
+    tl = TimelineLayers(store, tmp_path / "scratch", START)
+    model: list[tuple[bytes, int, Value]] = []
+    lsn = START
+    for round_ in range(6):
+        for i in range(40):
+            lsn += 8
+            blk = (i * 7 + round_) % 30
+            if i % 9 == 0:
+                value = Value.image(lsn.to_bytes(8, "big") * 1024)
+                tl.put(key(blk), lsn, value)
+            else:
+                value = Value.record(b"r" * (i + 1), will_init=False, start_lsn=lsn - 8)
+                tl.put_record(lsn, value.data, lsn - 8, [(key(blk), False)])
+            model.append((key(blk), lsn, value))
+        tl.flush_all()
+    assert len([d for d in tl.descs() if d.is_l0]) == 6
+    assert compact_l0(tl, at=7) is None  # not due
+    done = compact_l0(tl, at=6, target=4096)
+    assert done is not None and len(done.merged) == 6 and len(done.written) > 1 and done.bytes_merged > 0
+    descs = tl.descs()
+    assert not any(d.is_l0 for d in descs) and set(descs) == set(done.written)
+    # Edge to edge over the key space, one LSN range; the L0 files are gone.
+    spans = sorted((d.key_start, d.key_end) for d in descs)
+    assert spans[0][0] == KEY_MIN and spans[-1][1] == KEY_MAX
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert not any(store.exists(d.file_name) for d in done.merged)
+    for at in (START + 8, START + 800, lsn):
+        for blk in range(31):
+            assert tl.versions(key(blk), at) == _model(model, key(blk), at), (blk, at)
+    tl.close()
+    reopened = TimelineLayers(store, tmp_path / "scratch", START)
+    assert set(reopened.descs()) == set(done.written)
+    for blk in range(31):
+        assert reopened.versions(key(blk), lsn) == _model(model, key(blk), lsn)
+    reopened.close()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import sqlite3
 import re
 import struct
 import subprocess
@@ -79,14 +78,8 @@ def flush_lsn(node: PostgresNode) -> int:
 
 def stored_records(repo: Repository, timeline: str) -> list[tuple[int, int, bytes]]:
     """(start_lsn, end_lsn, raw) of every record the page server stored, in WAL order."""
-    tid = repo.timeline(DEFAULT_TENANT, timeline).id
-    db = sqlite3.connect(f"file:{repo.db_path}?mode=ro", uri=True)
-    try:
-        rows = db.execute("SELECT start_lsn, end_lsn, raw FROM wal_records WHERE tl = ? ORDER BY end_lsn",
-                          (tid,)).fetchall()
-    finally:
-        db.close()
-    return [(int(a), int(b), bytes(c)) for a, b, c in rows]
+    tl = repo.timeline(DEFAULT_TENANT, timeline)
+    return [(r.lsn, r.end_lsn, r.raw) for r in repo.records_between(tl, tl.start_lsn, tl.last_record_lsn)]
 
 
 def file_records(node: PostgresNode, start: int, end: int) -> list[tuple[int, int, bytes]]:

@@ -315,22 +315,16 @@ def cmd_gc(args: argparse.Namespace) -> int:
             "previous_gc_cutoff_lsn": format_lsn(r.previous_gc_cutoff_lsn),
             "gc_cutoff_lsn": format_lsn(r.gc_cutoff_lsn),
             "retained_branch_lsns": [format_lsn(x) for x in r.retained_branch_lsns],
-            "keys_scanned": r.keys_scanned, "versions_removed": r.versions_removed,
-            "images_written": r.images_written, "rel_sizes_removed": r.rel_sizes_removed,
-            "wal_records_removed": r.wal_records_removed, "keys_failed": r.keys_failed,
-            "seconds": round(r.elapsed_seconds, 3)}, indent=2))
+            "image_layers_written": r.image_layers_written, "layers_removed": r.layers_removed,
+            "bytes_removed": r.bytes_removed, "seconds": round(r.elapsed_seconds, 3)}, indent=2))
         return 0
     moved = (f"moved from {format_lsn(r.previous_gc_cutoff_lsn)} to {format_lsn(r.gc_cutoff_lsn)}"
              if r.gc_cutoff_lsn != r.previous_gc_cutoff_lsn else f"stays at {format_lsn(r.gc_cutoff_lsn)}")
     print(f"gc of branch {args.branch}: cutoff {moved} (last record {format_lsn(tl.last_record_lsn)})")
-    print(f"  {r.keys_scanned} keys scanned, {r.versions_removed} page versions removed, "
-          f"{r.images_written} images written, {r.rel_sizes_removed} size entries and "
-          f"{r.wal_records_removed} WAL records removed in {r.elapsed_seconds:.2f}s")
+    print(f"  {r.layers_removed} layer files ({r.bytes_removed / (1 << 20):.1f} MiB) removed, "
+          f"{r.image_layers_written} image layers written in {r.elapsed_seconds:.2f}s")
     if r.retained_branch_lsns:
         print("  kept for child branches at " + ", ".join(format_lsn(x) for x in r.retained_branch_lsns))
-    if r.keys_failed:
-        print(f"  {r.keys_failed} pages could not be rebuilt at the cutoff and were left as they were "
-              f"(see the page server log)")
     print(f"  reads and branches below {format_lsn(r.gc_cutoff_lsn)} are refused from now on")
     return 0
 

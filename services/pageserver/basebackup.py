@@ -22,9 +22,9 @@ Everything else comes from the repository, as of L:
 - the directories initdb creates (initdb.c subdirs), minimal configuration
   files, and global/pg_control last (basebackup.c sends it last too).
 
-Relation files are read a chunk of pages at a time, from the newest image
-layer in reach where it still holds (image_layers.py) and as page versions
-elsewhere; nothing is staged on disk.
+Relation files are read a chunk of pages at a time through the timeline's
+layers (Repository.fork_chunks: the pages of a chunk that need redo are
+redone in one batch); nothing is staged on disk.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ from pgredo.slru import (
 )
 
 from .checkpoint_values import running_checkpoint, transaction_id_is_normal
-from .image_layers import CHUNK_PAGES, PageChunk, compress_frame
+from .page_chunks import CHUNK_PAGES, PageChunk, compress_frame
 from .keys import (
     CHECKPOINT_KEY,
     CONTROL_FILE_KEY,
@@ -271,19 +271,19 @@ def _write_relations(repo: Repository, tl: Timeline, lsn: int, w: _TarWriter, *,
     if homeless:
         raise BasebackupError(f"databases {sorted(homeless)} have relations but no pg_filenode.map at {lsn:X}")
 
-    with repo.backup_view(tl, lsn, checksums=checksums) as view:
-        for rel in rels:
-            if rel.fork == FSM_FORKNUM:
-                continue
-            if rel.fork == MAIN_FORKNUM and (rel.spc, rel.db, rel.rel) in unlogged:
-                continue  # written from the init fork below
-            nblocks = repo.rel_size(tl, rel, lsn) or 0
-            if rel.fork == INIT_FORKNUM:
-                chunks = list(repo.fork_chunks(view, rel, nblocks))  # init forks are a page or two
-                _write_fork(w, rel, nblocks, chunks)
-                _write_fork(w, dataclasses.replace(rel, fork=MAIN_FORKNUM), nblocks, chunks)
-            else:
-                _write_fork(w, rel, nblocks, repo.fork_chunks(view, rel, nblocks))
+    view = repo.backup_view(tl, lsn, checksums=checksums)
+    for rel in rels:
+        if rel.fork == FSM_FORKNUM:
+            continue
+        if rel.fork == MAIN_FORKNUM and (rel.spc, rel.db, rel.rel) in unlogged:
+            continue  # written from the init fork below
+        nblocks = repo.rel_size(tl, rel, lsn) or 0
+        if rel.fork == INIT_FORKNUM:
+            chunks = list(repo.fork_chunks(view, rel, nblocks))  # init forks are a page or two
+            _write_fork(w, rel, nblocks, chunks)
+            _write_fork(w, rel._replace(fork=MAIN_FORKNUM), nblocks, chunks)
+        else:
+            _write_fork(w, rel, nblocks, repo.fork_chunks(view, rel, nblocks))
     return len(rels)
 
 
@@ -399,7 +399,7 @@ class _TarWriter:
 
     With `lz4`, the stream is LZ4 frames that decompress to that tar, as Postgres's server-side
     `lz4` compression sends it: bytes written here are gathered and compressed about 1 MiB at a
-    time, and stored frames from an image layer go out as they are.
+    time.
     """
 
     LZ4_GATHER: Final = 1 << 20
@@ -429,11 +429,7 @@ class _TarWriter:
         self._write(ustar_header(path, size, mode=0o600, mtime=self._mtime))
         written = 0
         for chunk in chunks:
-            if chunk.frame is not None and self._lz4:
-                self._flush()
-                self._out.write(chunk.frame)
-            else:
-                self._write(chunk.pages())
+            self._write(chunk.data)
             written += chunk.npages * BLCKSZ
         self._end_member(path, size, written)
 

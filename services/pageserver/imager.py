@@ -1,13 +1,13 @@
 """Image layers made in the background, as Neon's compaction makes image layers.
 
-Every `interval` seconds each timeline is asked how many page versions a base
-backup at its last LSN would read beyond the newest image layer in reach. When
-that reaches `min_changes` and a tenth of that layer's pages, a new layer is
-written: at once if ingest has gone quiet since the last look; on a busy
-timeline, once the backlog is four times the threshold and at most every
-BUSY_SPACING passes (it still gets layers, without rewriting one while the
-last is barely written). A timeline whose layer failed is left alone until
-it ingests more WAL.
+Every `interval` seconds each timeline is asked how much WAL a read at its
+last LSN may replay above the newest image layer in reach
+(maintenance.image_debt). When that reaches `min_wal` bytes and a quarter
+of that layer's size, a new layer is written: at once if ingest has gone
+quiet since the last look; on a busy timeline, once the debt is four times
+the threshold and at most every BUSY_SPACING passes (it still gets layers,
+without rewriting one while the last is barely written). A timeline whose
+layer failed is left alone until it ingests more WAL.
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ import logging
 import threading
 from typing import Final
 
+from .maintenance import image_debt
+from .storage.errors import StorageError
 from .repository import LayerCancelledError, Repository, RepositoryError, Timeline
 
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL: Final = 10.0
-DEFAULT_MIN_CHANGES: Final = 1000
+DEFAULT_MIN_WAL: Final = 16 << 20
 BUSY_FACTOR: Final = 4
 BUSY_SPACING: Final = 6
 
@@ -30,10 +32,10 @@ class ImageLayerMaker:
     """The background thread; `run_once` is one pass (tests call it directly)."""
 
     def __init__(self, repo: Repository, interval: float = DEFAULT_INTERVAL,
-                 min_changes: int = DEFAULT_MIN_CHANGES) -> None:
+                 min_wal: int = DEFAULT_MIN_WAL) -> None:
         self.repo = repo
         self.interval = interval
-        self.min_changes = min_changes
+        self.min_wal = min_wal
         self._seen: dict[int, int] = {}  # timeline id -> last record LSN at the previous pass
         self._failed_at: dict[int, int] = {}  # timeline id -> last record LSN when its layer failed
         self._passes = 0
@@ -59,7 +61,7 @@ class ImageLayerMaker:
 
     def run_once(self) -> list[Timeline]:
         """Write a layer for every timeline that is due; return them."""
-        made = []
+        made: list[Timeline] = []
         self._passes += 1
         for tenant in self.repo.list_tenants():
             for tl in self.repo.list_timelines(tenant):
@@ -73,7 +75,7 @@ class ImageLayerMaker:
                         self._made_at[tl.id] = self._passes
                     except LayerCancelledError:
                         return made
-                    except (RepositoryError, ValueError) as e:  # redo and format errors are ValueErrors
+                    except (RepositoryError, StorageError, ValueError) as e:  # redo and format errors are ValueErrors
                         self._failed_at[tl.id] = lsn
                         log.warning("image layer of timeline %s at %X failed: %s", tl.timeline, lsn, e)
         return made
@@ -84,14 +86,11 @@ class ImageLayerMaker:
         self._seen[tl.id] = last
         if self._failed_at.get(tl.id) == last:
             return False
-        changes, layer_pages = self.repo.changes_since_layer(tl, lambda pages: BUSY_FACTOR * self._threshold(pages))
-        threshold = self._threshold(layer_pages)
-        if changes < threshold:
+        debt, image_bytes = image_debt(self.repo, tl)
+        threshold = max(self.min_wal, image_bytes // 4)
+        if debt < threshold:
             return False
         if quiet:
             return True
         spaced = self._passes - self._made_at.get(tl.id, -BUSY_SPACING) >= BUSY_SPACING
-        return changes >= BUSY_FACTOR * threshold and spaced
-
-    def _threshold(self, layer_pages: int) -> int:
-        return max(self.min_changes, layer_pages // 10)
+        return debt >= BUSY_FACTOR * threshold and spaced

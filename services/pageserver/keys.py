@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 
 class KeyKind(enum.IntEnum):
@@ -31,11 +30,12 @@ class KeyKind(enum.IntEnum):
 _KEY = struct.Struct(">BIIIBI")  # kind, spc/slru kind, db/segno, rel, fork, block/page
 KEY_SIZE: Final = _KEY.size
 _REL = struct.Struct(">IIIB")
+_REL_PAGE: Final = int(KeyKind.REL_PAGE)  # a plain int packs faster than the enum member
 
 
-@dataclass(frozen=True, slots=True)
-class RelTag:
-    """A relation fork: (tablespace, database, relfilenode, fork)."""
+class RelTag(NamedTuple):
+    """A relation fork: (tablespace, database, relfilenode, fork). A tuple: ingest hashes one
+    for nearly every record, and a tuple's hash and equality are the interpreter's own."""
 
     spc: int
     db: int
@@ -50,14 +50,14 @@ class RelTag:
         return cls(*_REL.unpack(b))
 
     def page_key(self, blkno: int) -> bytes:
-        return _KEY.pack(KeyKind.REL_PAGE, self.spc, self.db, self.rel, self.fork, blkno)
+        return _KEY.pack(_REL_PAGE, self.spc, self.db, self.rel, self.fork, blkno)
 
     def __str__(self) -> str:
         return f"{self.spc}/{self.db}/{self.rel} fork {self.fork}"
 
 
 def rel_page_key(spc: int, db: int, rel: int, fork: int, blkno: int) -> bytes:
-    return _KEY.pack(KeyKind.REL_PAGE, spc, db, rel, fork, blkno)
+    return _KEY.pack(_REL_PAGE, spc, db, rel, fork, blkno)
 
 
 def slru_page_key(kind: int, segno: int, pageno: int) -> bytes:

@@ -14,16 +14,18 @@ from services.metrics import Metrics, add_metrics_argument, gauge, serve_and_ann
 from services.runtime import GrpcEndpoint, ShutdownSignal, configure_logging
 from zproto import pageserver_pb2_grpc
 
-from .imager import DEFAULT_INTERVAL, DEFAULT_MIN_CHANGES, ImageLayerMaker
-from .repository import DEFAULT_TENANT, LocalRedo, PageRedo, Repository
+from .imager import DEFAULT_INTERVAL, DEFAULT_MIN_WAL, ImageLayerMaker
+from .repository import DEFAULT_CHECKPOINT_TIMEOUT, DEFAULT_TENANT, LocalRedo, PageRedo, Repository
+from .storage.timeline_layers import DEFAULT_CHECKPOINT_DISTANCE
 from .service import PageServerServicer
 
 log = logging.getLogger("zenith.pageserver")
 
 
 class Syncer:
-    """Every `interval` seconds, fsyncs what ingest committed without one: disk_consistent_lsn moves
-    up even when no walreceiver asks for a flush, and the walreceivers may drop their WAL below it."""
+    """Every `interval` seconds, writes out the frozen layers and the open layers older than the
+    checkpoint timeout (Repository.checkpoint): disk_consistent_lsn moves up, and the walreceivers
+    may drop their WAL below it. Ingest itself never waits for a layer file."""
 
     def __init__(self, repo: Repository, interval: float = 1.0) -> None:
         self.repo = repo
@@ -41,9 +43,9 @@ class Syncer:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                self.repo.sync()
+                self.repo.checkpoint()
             except Exception:  # the next pass tries again; the log says what went wrong
-                log.exception("periodic sync of the repository failed")
+                log.exception("periodic checkpoint of the repository failed")
 
 
 class PageServer:
@@ -51,7 +53,9 @@ class PageServer:
 
     def __init__(self, repo_dir: Path, listen: str = "127.0.0.1:6402", redo_address: str | None = None,
                  threads: int = 16, lsn_wait_timeout: float = 30.0, image_layer_interval: float = 0.0,
-                 image_layer_min_changes: int = DEFAULT_MIN_CHANGES) -> None:
+                 image_layer_min_wal: int = DEFAULT_MIN_WAL,
+                 checkpoint_distance: int = DEFAULT_CHECKPOINT_DISTANCE,
+                 checkpoint_timeout: float = DEFAULT_CHECKPOINT_TIMEOUT) -> None:
         redo: PageRedo
         if redo_address:
             from .redo_client import RemoteRedo
@@ -59,10 +63,11 @@ class PageServer:
             redo = RemoteRedo(redo_address)
         else:
             redo = LocalRedo()
-        self.repo = Repository(repo_dir, redo=redo)
+        self.repo = Repository(repo_dir, redo=redo, checkpoint_distance=checkpoint_distance,
+                               checkpoint_timeout=checkpoint_timeout)
         self.repo.ensure_tenant(DEFAULT_TENANT)
         # Off unless asked for (the command line asks by default): tests drive layers themselves.
-        self.image_layers = (ImageLayerMaker(self.repo, image_layer_interval, image_layer_min_changes)
+        self.image_layers = (ImageLayerMaker(self.repo, image_layer_interval, image_layer_min_wal)
                              if image_layer_interval > 0 else None)
         self.syncer = Syncer(self.repo)
         self.metrics = Metrics("pageserver")
@@ -82,10 +87,10 @@ class PageServer:
         return [
             gauge("zenith_pageserver_last_record_lsn", "End of the last WAL record ingested (GetPage@latest "
                   "answers there)", labels, [((t.tenant, t.timeline, t.name or ""), t.last_record_lsn) for t in tls]),
-            gauge("zenith_pageserver_disk_consistent_lsn", "Everything up to here is fsynced; walreceivers keep "
-                  "the WAL above it", labels, [((t.tenant, t.timeline, t.name or ""), t.disk_consistent_lsn)
+            gauge("zenith_pageserver_disk_consistent_lsn", "Everything up to here is in layer files; walreceivers "
+                  "keep the WAL above it", labels, [((t.tenant, t.timeline, t.name or ""), t.disk_consistent_lsn)
                                                for t in tls]),
-            gauge("zenith_pageserver_unsynced_bytes", "WAL ingested but not yet fsynced", labels,
+            gauge("zenith_pageserver_unsynced_bytes", "WAL ingested but only in open layers", labels,
                   [((t.tenant, t.timeline, t.name or ""), t.last_record_lsn - t.disk_consistent_lsn) for t in tls]),
             gauge("zenith_pageserver_image_layers", "Image layers kept", labels,
                   [((t.tenant, t.timeline, t.name or ""), len(self.repo.image_layers(t))) for t in tls]),
@@ -124,9 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-layer-interval", type=float, default=DEFAULT_INTERVAL,
                    help="seconds between checks for timelines due a new image layer (0: never make them "
                         "in the background)")
-    p.add_argument("--image-layer-min-changes", type=int, default=DEFAULT_MIN_CHANGES,
-                   help="page versions beyond the newest image layer (and at least a tenth of its pages) "
+    p.add_argument("--image-layer-min-wal", type=int, default=DEFAULT_MIN_WAL,
+                   help="bytes of WAL above the newest image layer (and at least a quarter of its size) "
                         "that make a timeline due a new one")
+    p.add_argument("--checkpoint-distance", type=int, default=DEFAULT_CHECKPOINT_DISTANCE,
+                   help="bytes an open layer takes before it is written out as a delta layer")
+    p.add_argument("--checkpoint-timeout", type=float, default=DEFAULT_CHECKPOINT_TIMEOUT,
+                   help="seconds after which an open layer is written out however small (the WAL "
+                        "walreceivers keep for this page server covers about this much)")
     add_metrics_argument(p)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
@@ -138,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     shutdown = ShutdownSignal()
     server = PageServer(args.repo, args.listen, args.redo, lsn_wait_timeout=args.lsn_wait_timeout,
                         image_layer_interval=args.image_layer_interval,
-                        image_layer_min_changes=args.image_layer_min_changes)
+                        image_layer_min_wal=args.image_layer_min_wal,
+                        checkpoint_distance=args.checkpoint_distance, checkpoint_timeout=args.checkpoint_timeout)
     server.start()
     print(f"page server listening on {server.address}", flush=True)
     serve_and_announce(server.metrics, args.listen, args.metrics_listen)

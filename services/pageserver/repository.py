@@ -1,94 +1,90 @@
 """The page server's repository: tenants, timelines and every page version, on disk.
 
-Storage engine: SQLite (stdlib), one database file per repository, in WAL
-journal mode. Ingest commits each batch without an fsync (synchronous=NORMAL:
-a committed batch survives kill -9 of the process, not the loss of the
-machine); `sync` fsyncs, and only then does a timeline's
-`disk_consistent_lsn` move up: that is what the page server reports as
-durable, and the walreceiver keeps its WAL from there (DESIGN.md: WAL-first
-durability). Every other change (timelines, imports, GC, writers) commits
-with an fsync. Reads are B-tree lookups (O(log n)), memory is SQLite's
-bounded page cache whatever the database size, and a branch is one row
-(ancestor, ancestor LSN), copying nothing.
+Each timeline's history lives in its layers (storage/): ingest appends to
+the timeline's open layer (an ephemeral file and an index in memory: no
+fsync, no database row per record); a full or old open layer is frozen and
+written out as an immutable delta layer, and only then, when the timeline's
+manifest names it, does `disk_consistent_lsn` move up: that is what the page
+server reports as durable, and the walreceiver keeps its WAL above it
+(DESIGN.md: WAL-first durability). After a crash the open layers are gone
+and the walreceiver resends from there. Image layers (every key of the
+timeline as of one LSN) are made in the background and by GC; a read stops
+at the first one it meets.
 
-Tables:
-- timelines: id, tenant, name, ancestor, ancestor_lsn, start/last/prev LSNs;
-- wal_records: (timeline, end_lsn) -> raw record bytes, stored once;
-- page_versions: (timeline, key, lsn, kind) -> image or reference to a record
-  (`lsn` is the record's end LSN: the value is the state after that record);
-- rel_sizes: (timeline, rel, lsn) -> nblocks (-1: dropped);
-- commit_times: (timeline, end_lsn) -> commit timestamp (find-LSN-by-time);
-- image_layers, image_layer_chunks: every page of a timeline as of one LSN
-  in a compressed file beside the database (image_layers.py), so a base
-  backup streams stored pages instead of reading and redoing each one.
+What layers hold, besides relation and SLRU pages, are versioned keys
+(keys.py): relation sizes, relmapper / two-phase / checkpoint / control
+files, the commit time of each commit and each raw WAL record (record
+boundaries for branch points and GC, the records a base backup scans).
 
-A GetPage@LSN walks page_versions newest-first from the request LSN until an
-image or a record that initializes the page, descending into the ancestor at
-the branch LSN, then hands base image and records to redo. Long chains are
-cut short by storing the result as an image (a materialized version).
+A small SQLite catalog (`repository.sqlite`, every change fsync'd) keeps
+the tenants and the timelines: ancestor and branch point, start, GC cutoff,
+writer. A branch is one catalog row and an empty manifest: O(1).
 
-Garbage collection (`gc`) moves a timeline's GC cutoff forward: reads below it
-fail with LsnOutOfRangeError, and every version, size entry and WAL record no
-read at or above the cutoff (or at a child's branch point) needs is deleted;
-see retention.py for what is kept.
+A GetPage@LSN takes the key's versions newest first from the timeline's
+layers down to an image or a record that initializes the page, descending
+into the ancestor at the branch point, and hands base image and records to
+redo. Garbage collection (`gc`) moves a timeline's GC cutoff forward (reads
+below it fail with LsnOutOfRangeError) and deletes the layers no read at or
+above the cutoff (or at a child's branch point) needs: maintenance.py.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from pgformat.checksum import with_checksums
-from pgformat.constants import BLCKSZ, FSM_FORKNUM
-from pgformat.controlfile import parse_checkpoint, parse_control_file
-from pgformat.errors import FormatError
+from pgformat.constants import BLCKSZ
+from pgformat.controlfile import parse_control_file
 from pgformat.lsn import format_lsn
 from pgformat.rmgr import RM_XLOG_ID, XLOG_OVERWRITE_CONTRECORD
 from pgformat.xlogreader import next_record_starts
 from pgformat.xlogrecord import DecodedRecord, decode_record
-from pgredo.errors import RedoError
 
-from .image_layers import (
-    CHUNK_PAGES,
-    LAYER_DIR,
-    ImageLayer,
-    LayerChunk,
-    LayerFileWriter,
-    LayerReader,
-    PageChunk,
-    compress_frame,
-    layer_file_name,
-)
 from .ingest import IngestPlan, plan_record
 from .keys import (
-    CHECKPOINT_KEY,
+    COMMIT_TIME_KEY,
     CONTROL_FILE_KEY,
     KIND_DELETED,
-    KIND_FILE,
     KIND_IMAGE,
     KIND_RECORD,
     KIND_RECORD_INIT,
+    WAL_RECORD_KEY,
     KeyKind,
     RelTag,
     decode_key,
-    rel_range,
+    kind_range,
+    rel_of_size_key,
+    rel_size_key,
     relmap_key,
 )
-from .retention import GcResult, Version, WalWindow, plan_key, plan_sizes
+from .page_chunks import CHUNK_PAGES, PageChunk
+from .storage.compaction import compact_l0
+from .storage.layer_desc import LayerDesc
+from .storage.manifest import load_manifest
+from .storage.store import DiskLayerStore
+from .storage.timeline_layers import DEFAULT_CHECKPOINT_DISTANCE, TimelineLayers
+from .storage.values import Value
+
+if TYPE_CHECKING:
+    from .maintenance import GcResult
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TENANT: Final = "00000000000000000000000000000000"
 MAX_LSN: Final = (1 << 63) - 1  # SQLite integers are signed 64-bit; no real LSN gets near
 ZERO_PAGE: Final = bytes(BLCKSZ)
+# An open layer older than this is frozen and flushed even when small (Neon: checkpoint_timeout).
+DEFAULT_CHECKPOINT_TIMEOUT: Final = 10.0
 
 # Writer kinds, as pageserver.proto's WriterKind numbers them.
 WRITER_NONE: Final = 0
@@ -96,18 +92,9 @@ WRITER_PRIMARY: Final = 1
 WRITER_COMPUTE: Final = 2
 WRITER_KINDS: Final = {WRITER_PRIMARY: "primary", WRITER_COMPUTE: "compute"}
 
-# Replaying more than this many records for one GetPage stores the result as an image.
-MATERIALIZE_AFTER: Final = 16
-# GC works through a timeline's keys this many per transaction, so ingest waits at most one batch.
-GC_KEYS_PER_BATCH: Final = 256
-
-__all__ = ["KIND_DELETED", "KIND_FILE", "KIND_IMAGE", "KIND_RECORD", "KIND_RECORD_INIT", "Repository", "Timeline"]
+__all__ = ["KIND_DELETED", "KIND_IMAGE", "KIND_RECORD", "KIND_RECORD_INIT", "Repository", "Timeline"]
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS durability (
-    syncs INTEGER NOT NULL
-);
-INSERT INTO durability SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM durability);
 CREATE TABLE IF NOT EXISTS tenants (
     tenant TEXT PRIMARY KEY
 );
@@ -130,56 +117,9 @@ CREATE TABLE IF NOT EXISTS timelines (
     writer_epoch INTEGER NOT NULL DEFAULT 0,
     UNIQUE (tenant, timeline)
 );
-CREATE TABLE IF NOT EXISTS wal_records (
-    tl INTEGER NOT NULL,
-    end_lsn INTEGER NOT NULL,
-    start_lsn INTEGER NOT NULL,
-    raw BLOB NOT NULL,
-    PRIMARY KEY (tl, end_lsn)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS page_versions (
-    tl INTEGER NOT NULL,
-    key BLOB NOT NULL,
-    lsn INTEGER NOT NULL,
-    kind INTEGER NOT NULL,
-    data BLOB,
-    PRIMARY KEY (tl, key, lsn, kind)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS commit_times (
-    tl INTEGER NOT NULL,
-    end_lsn INTEGER NOT NULL,
-    ts INTEGER NOT NULL,
-    PRIMARY KEY (tl, end_lsn)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS commit_times_ts ON commit_times (tl, ts);
--- "Which keys changed after LSN x": what a base backup over an image layer must look up.
-CREATE INDEX IF NOT EXISTS page_versions_by_lsn ON page_versions (tl, lsn);
-CREATE TABLE IF NOT EXISTS image_layers (
-    id INTEGER PRIMARY KEY,
-    tl INTEGER NOT NULL,
-    lsn INTEGER NOT NULL,
-    file TEXT NOT NULL,
-    checksums INTEGER NOT NULL,
-    nbytes INTEGER NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS image_layer_chunks (
-    layer INTEGER NOT NULL,
-    rel BLOB NOT NULL,
-    first_blk INTEGER NOT NULL,
-    npages INTEGER NOT NULL,
-    offset INTEGER NOT NULL,
-    length INTEGER NOT NULL,
-    PRIMARY KEY (layer, rel, first_blk)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS rel_sizes (
-    tl INTEGER NOT NULL,
-    rel BLOB NOT NULL,
-    lsn INTEGER NOT NULL,
-    nblocks INTEGER NOT NULL,
-    PRIMARY KEY (tl, rel, lsn)
-) WITHOUT ROWID;
 """
+# (timelines.last_record_lsn is the LSN a timeline was created or imported at; where its WAL
+# ends now is its layers' business.)
 
 
 class RepositoryError(Exception):
@@ -211,12 +151,12 @@ class LsnOutOfRangeError(InvalidRequestError):
     """The LSN is below the timeline's GC cutoff: that history is gone (OUT_OF_RANGE)."""
 
 
-# One page to rebuild: (key, base image or None, records oldest first).
-RedoJob = tuple[bytes, bytes | None, Sequence[DecodedRecord]]
-
-
 class LayerCancelledError(RepositoryError):
     """An image layer was abandoned on request (the page server is stopping)."""
+
+
+# One page to rebuild: (key, base image or None, records oldest first).
+RedoJob = tuple[bytes, bytes | None, Sequence[DecodedRecord]]
 
 
 class PageRedo(Protocol):
@@ -250,13 +190,13 @@ class LocalRedo:
 
 
 @dataclass(slots=True)
-class _Chain:
-    """The versions that make one page: a base (an image, a layer's page, or none) and the records after it."""
+class PageVersions:
+    """What makes one page as of an LSN: a base image (or none) and the records after it, oldest first."""
 
-    base: bytes | None = None
-    base_lsn: int = 0
-    records: list[tuple[int, int]] = field(default_factory=list)  # (timeline id, end LSN), newest first
-    from_layer: bool = False  # the base is the image layer's page; the caller has it
+    base: bytes | None
+    base_lsn: int
+    records: list[DecodedRecord]
+    exists: bool  # False: no version at all (the caller decides between zeroes and NOT_FOUND)
 
 
 @dataclass
@@ -267,16 +207,11 @@ class BackupView:
     lsn: int
     checksums: bool
     lineage: list[tuple[Timeline, int]]
-    layer: LayerReader | None
-    floor: tuple[int, int] | None = None  # (layer's timeline id, layer's LSN)
-    changed: dict[RelTag, set[int]] = field(default_factory=dict)  # blocks with versions newer than the layer
-    size_floor: dict[RelTag, int] = field(default_factory=dict)  # smallest size of a fork since the layer
-    store_rebuilt: bool = True  # keep pages redone for it as images
 
 
 @dataclass
 class Timeline:
-    """In-memory state of one timeline; the rows in `timelines` are the durable copy."""
+    """In-memory state of one timeline; its catalog row and its layers are the durable copy."""
 
     id: int
     tenant: str
@@ -296,11 +231,15 @@ class Timeline:
     writer_kind: int = 0
     writer_name: str = ""
     writer_epoch: int = 0
-    # Everything up to here is fsynced (`Repository.sync`); the walreceiver keeps WAL from here on.
-    disk_consistent_lsn: int = 0
+    layers: TimelineLayers = field(default=None, repr=False)  # type: ignore[assignment]
     # Ingest-side cache of relation sizes at last_record_lsn (None: dropped / unknown).
     rel_size_cache: dict[RelTag, int | None] = field(default_factory=dict, repr=False)
     lsn_changed: threading.Condition = field(default_factory=threading.Condition, repr=False)
+
+    @property
+    def disk_consistent_lsn(self) -> int:
+        """Everything up to here is in layer files the manifest names; the walreceiver keeps WAL above it."""
+        return self.layers.disk_consistent_lsn
 
     @property
     def durable_lsn(self) -> int:
@@ -310,80 +249,87 @@ class Timeline:
 class Repository:
     """All tenants and timelines under one directory."""
 
-    def __init__(self, path: Path, redo: PageRedo | None = None) -> None:
+    def __init__(self, path: Path, redo: PageRedo | None = None, *,
+                 checkpoint_distance: int = DEFAULT_CHECKPOINT_DISTANCE,
+                 checkpoint_timeout: float = DEFAULT_CHECKPOINT_TIMEOUT) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.db_path = self.path / "repository.sqlite"
         self.redo: PageRedo = redo if redo is not None else LocalRedo()
+        self.checkpoint_distance = checkpoint_distance
+        self.checkpoint_timeout = checkpoint_timeout
         self._local = threading.local()
         self._write_lock = threading.RLock()
         self._timelines: dict[int, Timeline] = {}
         self._by_name: dict[tuple[str, str], int] = {}
-        self._unsynced = False  # ingest committed something not yet fsynced
-        self._gc_lock = threading.Lock()  # one GC at a time: runs read what earlier batches left
-        self._layers_lock = threading.Lock()  # choosing a layer to read vs removing one
+        self._gc_lock = threading.Lock()  # one GC or image layer at a time
         with self._conn() as conn:
+            _refuse_old_format(conn, self.db_path)
             conn.executescript(_SCHEMA)
             _migrate(conn)
         self._load_timelines()
-        # What a crashed predecessor committed without an fsync is made durable before it counts.
-        self._unsynced = True
-        self.sync()
-        self._remove_orphan_layer_files()
 
-    # -- connections ---------------------------------------------------------
+    # -- the catalog -----------------------------------------------------------------------
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False, timeout=60)
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            # Per connection (one per gRPC handler thread): bounded, whatever the database size.
-            conn.execute("PRAGMA cache_size=-16384")  # 16 MB
+            conn.execute("PRAGMA synchronous=FULL")
             self._local.conn = conn
         return conn
 
     @contextmanager
-    def _write(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
-        """One write transaction; fsync'd when the block exits without error if `durable` (and then
-        with every transaction committed before it), else only safe from a crash of this process."""
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One catalog transaction, fsync'd when the block exits without error."""
         with self._write_lock:
             conn = self._conn()
-            if durable:
-                conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield conn
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    # Sizes cached during the rolled-back transaction may be wrong: reload lazily.
-                    for tl in self._timelines.values():
-                        tl.rel_size_cache.clear()
-                    raise
-                conn.execute("COMMIT")
-                if durable:
-                    self._all_durable()
-            finally:
-                if durable:
-                    conn.execute("PRAGMA synchronous=NORMAL")
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
-    def _all_durable(self) -> None:
-        """After an fsync'd commit: every timeline's ingested WAL is on disk (called with the write lock)."""
-        for tl in self._timelines.values():
-            tl.disk_consistent_lsn = tl.last_record_lsn
-        self._unsynced = False
+    def _timeline_dir(self, tenant: str, timeline: str) -> Path:
+        return self.path / "tenants" / tenant / "timelines" / timeline
+
+    def _open_layers(self, tl: Timeline, *, new: bool) -> TimelineLayers:
+        root = self._timeline_dir(tl.tenant, tl.timeline)
+        store = DiskLayerStore(root)
+        if not new and load_manifest(store) is None:
+            raise RepositoryError(
+                f"{_describe(tl)} has no manifest in {root}: its layer files are missing or were never "
+                f"written; restore that directory from a backup (the catalog alone cannot rebuild it)")
+        return TimelineLayers(store, root / "ephemeral", tl.start_lsn, self.checkpoint_distance)
 
     def sync(self) -> None:
-        """Make everything ingested durable (one fsync'd commit); disk_consistent_lsn catches up."""
-        with self._write_lock:
-            if not self._unsynced:
-                return
-            with self._write(durable=True) as conn:
-                conn.execute("UPDATE durability SET syncs = syncs + 1")
+        """Make everything ingested durable: every timeline's open layer is frozen and flushed."""
+        for tl in list(self._timelines.values()):
+            tl.layers.flush_all()
+
+    def sync_timeline(self, tl: Timeline) -> None:
+        tl.layers.flush_all()
+
+    def checkpoint(self) -> bool:
+        """The periodic pass: flush frozen layers and open layers older than checkpoint_timeout,
+        then compact the L0 layers of timelines that have many. True if some timeline's
+        disk_consistent_lsn moved."""
+        moved = False
+        for tl in list(self._timelines.values()):
+            moved = tl.layers.checkpoint(self.checkpoint_timeout) or moved
+            started = time.monotonic()
+            done = compact_l0(tl.layers)
+            if done is not None:
+                log.info("compacted %d L0 layers (%d bytes) of %s into %d L1 layers in %.2fs", len(done.merged),
+                         done.bytes_merged, _describe(tl), len(done.written), time.monotonic() - started)
+        return moved
 
     def close(self) -> None:
+        for tl in self._timelines.values():
+            tl.layers.close()
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
@@ -395,12 +341,20 @@ class Repository:
         rows = self._conn().execute(
             "SELECT id, tenant, timeline, name, ancestor_id, ancestor_lsn, start_lsn, last_record_lsn,"
             " prev_record_lsn, system_id, pg_version, created_at, gc_cutoff_lsn, writer_kind, writer_name,"
-            " writer_epoch FROM timelines"
+            " writer_epoch FROM timelines ORDER BY id"
         ).fetchall()
         for row in rows:
             tl = Timeline(*row)
+            tl.layers = self._open_layers(tl, new=False)
             self._timelines[tl.id] = tl
             self._by_name[(tl.tenant, tl.timeline)] = tl.id
+        for tl in self._timelines.values():
+            # The WAL ends where the layer files end (what the open layer held is resent).
+            durable = tl.layers.disk_consistent_lsn
+            if durable > tl.last_record_lsn:
+                end, start = self.record_boundary_at(tl, durable)
+                tl.last_record_lsn, tl.prev_record_lsn = end, start
+            tl.layers.last_lsn = max(tl.layers.last_lsn, tl.last_record_lsn)
 
     def create_tenant(self, tenant: str = DEFAULT_TENANT) -> str:
         _check_hex_id(tenant, "tenant")
@@ -452,44 +406,49 @@ class Repository:
         # The write lock spans the commit and the registration in memory: a GC of the parent
         # that moves its cutoff next sees this child's branch point.
         with self._write_lock:
+            if (tenant, timeline) in self._by_name:
+                raise AlreadyExistsError(f"timeline {timeline} already exists in tenant {tenant}")
+            if name is not None and any(t.tenant == tenant and t.name == name for t in self._timelines.values()):
+                raise AlreadyExistsError(f"a timeline named {name!r} already exists in tenant {tenant}")
+            ancestor_id = None
+            if ancestor is not None:
+                parent = self.timeline(tenant, ancestor)
+                requested = parent.last_record_lsn if not ancestor_lsn else ancestor_lsn
+                if requested > parent.last_record_lsn:
+                    raise InvalidRequestError(
+                        f"branch point {format_lsn(requested)} is beyond the last record of the parent "
+                        f"({format_lsn(parent.last_record_lsn)})"
+                    )
+                if requested < parent.start_lsn:
+                    raise InvalidRequestError(
+                        f"branch point {format_lsn(requested)} is before the parent's start "
+                        f"({format_lsn(parent.start_lsn)})"
+                    )
+                # The one definition of a branch point: the end of the last record at or
+                # before the requested LSN, where a standby's recovery target would stop.
+                lsn, prev_record_lsn = self.record_boundary_at(parent, requested)
+                if lsn > parent.disk_consistent_lsn:
+                    # The child reads the parent at the branch point without waiting for it:
+                    # what it reads there must survive a crash of this process.
+                    parent.layers.flush_all()
+                if lsn < parent.gc_cutoff_lsn:
+                    # Checked under the write lock GC takes to move the cutoff: no GC can
+                    # slip in between and remove what the new branch point needs.
+                    point = format_lsn(lsn) if lsn == requested else \
+                        f"{format_lsn(lsn)} (the end of the last record at or before {format_lsn(requested)})"
+                    raise LsnOutOfRangeError(
+                        f"branch point {point} is below the GC cutoff {format_lsn(parent.gc_cutoff_lsn)} "
+                        f"of {_describe(parent)}: the history before the cutoff was garbage-collected; "
+                        f"branch at {format_lsn(parent.gc_cutoff_lsn)} or later"
+                    )
+                ancestor_id, ancestor_lsn = parent.id, lsn
+                start_lsn = lsn
+                system_id, pg_version = parent.system_id, parent.pg_version
+            now = time.time()
+            # The layer directory first: a crash before the catalog commit leaves an unnamed
+            # directory (harmless, reused by nobody: timeline ids are new), never a row without one.
+            shutil.rmtree(self._timeline_dir(tenant, timeline), ignore_errors=True)
             with self._write() as conn:
-                if (tenant, timeline) in self._by_name:
-                    raise AlreadyExistsError(f"timeline {timeline} already exists in tenant {tenant}")
-                if name is not None and any(
-                    t.tenant == tenant and t.name == name for t in self._timelines.values()
-                ):
-                    raise AlreadyExistsError(f"a timeline named {name!r} already exists in tenant {tenant}")
-                ancestor_id = None
-                if ancestor is not None:
-                    parent = self.timeline(tenant, ancestor)
-                    requested = parent.last_record_lsn if not ancestor_lsn else ancestor_lsn
-                    if requested > parent.last_record_lsn:
-                        raise InvalidRequestError(
-                            f"branch point {format_lsn(requested)} is beyond the last record of the parent "
-                            f"({format_lsn(parent.last_record_lsn)})"
-                        )
-                    if requested < parent.start_lsn:
-                        raise InvalidRequestError(
-                            f"branch point {format_lsn(requested)} is before the parent's start "
-                            f"({format_lsn(parent.start_lsn)})"
-                        )
-                    # The one definition of a branch point: the end of the last record at or
-                    # before the requested LSN, where a standby's recovery target would stop.
-                    lsn, prev_record_lsn = self.record_boundary_at(parent, requested)
-                    if lsn < parent.gc_cutoff_lsn:
-                        # Checked under the write lock GC takes to move the cutoff: no GC can
-                        # slip in between and remove what the new branch point needs.
-                        point = format_lsn(lsn) if lsn == requested else \
-                            f"{format_lsn(lsn)} (the end of the last record at or before {format_lsn(requested)})"
-                        raise LsnOutOfRangeError(
-                            f"branch point {point} is below the GC cutoff {format_lsn(parent.gc_cutoff_lsn)} "
-                            f"of {_describe(parent)}: the history before the cutoff was garbage-collected; "
-                            f"branch at {format_lsn(parent.gc_cutoff_lsn)} or later"
-                        )
-                    ancestor_id, ancestor_lsn = parent.id, lsn
-                    start_lsn = lsn
-                    system_id, pg_version = parent.system_id, parent.pg_version
-                now = time.time()
                 cur = conn.execute(
                     "INSERT INTO timelines (tenant, timeline, name, ancestor_id, ancestor_lsn, start_lsn,"
                     " last_record_lsn, prev_record_lsn, system_id, pg_version, created_at)"
@@ -498,8 +457,8 @@ class Repository:
                      prev_record_lsn, system_id, pg_version, now),
                 )
                 tl = Timeline(int(cur.lastrowid or 0), tenant, timeline, name, ancestor_id, ancestor_lsn or 0,
-                              start_lsn, start_lsn, prev_record_lsn, system_id, pg_version, now,
-                              disk_consistent_lsn=start_lsn)
+                              start_lsn, start_lsn, prev_record_lsn, system_id, pg_version, now)
+                tl.layers = self._open_layers(tl, new=True)
             self._timelines[tl.id] = tl
             self._by_name[(tenant, timeline)] = tl.id
         return tl
@@ -512,19 +471,17 @@ class Repository:
         is the next record's xl_prev. With no such record it is the lineage's
         start (the import LSN), with the xl_prev stored for it when known.
         """
-        conn = self._conn()
         root = tl
         for t, upto in self._lineage(tl, lsn):
-            row = conn.execute(
-                "SELECT end_lsn, start_lsn FROM wal_records WHERE tl = ? AND end_lsn <= ? ORDER BY end_lsn DESC LIMIT 1",
-                (t.id, upto),
-            ).fetchone()
-            if row:
-                return int(row[0]), int(row[1])
+            found, done = t.layers.versions(WAL_RECORD_KEY, upto)
+            if found:
+                end, value = found[0]
+                return end, value.start_lsn
             root = t
+            if done:
+                break
         # Nothing ingested between the root's import LSN and `lsn`.
-        prev = root.prev_record_lsn if root.last_record_lsn == root.start_lsn else 0
-        return root.start_lsn, prev
+        return root.start_lsn, root.prev_record_lsn if root.ancestor_id is None else 0
 
     def timeline(self, tenant: str, timeline: str) -> Timeline:
         tid = self._by_name.get((tenant, timeline))
@@ -544,6 +501,12 @@ class Repository:
         self._check_tenant(tenant)
         return sorted((t for t in self._timelines.values() if t.tenant == tenant), key=lambda t: t.id)
 
+    def all_timelines(self) -> list[Timeline]:
+        return sorted(self._timelines.values(), key=lambda t: t.id)
+
+    def children_of(self, tl: Timeline) -> list[Timeline]:
+        return [c for c in self._timelines.values() if c.ancestor_id == tl.id]
+
     def ancestor_of(self, tl: Timeline) -> Timeline | None:
         return self._timelines.get(tl.ancestor_id) if tl.ancestor_id is not None else None
 
@@ -561,45 +524,47 @@ class Repository:
     # -- ingest -------------------------------------------------------------------
 
     def ingest(self, tl: Timeline, records: Sequence[DecodedRecord], writer_epoch: int = 0) -> int:
-        """Store a batch of consecutive records durably; return the new last record LSN.
+        """Store a batch of consecutive records; return the new last record LSN.
 
         Records ending at or before what is already stored are skipped, so a
         walreceiver may resend after a reconnect. The others must continue the
         stored WAL: start where the last record ended (after a page header on
         a page boundary) and link back to it by xl_prev; and a timeline that
         was ever claimed takes them only from its writer's epoch. Otherwise
-        ConflictError and nothing is stored. Each batch is one SQLite
-        transaction: all of it is durable when this returns, or none of it.
+        ConflictError and nothing of the batch is stored. Records go to the
+        open layer: durable once a flush has written them out
+        (disk_consistent_lsn).
         """
-        # The write lock spans the commit and the in-memory LSN update, so a second
-        # Ingest stream (a walreceiver reconnecting) never reads a stale position;
-        # claims take it too, so no batch of a fenced writer lands after the claim.
+        # The write lock spans the check and the in-memory LSN update, so a second Ingest
+        # stream (a walreceiver reconnecting) never reads a stale position; claims take it
+        # too, so no batch of a fenced writer lands after the claim.
         with self._write_lock:
             self.check_writer(tl, writer_epoch)
-            with self._write(durable=False) as conn:
-                last = tl.last_record_lsn
-                prev = tl.prev_record_lsn
-                for rec in records:
-                    if rec.end_lsn <= last:
-                        continue
-                    if rec.lsn < last:
-                        raise InvalidRequestError(
-                            f"record at {format_lsn(rec.lsn)} overlaps the stored WAL ending at {format_lsn(last)}"
-                        )
-                    if last:
-                        _check_continuity(tl, rec, last, prev)
-                    self._apply(conn, tl, rec, plan_record(rec))
-                    prev, last = rec.lsn, rec.end_lsn
-                if last != tl.last_record_lsn:
-                    conn.execute(
-                        "UPDATE timelines SET last_record_lsn = ?, prev_record_lsn = ? WHERE id = ?",
-                        (last, prev, tl.id),
+            # The whole batch must continue the stored WAL before any of it is stored.
+            new: list[DecodedRecord] = []
+            last, prev = tl.last_record_lsn, tl.prev_record_lsn
+            for rec in records:
+                if rec.end_lsn <= last:
+                    continue
+                if rec.lsn < last:
+                    raise InvalidRequestError(
+                        f"record at {format_lsn(rec.lsn)} overlaps the stored WAL ending at {format_lsn(last)}"
                     )
-            with tl.lsn_changed:
-                tl.last_record_lsn, tl.prev_record_lsn = last, prev
-                tl.lsn_changed.notify_all()
-            self._unsynced = self._unsynced or last != tl.disk_consistent_lsn
-        return last
+                if last:
+                    _check_continuity(tl, rec, last, prev)
+                new.append(rec)
+                prev, last = rec.lsn, rec.end_lsn
+            try:
+                for rec in new:
+                    self._apply(tl, rec, plan_record(rec))
+                    # Record by record: a failure part-way (a record that cannot be planned)
+                    # keeps what came before it; a resend repeats the failed record's versions.
+                    tl.last_record_lsn, tl.prev_record_lsn = rec.end_lsn, rec.lsn
+            finally:
+                with tl.lsn_changed:
+                    tl.lsn_changed.notify_all()
+        return tl.last_record_lsn
+
 
     # -- the single writer -------------------------------------------------------------
 
@@ -646,95 +611,99 @@ class Repository:
                          (kind, name, epoch, tl.id))
         tl.writer_kind, tl.writer_name, tl.writer_epoch = kind, name, epoch
 
-    def _apply(self, conn: sqlite3.Connection, tl: Timeline, rec: DecodedRecord, plan: IngestPlan) -> None:
+    def _apply(self, tl: Timeline, rec: DecodedRecord, plan: IngestPlan) -> None:
         lsn = rec.end_lsn
-        conn.execute("INSERT INTO wal_records VALUES (?, ?, ?, ?)", (tl.id, lsn, rec.lsn, rec.raw))
+        layers = tl.layers
         for rel in plan.creates:
-            if self._cached_size(conn, tl, rel, lsn) is None:
-                self._set_size(conn, tl, rel, lsn, 0)
-        for key, will_init in plan.pages:
-            conn.execute(
-                "INSERT OR REPLACE INTO page_versions VALUES (?, ?, ?, ?, NULL)",
-                (tl.id, key, lsn, KIND_RECORD_INIT if will_init else KIND_RECORD),
-            )
+            if self._cached_size(tl, rel, lsn) is None:
+                self._set_size(tl, rel, lsn, 0)
+        # The record is stored once, filed under every page it changes and under the WAL key
+        # (one version per record: where records end, what a base backup scans).
+        pages = list(plan.pages)
         for rel, blkno in plan.implied:
-            size = self._cached_size(conn, tl, rel, lsn)
+            size = self._cached_size(tl, rel, lsn)
             if size is not None and blkno < size:
-                conn.execute("INSERT OR REPLACE INTO page_versions VALUES (?, ?, ?, ?, NULL)",
-                             (tl.id, rel.page_key(blkno), lsn, KIND_RECORD))
+                pages.append((rel.page_key(blkno), False))
+        pages.append((WAL_RECORD_KEY, True))
+        layers.put_record(lsn, rec.raw, rec.lsn, pages)
         for rel, nblocks in plan.extends:
-            size = self._cached_size(conn, tl, rel, lsn)
+            size = self._cached_size(tl, rel, lsn)
             if size is None or size < nblocks:
-                self._set_size(conn, tl, rel, lsn, nblocks)
+                self._set_size(tl, rel, lsn, nblocks)
         for rel, nblocks in plan.truncates:
-            size = self._cached_size(conn, tl, rel, lsn)
+            size = self._cached_size(tl, rel, lsn)
             if size is not None and size > nblocks:
-                self._set_size(conn, tl, rel, lsn, nblocks)
+                self._set_size(tl, rel, lsn, nblocks)
         for spc, db, relnode in plan.drops:
             for fork in range(4):
                 rel = RelTag(spc, db, relnode, fork)
-                if self._cached_size(conn, tl, rel, lsn) is not None:
-                    self._set_size(conn, tl, rel, lsn, -1)
+                if self._cached_size(tl, rel, lsn) is not None:
+                    self._set_size(tl, rel, lsn, None)
         for spc, db in plan.db_drops:
             for rel in self.list_rels(tl, lsn - 1, spc, db):
-                self._set_size(conn, tl, rel, lsn, -1)
+                self._set_size(tl, rel, lsn, None)
         for src_spc, src_db, dst_spc, dst_db in plan.db_copies:
-            self._copy_database(conn, tl, rec, src_spc, src_db, dst_spc, dst_db)
+            self._copy_database(tl, rec, src_spc, src_db, dst_spc, dst_db)
         for key, value in plan.files:
-            conn.execute(
-                "INSERT OR REPLACE INTO page_versions VALUES (?, ?, ?, ?, ?)",
-                (tl.id, key, lsn, KIND_FILE if value is not None else KIND_DELETED, value),
-            )
+            layers.put(key, lsn, Value.file(value) if value is not None else Value.deleted())
         if plan.commit_time is not None:
-            conn.execute("INSERT OR REPLACE INTO commit_times VALUES (?, ?, ?)", (tl.id, lsn, plan.commit_time))
+            layers.put(COMMIT_TIME_KEY, lsn, Value.file(plan.commit_time.to_bytes(8, "big", signed=True)))
 
-    def _copy_database(
-        self, conn: sqlite3.Connection, tl: Timeline, rec: DecodedRecord, src_spc: int, src_db: int,
-        dst_spc: int, dst_db: int,
-    ) -> None:
+    def _copy_database(self, tl: Timeline, rec: DecodedRecord, src_spc: int, src_db: int,
+                       dst_spc: int, dst_db: int) -> None:
         """CREATE DATABASE ... STRATEGY FILE_COPY: every page of the template, as images at this LSN."""
         lsn = rec.end_lsn
+        view = BackupView(tl, rec.lsn, False, list(self._lineage(tl, rec.lsn)))
         for rel in self.list_rels(tl, rec.lsn, src_spc, src_db):
             nblocks = self.rel_size(tl, rel, rec.lsn) or 0
             dst = RelTag(dst_spc, dst_db, rel.rel, rel.fork)
-            for blk in range(nblocks):
-                page, _ = self.get_page(tl, rel.page_key(blk), rec.lsn, wait=False)
-                conn.execute(
-                    "INSERT OR REPLACE INTO page_versions VALUES (?, ?, ?, ?, ?)",
-                    (tl.id, dst.page_key(blk), lsn, KIND_IMAGE, page),
-                )
-            self._set_size(conn, tl, dst, lsn, nblocks)
+            for chunk in self.fork_chunks(view, rel, nblocks):
+                for i in range(chunk.npages):
+                    tl.layers.put(dst.page_key(chunk.first_blk + i), lsn,
+                                  Value.image(chunk.data[i * BLCKSZ:(i + 1) * BLCKSZ]))
+            self._set_size(tl, dst, lsn, nblocks)
         relmap = self.get_file(tl, relmap_key(src_spc, src_db), rec.lsn)
         if relmap is not None:  # the copied database's mapped catalogs need the template's map
-            conn.execute("INSERT OR REPLACE INTO page_versions VALUES (?, ?, ?, ?, ?)",
-                         (tl.id, relmap_key(dst_spc, dst_db), lsn, KIND_FILE, relmap))
+            tl.layers.put(relmap_key(dst_spc, dst_db), lsn, Value.file(relmap))
 
-    def _cached_size(self, conn: sqlite3.Connection, tl: Timeline, rel: RelTag, lsn: int) -> int | None:
+    def _cached_size(self, tl: Timeline, rel: RelTag, lsn: int) -> int | None:
         if rel not in tl.rel_size_cache:
             tl.rel_size_cache[rel] = self.rel_size(tl, rel, lsn)
         return tl.rel_size_cache[rel]
 
-    def _set_size(self, conn: sqlite3.Connection, tl: Timeline, rel: RelTag, lsn: int, nblocks: int) -> None:
-        conn.execute("INSERT OR REPLACE INTO rel_sizes VALUES (?, ?, ?, ?)", (tl.id, rel.encode(), lsn, nblocks))
-        tl.rel_size_cache[rel] = nblocks if nblocks >= 0 else None
+    def _set_size(self, tl: Timeline, rel: RelTag, lsn: int, nblocks: int | None) -> None:
+        """The fork's size from `lsn` on (None: dropped)."""
+        tl.layers.put(rel_size_key(rel), lsn,
+                      Value.file(nblocks.to_bytes(4, "big")) if nblocks is not None else Value.deleted())
+        tl.rel_size_cache[rel] = nblocks
 
     @contextmanager
     def import_transaction(
         self, tl: Timeline, lsn: int, prev_record_lsn: int, system_id: int, pg_version: int
     ) -> Iterator[ImportWriter]:
         """Load a base image at `lsn` into an empty root timeline: all of it, or (on error) none."""
-        if tl.ancestor_id is not None or tl.last_record_lsn != tl.start_lsn or self.list_rels(tl, MAX_LSN):
+        if tl.ancestor_id is not None or tl.last_record_lsn != tl.start_lsn or tl.layers.last_lsn > tl.start_lsn:
             raise InvalidRequestError(f"timeline {tl.timeline} is not an empty root timeline")
-        with self._write() as conn:
-            writer = ImportWriter(self, conn, tl, lsn)
-            yield writer
-            conn.execute(
-                "UPDATE timelines SET start_lsn = ?, last_record_lsn = ?, prev_record_lsn = ?, system_id = ?,"
-                " pg_version = ? WHERE id = ?",
-                (lsn, lsn, prev_record_lsn, system_id, pg_version, tl.id),
-            )
+        with self._write_lock:
+            try:
+                writer = ImportWriter(self, tl, lsn)
+                yield writer
+                tl.layers.flush_all()
+            except BaseException:
+                # Nothing of it stays: the timeline's layers start over, empty.
+                tl.layers.close()
+                shutil.rmtree(self._timeline_dir(tl.tenant, tl.timeline), ignore_errors=True)
+                tl.layers = self._open_layers(tl, new=True)
+                tl.rel_size_cache.clear()
+                raise
+            with self._write() as conn:
+                conn.execute(
+                    "UPDATE timelines SET start_lsn = ?, last_record_lsn = ?, prev_record_lsn = ?, system_id = ?,"
+                    " pg_version = ? WHERE id = ?",
+                    (lsn, lsn, prev_record_lsn, system_id, pg_version, tl.id),
+                )
         with tl.lsn_changed:
-            tl.start_lsn = tl.last_record_lsn = tl.disk_consistent_lsn = lsn
+            tl.start_lsn = tl.last_record_lsn = lsn
             tl.prev_record_lsn, tl.system_id, tl.pg_version = prev_record_lsn, system_id, pg_version
             tl.lsn_changed.notify_all()
 
@@ -785,149 +754,103 @@ class Repository:
                 return
             t = self.ancestor_of(t)
 
+    def versions(self, lineage: Iterable[tuple[Timeline, int]], key: bytes) -> list[tuple[int, Value]]:
+        """The versions of `key` a read at the end of `lineage` uses, newest first: down to one
+        that stands alone, through the ancestors (empty: the key has no value there)."""
+        out: list[tuple[int, Value]] = []
+        for t, upto in lineage:
+            found, done = t.layers.versions(key, upto)
+            out += found
+            if done:
+                break
+        return out
+
+    def _value(self, tl: Timeline, key: bytes, lsn: int) -> bytes | None:
+        """A whole-value key (file, size) as of `lsn`: its bytes, None if absent or deleted."""
+        found = self.versions(self._lineage(tl, lsn), key)
+        if not found or found[0][1].kind == KIND_DELETED:
+            return None
+        return found[0][1].data
+
     def rel_size(self, tl: Timeline, rel: RelTag, lsn: int) -> int | None:
         """Blocks in the relation fork as of `lsn`, or None if it does not exist then."""
-        conn = self._conn()
+        data = self._value(tl, rel_size_key(rel), lsn)
+        return int.from_bytes(data, "big") if data is not None else None
+
+    def _keys(self, tl: Timeline, lsn: int, start: bytes, end: bytes) -> list[bytes]:
+        """Keys in [start, end) that may have a value as of `lsn` (a superset), sorted."""
+        found: set[bytes] = set()
         for t, upto in self._lineage(tl, lsn):
-            row = conn.execute(
-                "SELECT nblocks FROM rel_sizes WHERE tl = ? AND rel = ? AND lsn <= ? ORDER BY lsn DESC LIMIT 1",
-                (t.id, rel.encode(), upto),
-            ).fetchone()
-            if row is not None:
-                return int(row[0]) if row[0] >= 0 else None
-        return None
+            found.update(t.layers.keys(start, end, upto))
+        return sorted(found)
 
     def list_rels(self, tl: Timeline, lsn: int, spc: int | None = None, db: int | None = None) -> list[RelTag]:
         """Every relation fork that exists as of `lsn` (optionally in one database)."""
-        conn = self._conn()
-        seen: dict[RelTag, int] = {}
-        for t, upto in self._lineage(tl, lsn):
-            rows = conn.execute(
-                "SELECT rel, nblocks FROM rel_sizes r WHERE tl = ? AND lsn = "
-                "(SELECT max(lsn) FROM rel_sizes WHERE tl = r.tl AND rel = r.rel AND lsn <= ?)",
-                (t.id, upto),
-            ).fetchall()
-            for relb, nblocks in rows:
-                rel = RelTag.decode(relb)
-                if rel not in seen:
-                    seen[rel] = nblocks
-        return sorted(
-            (r for r, n in seen.items() if n >= 0 and (spc is None or r.spc == spc) and (db is None or r.db == db)),
-            key=lambda r: (r.spc, r.db, r.rel, r.fork),
-        )
+        if spc is not None and db is not None:
+            start, end = rel_size_key(RelTag(spc, db, 0, 0)), rel_size_key(RelTag(spc, db + 1, 0, 0))
+        else:
+            start, end = kind_range(KeyKind.REL_SIZE)
+        lineage = list(self._lineage(tl, lsn))
+        rels = []
+        for key in self._keys(tl, lsn, start, end):
+            rel = rel_of_size_key(key)
+            if (spc is None or rel.spc == spc) and (db is None or rel.db == db):
+                found = self.versions(lineage, key)
+                if found and found[0][1].kind != KIND_DELETED:
+                    rels.append(rel)
+        return rels
 
     def find_lsn_by_timestamp(self, tl: Timeline, ts: int) -> tuple[int, int]:
-        """(end LSN, timestamp) of the last commit at or before `ts` (TimestampTz), searching the lineage."""
-        best: tuple[int, int] | None = None
+        """(end LSN, timestamp) of the last commit at or before `ts` (TimestampTz), searching the lineage.
+
+        Walks the commit times newest first, a window of WAL at a time (each twice the last)."""
         for t, upto in self._lineage(tl, tl.last_record_lsn):
-            row = self._conn().execute(
-                "SELECT end_lsn, ts FROM commit_times WHERE tl = ? AND end_lsn <= ? AND ts <= ?"
-                " ORDER BY end_lsn DESC LIMIT 1", (t.id, upto, ts)).fetchone()
-            if row is not None and (best is None or row[0] > best[0]):
-                best = (int(row[0]), int(row[1]))
-            if best is not None:
-                break
-        if best is None:
-            raise NotFoundError(f"no commit at or before that time on timeline {tl.timeline}")
-        return best
+            floor = t.start_lsn if t.ancestor_id is not None else 0
+            hi, width = upto, 1 << 24
+            while hi >= floor:
+                lo = max(floor, hi - width)
+                for lsn, value in reversed(list(t.layers.versions_between(COMMIT_TIME_KEY, lo, hi))):
+                    when = int.from_bytes(value.data, "big", signed=True)
+                    if when <= ts:
+                        return lsn, when
+                hi, width = lo - 1, width * 2
+        raise NotFoundError(f"no commit at or before that time on timeline {tl.timeline}")
 
     def db_size(self, tl: Timeline, spc: int, db: int, lsn: int) -> int:
         return sum((self.rel_size(tl, r, lsn) or 0) for r in self.list_rels(tl, lsn, spc, db)) * BLCKSZ
 
     def get_file(self, tl: Timeline, key: bytes, lsn: int) -> bytes | None:
         """A whole-file value (relmapper, two-phase state, checkpoint) as of `lsn`, or None."""
-        conn = self._conn()
-        for t, upto in self._lineage(tl, lsn):
-            row = conn.execute(
-                "SELECT kind, data FROM page_versions WHERE tl = ? AND key = ? AND lsn <= ?"
-                " ORDER BY lsn DESC, kind ASC LIMIT 1",
-                (t.id, key, upto),
-            ).fetchone()
-            if row is not None:
-                return None if row[0] == KIND_DELETED else bytes(row[1])
-        return None
+        return self._value(tl, key, lsn)
 
     def list_files(self, tl: Timeline, kind: KeyKind, lsn: int) -> dict[bytes, bytes]:
         """Every live whole-file value of one key kind as of `lsn` (e.g. all two-phase files)."""
-        lo = bytes([kind]) + bytes(17)
-        hi = bytes([kind + 1]) + bytes(17)
-        found: dict[bytes, bytes | None] = {}
-        for t, upto in self._lineage(tl, lsn):
-            rows = self._conn().execute(
-                "SELECT key, kind, data FROM page_versions p WHERE tl = ? AND key >= ? AND key < ? AND lsn = "
-                "(SELECT max(lsn) FROM page_versions WHERE tl = p.tl AND key = p.key AND lsn <= ?)",
-                (t.id, lo, hi, upto),
-            ).fetchall()
-            for key, k, data in rows:
-                found.setdefault(bytes(key), None if k == KIND_DELETED else bytes(data))
-        return {k: v for k, v in found.items() if v is not None}
+        out = {}
+        for key in self._keys(tl, lsn, *kind_range(kind)):
+            value = self._value(tl, key, lsn)
+            if value is not None:
+                out[key] = value
+        return out
+
+    def page_versions(self, tl: Timeline, key: bytes, lsn: int) -> PageVersions:
+        """Base image and records that make page `key` as of `lsn` (no redo yet)."""
+        return _page_versions(self.versions(self._lineage(tl, lsn), key))
 
     def get_page(self, tl: Timeline, key: bytes, lsn: int, wait: bool = True,
                  timeout: float = 30.0) -> tuple[bytes, int]:
         """The page `key` as of `lsn`: (8192 bytes, its pd_lsn; for SLRU pages the LSN of its last change)."""
         if wait:
             self.wait_for_lsn(tl, lsn, timeout)
-        conn = self._conn()
-        chain = self._chain(conn, list(self._lineage(tl, lsn)), key)
-        if not chain.records:
-            if chain.base is not None:
+        pv = self.page_versions(tl, key, lsn)
+        if not pv.records:
+            if pv.base is not None:
                 # pd_lsn for relation pages; SLRU pages have no LSN of their own.
-                return chain.base, _page_lsn(chain.base) if key[0] == KeyKind.REL_PAGE else chain.base_lsn
+                return pv.base, _page_lsn(pv.base) if key[0] == KeyKind.REL_PAGE else pv.base_lsn
             return self._missing_page(tl, key, lsn), 0
-        records = self._chain_records(conn, chain)
-        page = self.redo.redo(key, chain.base, records)
-        if len(records) > MATERIALIZE_AFTER:
-            self._materialize(chain.records[0][0], key, chain.records[0][1], page)
+        page = self.redo.redo(key, pv.base, pv.records)
         # pd_lsn, as Postgres sets it (a record need not bump it: heap_xlog_visible leaves the heap page's
         # LSN alone without checksums); SLRU pages have none: the last record applied.
-        return page, _page_lsn(page) if key[0] == KeyKind.REL_PAGE else records[-1].end_lsn
-
-    def _chain(self, conn: sqlite3.Connection, lineage: Sequence[tuple[Timeline, int]], key: bytes,
-               floor: tuple[int, int] | None = None) -> _Chain:
-        """What makes `key` as of the end of `lineage`: walk its versions newest first, through the
-        ancestors, to an image or a record that initializes the page.
-
-        With `floor` (timeline id, LSN of an image layer holding this page), the walk stops at the
-        first version on that timeline at or below that LSN: the layer's page is the base.
-        """
-        chain = _Chain()
-        for t, upto in lineage:
-            at_floor = floor is not None and t.id == floor[0]
-            for vlsn, kind, data in conn.execute(
-                "SELECT lsn, kind, data FROM page_versions WHERE tl = ? AND key = ? AND lsn <= ?"
-                " ORDER BY lsn DESC, kind ASC",
-                (t.id, key, upto),
-            ):
-                if at_floor and vlsn <= floor[1]:  # type: ignore[index]
-                    chain.from_layer = True
-                    return chain
-                if kind == KIND_IMAGE:
-                    chain.base, chain.base_lsn = bytes(data), vlsn
-                    return chain
-                chain.records.append((t.id, vlsn))
-                if kind == KIND_RECORD_INIT:
-                    return chain
-            if at_floor:
-                chain.from_layer = True
-                return chain
-        return chain
-
-    def _chain_records(self, conn: sqlite3.Connection, chain: _Chain) -> list[DecodedRecord]:
-        return [self._load_record(conn, tid, vlsn) for tid, vlsn in reversed(chain.records)]
-
-    def _load_record(self, conn: sqlite3.Connection, tid: int, end_lsn: int) -> DecodedRecord:
-        row = conn.execute("SELECT start_lsn, raw FROM wal_records WHERE tl = ? AND end_lsn = ?", (tid, end_lsn)).fetchone()
-        if row is None:
-            raise RepositoryError(f"record ending at {format_lsn(end_lsn)} missing from timeline {tid}")
-        return decode_record(bytes(row[1]), int(row[0]), end_lsn, verify_crc=False)
-
-    def _materialize(self, tid: int, key: bytes, lsn: int, page: bytes) -> None:
-        conn = self._conn()
-        if conn.in_transaction:  # called from inside ingest (database copy): same transaction
-            conn.execute("INSERT OR REPLACE INTO page_versions VALUES (?, ?, ?, ?, ?)", (tid, key, lsn, KIND_IMAGE, page))
-            return
-        with self._write() as conn:
-            conn.execute("INSERT OR REPLACE INTO page_versions VALUES (?, ?, ?, ?, ?)", (tid, key, lsn, KIND_IMAGE, page))
+        return page, _page_lsn(page) if key[0] == KeyKind.REL_PAGE else pv.records[-1].end_lsn
 
     def _missing_page(self, tl: Timeline, key: bytes, lsn: int) -> bytes:
         """A page with no versions: zeroes inside the relation (extended, never written), else NOT_FOUND."""
@@ -942,457 +865,135 @@ class Repository:
             return ZERO_PAGE
         raise NotFoundError(f"no page for key {key.hex()} at {format_lsn(lsn)}")
 
+    def records_between(self, tl: Timeline, start_lsn: int, end_lsn: int) -> Iterator[DecodedRecord]:
+        """Records that start at or after `start_lsn` and end at or before `end_lsn`, oldest first,
+        through the ancestors up to each branch point."""
+        for t, upto in reversed(list(self._lineage(tl, end_lsn))):
+            for end, value in t.layers.versions_between(WAL_RECORD_KEY, start_lsn, upto):
+                if value.start_lsn >= start_lsn:
+                    yield decode_record(value.data, value.start_lsn, end, verify_crc=False)
+
     # -- whole relations: base backups and image layers -------------------------------------
 
-    @contextmanager
-    def backup_view(self, tl: Timeline, lsn: int, *, checksums: bool) -> Iterator[BackupView]:
-        """How to read every page as of (`tl`, `lsn`): the nearest image layer in reach, and which
-        pages changed after it. `checksums`: the pages come with pd_checksum set (as the cluster
-        has data checksums on or off); only a layer written the same way is used."""
-        lineage = list(self._lineage(tl, lsn))
-        with self._layers_lock:  # the layer chosen stays readable: removal takes this lock too
-            found = self._layer_in_reach(lineage, checksums)
-            reader = LayerReader(found[1]) if found is not None else None
-        try:
-            view = BackupView(tl, lsn, checksums, lineage, reader)
-            if found is not None:
-                layer = found[1]
-                conn = self._conn()
-                for t, after, upto in _beyond_layer(lineage, found):
-                    for (key,) in conn.execute(
-                            "SELECT DISTINCT key FROM page_versions WHERE tl = ? AND lsn > ? AND lsn <= ?",
-                            (t.id, after, upto)):
-                        if key[0] == KeyKind.REL_PAGE:
-                            view.changed.setdefault(RelTag.decode(key[1:14]), set()).add(
-                                int.from_bytes(key[14:18], "big"))
-                    # A fork truncated or dropped after the layer: blocks past its smallest size since
-                    # then are not the layer's to answer (whatever came back is looked up as versions).
-                    for relb, smallest in conn.execute(
-                            "SELECT rel, min(nblocks) FROM rel_sizes WHERE tl = ? AND lsn > ? AND lsn <= ? GROUP BY rel",
-                            (t.id, after, upto)):
-                        rel = RelTag.decode(relb)
-                        view.size_floor[rel] = min(view.size_floor.get(rel, smallest), max(smallest, 0))
-                view.floor = (layer.tl_id, layer.lsn)
-            yield view
-        finally:
-            if reader is not None:
-                reader.close()
-
-    def _layer_in_reach(self, lineage: Sequence[tuple[Timeline, int]],
-                        checksums: bool) -> tuple[int, ImageLayer] | None:
-        """(index in the lineage, layer): the newest layer on the nearest timeline that has one at or
-        below the LSN read there."""
-        conn = self._conn()
-        for i, (t, upto) in enumerate(lineage):
-            # Not below the GC cutoff: GC rewrites the history a layer's readers rely on there (the
-            # relation sizes that tell a truncation after the layer); GC removes such layers.
-            row = conn.execute(
-                "SELECT id, tl, lsn, file, checksums, nbytes FROM image_layers WHERE tl = ? AND lsn <= ?"
-                " AND lsn >= ? AND checksums = ? ORDER BY lsn DESC LIMIT 1",
-                (t.id, upto, t.gc_cutoff_lsn, int(checksums))).fetchone()
-            if row is not None:
-                return i, self._layer_from_row(row)
-        return None
-
-    def _layer_from_row(self, row: Sequence[object]) -> ImageLayer:
-        lid, tid, lsn, file, checksums, nbytes = row
-        return ImageLayer(int(lid), int(tid), int(lsn), self.path / LAYER_DIR / str(file), bool(checksums), int(nbytes))
+    def backup_view(self, tl: Timeline, lsn: int, *, checksums: bool) -> BackupView:
+        """How to read every page as of (`tl`, `lsn`); `checksums`: the pages come with pd_checksum
+        set (as the cluster has data checksums on or off)."""
+        return BackupView(tl, lsn, checksums, list(self._lineage(tl, lsn)))
 
     def fork_chunks(self, view: BackupView, rel: RelTag, nblocks: int) -> Iterator[PageChunk]:
-        """The first `nblocks` pages of a fork as of the view, CHUNK_PAGES at a time in block order.
-
-        A chunk the layer holds and nothing changed since comes as the layer's stored frame; any
-        other is assembled page by page: the layer's page where it still holds, else the newest
-        version (redone in one batch with the chunk's other pages). Pages redone here are stored
-        as images, so the next base backup finds them ready.
-        """
-        stored: dict[int, LayerChunk] = {}
-        usable = 0  # blocks [0, usable) are the layer's to answer unless changed
-        if view.layer is not None:
-            stored = {c.first_blk: c for c in self._layer_chunks(view.layer.layer.id, rel)}
-            usable = min(sum(c.npages for c in stored.values()), view.size_floor.get(rel, MAX_LSN))
-        changed = view.changed.get(rel, set())
-        changed_chunks = {blk // CHUNK_PAGES for blk in changed}
+        """The first `nblocks` pages of a fork as of the view, CHUNK_PAGES at a time in block order;
+        the pages of a chunk that exist only as WAL are redone in one batch."""
         for first in range(0, nblocks, CHUNK_PAGES):
             n = min(CHUNK_PAGES, nblocks - first)
-            held = stored.get(first)
-            if (held is not None and held.npages == n and first + n <= usable
-                    and first // CHUNK_PAGES not in changed_chunks):
-                assert view.layer is not None
-                yield PageChunk(first, n, frame=view.layer.frame(held))
-                continue
-            layer_pages = view.layer.pages(held) if held is not None and view.layer is not None else b""
-            covered = min(first + len(layer_pages) // BLCKSZ, usable)  # [first, covered) may come from the layer
-            yield PageChunk(first, n, data=self._assemble(view, rel, first, n, layer_pages, covered, changed))
-
-    def _assemble(self, view: BackupView, rel: RelTag, first: int, n: int, layer_pages: bytes, covered: int,
-                  changed: set[int]) -> bytes:
-        conn = self._conn()
-        pages: list[bytes | None] = [None] * n
-
-        def layer_page(blk: int) -> bytes:
-            off = (blk - first) * BLCKSZ
-            return layer_pages[off:off + BLCKSZ]
-
-        wanted: list[int] = []
-        for blk in range(first, first + n):
-            if blk < covered and blk not in changed:
-                pages[blk - first] = layer_page(blk)
-            else:
-                wanted.append(blk)
-        if wanted:
-            # One range scan per timeline finds each wanted key's newest version; most are images.
-            newest: dict[bytes, tuple[int, int, int, bytes | None]] = {}  # key -> (tl id, lsn, kind, data)
-            for t, upto in view.lineage:
-                for key, vlsn, kind, data in conn.execute(
-                    "SELECT key, lsn, kind, data FROM page_versions WHERE tl = ? AND key >= ? AND key < ? AND lsn <= ?"
-                    " ORDER BY key, lsn DESC, kind", (t.id, rel.page_key(wanted[0]), rel.page_key(wanted[-1] + 1), upto),
-                ):
-                    newest.setdefault(key, (t.id, vlsn, kind, data))
-                if view.floor is not None and t.id == view.floor[0]:
-                    break  # beyond the layer's timeline only blocks it does not hold are read, below
+            pages: list[bytes] = [ZERO_PAGE] * n
             jobs: list[RedoJob] = []
-            job_blocks: list[tuple[int, _Chain]] = []
-            for blk in wanted:
-                key = rel.page_key(blk)
-                floor = view.floor if blk < covered else None
-                hit = newest.get(key)
-                if (hit is not None and hit[2] == KIND_IMAGE and hit[3] is not None
-                        and not (floor and hit[0] == floor[0] and hit[1] <= floor[1])):
-                    pages[blk - first] = bytes(hit[3])
-                    continue
-                chain = self._chain(conn, view.lineage, key, floor)
-                base = layer_page(blk) if chain.from_layer else chain.base
-                if not chain.records:
-                    pages[blk - first] = base if base is not None else ZERO_PAGE
-                else:
-                    jobs.append((key, base, self._chain_records(conn, chain)))
-                    job_blocks.append((blk, chain))
+            where: list[int] = []
+            for i in range(n):
+                key = rel.page_key(first + i)
+                pv = _page_versions(self.versions(view.lineage, key))
+                if pv.records:
+                    jobs.append((key, pv.base, pv.records))
+                    where.append(i)
+                elif pv.base is not None:
+                    pages[i] = pv.base
             if jobs:
-                rebuilt = self.redo.redo_many(jobs)
-                for (blk, _), page in zip(job_blocks, rebuilt):
-                    pages[blk - first] = page
-                if view.store_rebuilt:
-                    with self._write() as wconn:
-                        wconn.executemany("INSERT OR REPLACE INTO page_versions VALUES (?, ?, ?, ?, ?)",
-                                          [(chain.records[0][0], rel.page_key(blk), chain.records[0][1], KIND_IMAGE, page)
-                                           for (blk, chain), page in zip(job_blocks, rebuilt)])
-        done = [p if p is not None else ZERO_PAGE for p in pages]
-        if view.checksums:
-            done = with_checksums(done, first)
-        return b"".join(done)
+                for i, page in zip(where, self.redo.redo_many(jobs)):
+                    pages[i] = page
+            if view.checksums:
+                pages = with_checksums(pages, first)
+            yield PageChunk(first, n, b"".join(pages))
 
-    def _layer_chunks(self, layer_id: int, rel: RelTag) -> list[LayerChunk]:
-        return [LayerChunk(*row) for row in self._conn().execute(
-            "SELECT first_blk, npages, offset, length FROM image_layer_chunks WHERE layer = ? AND rel = ?"
-            " ORDER BY first_blk", (layer_id, rel.encode()))]
-
-    # -- image layers -------------------------------------------------------------------------
-
-    def image_layers(self, tl: Timeline) -> list[ImageLayer]:
-        """The timeline's own layers, oldest first."""
-        return [self._layer_from_row(r) for r in self._conn().execute(
-            "SELECT id, tl, lsn, file, checksums, nbytes FROM image_layers WHERE tl = ? ORDER BY lsn", (tl.id,))]
-
-    def changes_since_layer(self, tl: Timeline, limit: Callable[[int], int]) -> tuple[int, int]:
-        """(page versions a base backup at the last LSN reads beyond the image layer in reach, counted
-        up to limit(pages in that layer); pages in that layer, 0 without one)."""
-        lineage = list(self._lineage(tl, tl.last_record_lsn))
-        found = self._layer_in_reach(lineage, self._checksums_at(tl, tl.last_record_lsn))
-        conn = self._conn()
-        pages = 0 if found is None else int(conn.execute(
-            "SELECT coalesce(sum(npages), 0) FROM image_layer_chunks WHERE layer = ?", (found[1].id,)).fetchone()[0])
-        cap = limit(pages)
-        count = 0
-        for t, after, upto in _beyond_layer(lineage, found):
-            count += conn.execute(
-                "SELECT count(*) FROM (SELECT 1 FROM page_versions WHERE tl = ? AND lsn > ? AND lsn <= ? LIMIT ?)",
-                (t.id, after, upto, cap - count)).fetchone()[0]
-            if count >= cap:
-                break
-        return count, pages
-
-    def _checksums_at(self, tl: Timeline, lsn: int) -> bool:
+    def checksums_at(self, tl: Timeline, lsn: int) -> bool:
         control = self.get_file(tl, CONTROL_FILE_KEY, lsn)
         return control is not None and parse_control_file(control, verify_crc=False).data_checksum_version != 0
 
+    # -- image layers and garbage collection (maintenance.py) ---------------------------------
+
+    def image_layers(self, tl: Timeline) -> list[LayerDesc]:
+        """The timeline's own image layers, oldest first."""
+        return sorted((d for d in tl.layers.descs() if d.is_image), key=lambda d: d.lsn_start)
+
     def create_image_layer(self, tl: Timeline, lsn: int | None = None,
-                           cancel: threading.Event | None = None) -> ImageLayer:
-        """Write every page (but the FSM's, which base backups leave out) as of `lsn` (default: the
-        last record) into a new layer, then drop the timeline's older layers.
+                           cancel: threading.Event | None = None) -> LayerDesc:
+        from .maintenance import create_image_layer
 
-        Built from the newest layer in reach plus what changed since, so an unchanged chunk is
-        copied as it is; pages that exist only as WAL are redone in batches. Setting `cancel`
-        abandons the layer (LayerCancelledError); nothing of it stays.
-        """
-        lsn = tl.last_record_lsn if lsn is None else lsn
-        checksums = self._checksums_at(tl, lsn)
-        started = time.monotonic()
-        (self.path / LAYER_DIR).mkdir(exist_ok=True)
-        # GC waits: it could remove versions below its new cutoff that this read at `lsn` still needs.
         with self._gc_lock:
-            self.check_gc_cutoff(tl, lsn)
-            existing = [la for la in self.image_layers(tl) if la.lsn == lsn and la.checksums == checksums]
-            if existing:
-                return existing[0]
-            writer = LayerFileWriter(self.path / LAYER_DIR / layer_file_name(tl.id, lsn))
-            try:
-                with self.backup_view(tl, lsn, checksums=checksums) as view:
-                    view.store_rebuilt = False  # the layer is where they go
-                    for rel in self.list_rels(tl, lsn):
-                        if rel.fork == FSM_FORKNUM:
-                            continue
-                        for chunk in self.fork_chunks(view, rel, self.rel_size(tl, rel, lsn) or 0):
-                            if cancel is not None and cancel.is_set():
-                                raise LayerCancelledError(f"image layer of {_describe(tl)} cancelled")
-                            writer.add(rel, chunk.first_blk, chunk.npages,
-                                       chunk.frame if chunk.frame is not None else compress_frame(chunk.data or b""))
-                writer.finish()
-            except BaseException:
-                writer.abandon()
-                raise
-            with self._layers_lock:
-                with self._write() as conn:
-                    cur = conn.execute(
-                        "INSERT INTO image_layers (tl, lsn, file, checksums, nbytes, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                        (tl.id, lsn, writer.path.name, int(checksums), writer.nbytes, time.time()))
-                    layer_id = int(cur.lastrowid or 0)
-                    conn.executemany("INSERT INTO image_layer_chunks VALUES (?, ?, ?, ?, ?, ?)",
-                                     [(layer_id, rel.encode(), c.first_blk, c.npages, c.offset, c.length)
-                                      for rel, c in writer.chunks])
-                    older = [la for la in self.image_layers(tl) if la.id != layer_id]
-                    self._drop_layers(conn, older)
-                for la in older:  # base backups that hold it open read on; the name goes now
-                    la.path.unlink(missing_ok=True)
-        layer = ImageLayer(layer_id, tl.id, lsn, writer.path, checksums, writer.nbytes)
-        log.info("image layer written", extra={
-            "timeline": tl.timeline, "lsn": format_lsn(lsn), "chunks": len(writer.chunks), "bytes": writer.nbytes,
-            "replaced": len(older), "seconds": round(time.monotonic() - started, 2)})
-        return layer
-
-    def _drop_layers(self, conn: sqlite3.Connection, layers: Sequence[ImageLayer]) -> None:
-        """Their index rows (the caller holds the layers lock, then unlinks the files after COMMIT)."""
-        for la in layers:
-            conn.execute("DELETE FROM image_layer_chunks WHERE layer = ?", (la.id,))
-            conn.execute("DELETE FROM image_layers WHERE id = ?", (la.id,))
-
-    def _remove_orphan_layer_files(self) -> None:
-        """Files of layers whose index never committed (a crash while writing one)."""
-        layer_dir = self.path / LAYER_DIR
-        if not layer_dir.is_dir():
-            return
-        known = {r[0] for r in self._conn().execute("SELECT file FROM image_layers")}
-        for f in layer_dir.iterdir():
-            if f.name not in known:
-                log.info("removing orphan image layer file %s", f.name)
-                f.unlink(missing_ok=True)
-
-
-    def key_range_has_versions(self, tl: Timeline, rel: RelTag) -> bool:
-        lo, hi = rel_range(rel)
-        return self._conn().execute(
-            "SELECT 1 FROM page_versions WHERE tl = ? AND key >= ? AND key < ? LIMIT 1", (tl.id, lo, hi)
-        ).fetchone() is not None
-
-    def records_between(self, tl: Timeline, start_lsn: int, end_lsn: int, batch: int = 1000) -> Iterator[DecodedRecord]:
-        """Records that start at or after `start_lsn` and end at or before `end_lsn`, oldest first,
-        through the ancestors up to each branch point. Read in batches: no cursor stays open."""
-        for t, upto in reversed(list(self._lineage(tl, end_lsn))):
-            after = start_lsn
-            while True:
-                rows = self._conn().execute(
-                    "SELECT start_lsn, end_lsn, raw FROM wal_records WHERE tl = ? AND end_lsn > ? AND end_lsn <= ?"
-                    " ORDER BY end_lsn LIMIT ?", (t.id, after, upto, batch)).fetchall()
-                for start, end, raw in rows:
-                    if start >= start_lsn:
-                        yield decode_record(bytes(raw), int(start), int(end), verify_crc=False)
-                if len(rows) < batch:
-                    break
-                after = int(rows[-1][1])
-
-
-    # -- garbage collection --------------------------------------------------------------
+            return create_image_layer(self, tl, tl.last_record_lsn if lsn is None else lsn, cancel)
 
     def gc(self, tl: Timeline, horizon_lsn: int) -> GcResult:
-        """Move the GC cutoff of `tl` up to min(horizon, last record LSN), snapped back to the end of a
-        record, and delete what no read needs.
+        from .maintenance import gc_timeline
 
-        Kept: everything above the cutoff; every key's value as of the cutoff
-        (written as an image when it was a chain of records); the chain of
-        every child branch point below the cutoff; the newest relation size
-        at or below each of those LSNs; the WAL records a base backup there
-        scans (from the redo point of the checkpoint in force) and the ones
-        kept record versions point at. commit_times rows are all kept (a
-        few bytes per commit): a timestamp then still resolves to its LSN,
-        and branching there fails with the GC-cutoff error, not "no commit".
-
-        Restartable rather than one transaction, so ingest is held up for one
-        batch at a time, not the whole run: the new cutoff is made durable
-        first (reads below it are refused from then on), then keys are
-        handled GC_KEYS_PER_BATCH per transaction, each writing its images and
-        deleting its versions together, then relation sizes, then WAL
-        records. A crash anywhere leaves every read at or above the cutoff
-        intact; running GC again (any horizon) finishes the job.
-        """
-        started = time.monotonic()
         with self._gc_lock:
-            # The cutoff moves under the write lock, the one branch creation checks it under:
-            # the children seen here are all the children that will ever read below it.
-            with self._write_lock:
-                previous = tl.gc_cutoff_lsn
-                # A record boundary, as branch points are: a branch at the cutoff stays possible.
-                cutoff = max(previous, self.record_boundary_at(tl, min(horizon_lsn, tl.last_record_lsn))[0])
-                if cutoff != previous:
-                    with self._write() as conn:
-                        conn.execute("UPDATE timelines SET gc_cutoff_lsn = ? WHERE id = ?", (cutoff, tl.id))
-                    tl.gc_cutoff_lsn = cutoff
-                branch_points = sorted({c.ancestor_lsn for c in self._timelines.values()
-                                        if c.ancestor_id == tl.id and c.ancestor_lsn < cutoff}, reverse=True)
-            result = GcResult(tl.timeline, previous, cutoff, retained_lsns=sorted(branch_points))
-            with self._layers_lock:
-                stale = [la for la in self.image_layers(tl) if la.lsn < cutoff]
+            return gc_timeline(self, tl, horizon_lsn)
+
+    def set_gc_cutoff(self, tl: Timeline, horizon_lsn: int) -> tuple[int, int, list[int]]:
+        """Move the GC cutoff up to min(horizon, last record), snapped back to the end of a record;
+        (previous cutoff, cutoff, child branch points below it, newest first)."""
+        # The cutoff moves under the write lock, the one branch creation checks it under:
+        # the children seen here are all the children that will ever read below it.
+        with self._write_lock:
+            previous = tl.gc_cutoff_lsn
+            cutoff = max(previous, self.record_boundary_at(tl, min(horizon_lsn, tl.last_record_lsn))[0])
+            if cutoff != previous:
                 with self._write() as conn:
-                    self._drop_layers(conn, stale)
-            for la in stale:
-                la.path.unlink(missing_ok=True)
-            if cutoff > 0:
-                kept_records = self._gc_keys(tl, cutoff, branch_points, result)
-                self._gc_sizes(tl, cutoff, branch_points, result)
-                self._gc_wal(tl, cutoff, branch_points, kept_records, result)
-        result.seconds = time.monotonic() - started
-        log.info("gc of %s: cutoff %s -> %s, %d keys, %d versions removed, %d images written, %d sizes and "
-                 "%d WAL records removed, %d branch points kept, %.2fs", _describe(tl), format_lsn(previous),
-                 format_lsn(cutoff), result.keys_scanned, result.versions_removed, result.images_written,
-                 result.rel_sizes_removed, result.wal_records_removed, len(branch_points), result.seconds)
-        return result
+                    conn.execute("UPDATE timelines SET gc_cutoff_lsn = ? WHERE id = ?", (cutoff, tl.id))
+                tl.gc_cutoff_lsn = cutoff
+            branch_points = sorted({c.ancestor_lsn for c in self.children_of(tl) if c.ancestor_lsn < cutoff},
+                                   reverse=True)
+        return previous, cutoff, branch_points
 
-    def _gc_keys(self, tl: Timeline, cutoff: int, branch_points: list[int], result: GcResult) -> set[int]:
-        """Images at the cutoff and deletions, key by key; returns the LSNs of the record versions kept."""
-        kept_records: set[int] = set()
-        root = tl.ancestor_id is None
-        after = b""
-        while True:
-            keys = [bytes(r[0]) for r in self._conn().execute(
-                "SELECT DISTINCT key FROM page_versions WHERE tl = ? AND key > ? AND lsn <= ? ORDER BY key LIMIT ?",
-                (tl.id, after, cutoff, GC_KEYS_PER_BATCH))]
-            if not keys:
-                return kept_records
-            sizes: dict[RelTag, int | None] = {}
-            with self._write() as conn:
-                for key in keys:
-                    versions = [Version(int(lsn), int(kind)) for lsn, kind in conn.execute(
-                        "SELECT lsn, kind FROM page_versions WHERE tl = ? AND key = ? AND lsn <= ?"
-                        " ORDER BY lsn DESC, kind ASC", (tl.id, key, cutoff))]
-                    live = self._exists_at(tl, key, cutoff, sizes)
-                    plan = plan_key(versions, cutoff, branch_points, live_at_cutoff=live, root=root)
-                    result.keys_scanned += 1
-                    if plan.image_lsn is not None:
-                        try:
-                            page, _ = self.get_page(tl, key, cutoff, wait=False)
-                        except (RepositoryError, RedoError, FormatError) as e:
-                            # Unreadable at the cutoff already: leave the key as it is, say so.
-                            log.warning("gc of %s: key %s left as it was: %s", _describe(tl), key.hex(), e)
-                            result.keys_failed += 1
-                            kept_records.update(v.lsn for v in versions if v.kind in (KIND_RECORD, KIND_RECORD_INIT))
-                            continue
-                        conn.execute("INSERT OR REPLACE INTO page_versions VALUES (?, ?, ?, ?, ?)",
-                                     (tl.id, key, plan.image_lsn, KIND_IMAGE, page))
-                        result.images_written += 1
-                    conn.executemany("DELETE FROM page_versions WHERE tl = ? AND key = ? AND lsn = ? AND kind = ?",
-                                     [(tl.id, key, v.lsn, v.kind) for v in plan.delete])
-                    result.versions_removed += len(plan.delete)
-                    kept_records.update(plan.kept_records)
-            if len(keys) < GC_KEYS_PER_BATCH:
-                return kept_records
-            after = keys[-1]
-
-    def _exists_at(self, tl: Timeline, key: bytes, lsn: int, sizes: dict[RelTag, int | None]) -> bool:
-        """False for a page of a relation fork that does not exist at `lsn` (dropped): nothing reads it.
-
-        Blocks beyond a truncation are still treated as live: a VM page extended
-        again later (vm_extend is not WAL-logged) is redone on top of them.
-        """
-        kind, a, b, c, fork, _ = decode_key(key)
-        if kind != KeyKind.REL_PAGE:
-            return True
-        rel = RelTag(a, b, c, fork)
-        if rel not in sizes:
-            sizes[rel] = self.rel_size(tl, rel, lsn)
-        return sizes[rel] is not None
-
-    def _gc_sizes(self, tl: Timeline, cutoff: int, branch_points: list[int], result: GcResult) -> None:
-        with self._write() as conn:
-            by_rel: dict[bytes, list[tuple[int, int]]] = {}
-            for rel, lsn, nblocks in conn.execute(
-                    "SELECT rel, lsn, nblocks FROM rel_sizes WHERE tl = ? AND lsn <= ? ORDER BY rel, lsn DESC",
-                    (tl.id, cutoff)):
-                by_rel.setdefault(bytes(rel), []).append((int(lsn), int(nblocks)))
-            for rel, entries in by_rel.items():
-                doomed = plan_sizes(entries, cutoff, branch_points, root=tl.ancestor_id is None)
-                conn.executemany("DELETE FROM rel_sizes WHERE tl = ? AND rel = ? AND lsn = ?",
-                                 [(tl.id, rel, lsn) for lsn in doomed])
-                result.rel_sizes_removed += len(doomed)
-
-    def _gc_wal(self, tl: Timeline, cutoff: int, branch_points: list[int], kept_records: set[int],
-                result: GcResult) -> None:
-        """Delete the WAL records below the cutoff that no kept version and no base backup needs.
-
-        A base backup at L scans the records from the redo point of the
-        checkpoint in force at L (basebackup.prepare_start); checkpoints after
-        the cutoff start their redo after the one in force at the cutoff, so
-        one window per retained LSN covers every L at or above the cutoff.
-        """
-        windows = [WalWindow(min(self._checkpoint_redo_at(tl, lsn), lsn), lsn) for lsn in (cutoff, *branch_points)]
-        with self._write() as conn:
-            doomed = [(tl.id, end) for start, end in conn.execute(
-                "SELECT start_lsn, end_lsn FROM wal_records WHERE tl = ? AND end_lsn <= ? AND start_lsn < ?",
-                (tl.id, cutoff, windows[0].start))
-                if end not in kept_records and not any(w.holds(start, end) for w in windows)]
-            conn.executemany("DELETE FROM wal_records WHERE tl = ? AND end_lsn = ?", doomed)
-            result.wal_records_removed = len(doomed)
-
-    def _checkpoint_redo_at(self, tl: Timeline, lsn: int) -> int:
-        """Redo LSN of the checkpoint in force at `lsn` (what a base backup there starts scanning from)."""
-        image = self.get_file(tl, CHECKPOINT_KEY, lsn)
-        if image is not None:
-            return parse_checkpoint(image).redo
-        control = self.get_file(tl, CONTROL_FILE_KEY, lsn)
-        if control is not None:
-            return parse_control_file(control, verify_crc=False).checkpoint_copy.redo
-        return lsn  # no pg_control: no base backup of this timeline, nothing to scan
 
 class ImportWriter:
     """Adds a base image's pages, sizes and files inside one import transaction."""
 
-    def __init__(self, repo: Repository, conn: sqlite3.Connection, tl: Timeline, lsn: int) -> None:
-        self._repo, self._conn, self._tl, self._lsn = repo, conn, tl, lsn
+    def __init__(self, repo: Repository, tl: Timeline, lsn: int) -> None:
+        self._repo, self._tl, self._lsn = repo, tl, lsn
         self.pages = 0
 
     def add_pages(self, pages: Iterable[tuple[RelTag, int, bytes]]) -> None:
         for rel, blk, page in pages:
             if len(page) != BLCKSZ:
                 raise InvalidRequestError(f"page {rel} block {blk} is {len(page)} bytes, expected {BLCKSZ}")
-            self._conn.execute(
-                "INSERT OR REPLACE INTO page_versions VALUES (?, ?, ?, ?, ?)",
-                (self._tl.id, rel.page_key(blk), self._lsn, KIND_IMAGE, page),
-            )
+            self._tl.layers.put(rel.page_key(blk), self._lsn, Value.image(page))
             self.pages += 1
 
     def add_sizes(self, sizes: dict[RelTag, int]) -> None:
         for rel, nblocks in sizes.items():
-            self._repo._set_size(self._conn, self._tl, rel, self._lsn, nblocks)
+            self._repo._set_size(self._tl, rel, self._lsn, nblocks)
 
     def add_files(self, files: dict[bytes, bytes]) -> None:
         for key, value in files.items():
-            kind = KIND_IMAGE if key[0] == KeyKind.SLRU_PAGE else KIND_FILE
-            self._conn.execute(
-                "INSERT OR REPLACE INTO page_versions VALUES (?, ?, ?, ?, ?)",
-                (self._tl.id, key, self._lsn, kind, value),
-            )
+            self._tl.layers.put(key, self._lsn, Value.image(value) if key[0] == KeyKind.SLRU_PAGE else Value.file(value))
+
+
+def _page_versions(found: list[tuple[int, Value]]) -> PageVersions:
+    """Split a page's versions (newest first) into base image and records to apply, oldest first."""
+    base: bytes | None = None
+    base_lsn = 0
+    records: list[DecodedRecord] = []
+    for lsn, value in reversed(found):
+        if value.kind == KIND_IMAGE:
+            base, base_lsn, records = value.data, lsn, []
+        elif value.is_record:
+            if value.will_init:
+                base, base_lsn, records = None, 0, []
+            records.append(decode_record(value.data, value.start_lsn, lsn, verify_crc=False))
+        else:  # a page key never holds a file or a deletion
+            raise RepositoryError(f"a page version at {format_lsn(lsn)} is a {value.describe()}")
+    return PageVersions(base, base_lsn, records, bool(found))
+
+
+def _refuse_old_format(conn: sqlite3.Connection, db_path: Path) -> None:
+    """A repository of the SQLite page store (before layers) cannot be read by this version."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'page_versions'").fetchone():
+        raise RepositoryError(
+            f"{db_path} is a repository of an older page server that kept page versions in SQLite; this "
+            f"version keeps them in layer files and does not convert it. Start from a new repository "
+            f"(`zctl init` in a new directory, then import or attach the primary again)")
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
-    """Bring a repository written by an older version up to the current schema."""
+    """Bring a catalog written by an older version up to the current schema."""
     columns = {row[1] for row in conn.execute("PRAGMA table_info(timelines)")}
     added = [("gc_cutoff_lsn", "INTEGER NOT NULL DEFAULT 0"), ("writer_kind", "INTEGER NOT NULL DEFAULT 0"),
              ("writer_name", "TEXT NOT NULL DEFAULT ''"), ("writer_epoch", "INTEGER NOT NULL DEFAULT 0")]
@@ -1400,17 +1001,6 @@ def _migrate(conn: sqlite3.Connection) -> None:
         if name not in columns:
             conn.execute(f"ALTER TABLE timelines ADD COLUMN {name} {decl}")
             log.info("repository schema: added timelines.%s", name)
-
-
-def _beyond_layer(lineage: Sequence[tuple[Timeline, int]],
-                  found: tuple[int, ImageLayer] | None) -> list[tuple[Timeline, int, int]]:
-    """(timeline, after, upto): the LSN ranges whose page versions a read over the layer in reach must
-    still look at: all of every timeline nearer than the layer's, and the layer's own after the layer
-    (without a layer, the whole lineage)."""
-    if found is None:
-        return [(t, -1, upto) for t, upto in lineage]
-    k, layer = found
-    return [(t, layer.lsn if i == k else -1, upto) for i, (t, upto) in enumerate(lineage[:k + 1])]
 
 
 def _check_continuity(tl: Timeline, rec: DecodedRecord, last: int, prev: int) -> None:

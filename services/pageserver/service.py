@@ -26,7 +26,7 @@ from pgformat.xlogrecord import DecodedRecord, decode_record
 from pgredo.errors import RedoError, UnsupportedRecordError
 from zproto import common_pb2, pageserver_pb2, pageserver_pb2_grpc
 
-from .image_layers import ImageLayerError
+from .storage.errors import LayerCorruptError, ManifestError, StorageError
 from .keys import CONTROL_FILE_KEY, KeyKind, RelTag, relmap_key, slru_page_key, twophase_key
 from .repository import (
     DEFAULT_TENANT,
@@ -73,12 +73,12 @@ def _status_for(e: Exception) -> grpc.StatusCode:
         return grpc.StatusCode.UNIMPLEMENTED
     if isinstance(e, RedoError):
         return grpc.StatusCode.FAILED_PRECONDITION
-    if isinstance(e, ImageLayerError):
+    if isinstance(e, (LayerCorruptError, ManifestError)):
         return grpc.StatusCode.DATA_LOSS
     return grpc.StatusCode.INTERNAL
 
 
-_EXPECTED = (RepositoryError, FormatError, RedoError, ImageLayerError)
+_EXPECTED = (RepositoryError, FormatError, RedoError, StorageError)
 
 
 def _handle(context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
@@ -166,7 +166,7 @@ class PageServerServicer(pageserver_pb2_grpc.PageServerServicer):
             system_identifier=tl.system_id,
             state=pageserver_pb2.TIMELINE_STATE_ACTIVE,
             name=tl.name or "",
-            image_layer_lsn=max((la.lsn for la in self.repo.image_layers(tl)), default=0),
+            image_layer_lsn=max((d.lsn_start for d in self.repo.image_layers(tl)), default=0),
             writer=pageserver_pb2.TimelineWriter(kind=pageserver_pb2.WriterKind.Name(tl.writer_kind), name=tl.writer_name,
                                                epoch=tl.writer_epoch),
         )
@@ -361,10 +361,16 @@ class PageServerServicer(pageserver_pb2_grpc.PageServerServicer):
             r = self.repo.gc(tl, horizon)
             return pageserver_pb2.GcResponse(
                 gc_cutoff_lsn=r.cutoff, previous_gc_cutoff_lsn=r.previous_cutoff,
-                retained_branch_lsns=r.retained_lsns, keys_scanned=r.keys_scanned,
-                versions_removed=r.versions_removed, images_written=r.images_written,
-                rel_sizes_removed=r.rel_sizes_removed, wal_records_removed=r.wal_records_removed,
-                keys_failed=r.keys_failed, elapsed_seconds=r.seconds)
+                retained_branch_lsns=r.retained_lsns, image_layers_written=r.images_written,
+                layers_removed=r.layers_removed, bytes_removed=r.bytes_removed, elapsed_seconds=r.seconds)
+
+        return _handle(context, run)
+
+    def Checkpoint(self, request: Any, context: grpc.ServicerContext) -> Any:
+        def run() -> Any:
+            tl = self._timeline(request.tenant, request.timeline)
+            self.repo.sync_timeline(tl)
+            return self.timeline_info(tl)
 
         return _handle(context, run)
 
@@ -445,7 +451,7 @@ class PageServerServicer(pageserver_pb2_grpc.PageServerServicer):
                 if self._ingested is not None:
                     self._ingested.labels(tl.timeline).inc(len(records))
                 if batch.flush:
-                    self.repo.sync()
+                    self.repo.sync_timeline(tl)
             except _EXPECTED as e:
                 context.abort(_status_for(e), str(e))
             except Exception as e:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Final
 
@@ -71,6 +72,10 @@ def get_timeline(stub: pageserver_pb2_grpc.PageServerStub, tenant: str, timeline
             raise FatalError(f"page server: {e.details()}") from None
         raise PageServerError(f"page server {address}: GetTimeline: {e.code().name}: {e.details()}") from None
     return info
+
+
+# While idle, how often the page server is asked how far it has written out what it received.
+_POLL_DURABLE: Final = 1.0
 
 
 class IngestStream:
@@ -171,14 +176,30 @@ class Feed:
         self._max_inflight = max_inflight
         self._batch: list[common_pb2.DecodedRecord] = []
         self._batch_bytes = 0
+        self._flush_asked = False
+        self._sent_at = time.monotonic()
 
-    def step(self, durable_end: int) -> bool:
+    def step(self, durable_end: int, draining: bool = False) -> bool:
         """Read and send what the local WAL holds durably up to `durable_end`; False if there was
-        nothing to do now (caught up, or too many batches in flight)."""
+        nothing to do now (caught up, or too many batches in flight).
+
+        The page server writes what it received out on its own schedule (its checkpoint
+        distance and timeout); only `draining` (a Detach handing everything over) asks it to
+        flush once caught up, so the local WAL can go at once."""
         self._ingest.check()
         if self._ingest.inflight >= self._max_inflight:
             return False
         if self._read_pos >= durable_end:
+            behind = self._ingest.durable_lsn < self.position
+            if draining and not self._flush_asked and behind:
+                self._flush_asked = True
+                self._send(flush=True)
+                return True
+            if behind and time.monotonic() - self._sent_at >= _POLL_DURABLE:
+                # Idle, and the page server has not yet written everything out: an empty batch
+                # brings its durable LSN back in the ack, so the local WAL below it can go.
+                self._send(flush=False)
+                return True
             return False
         chunk = self.wal.read(self._read_pos, min(_READ_CHUNK, durable_end - self._read_pos))
         if not chunk:
@@ -192,13 +213,14 @@ class Feed:
             if len(self._batch) >= self._max_records or self._batch_bytes >= self._max_bytes:
                 self._send(flush=False)
         if self._read_pos >= durable_end and self._batch:
-            # Caught up: the page server makes it durable now, so the local WAL can go.
-            self._send(flush=True)
+            self._flush_asked = draining
+            self._send(flush=draining)
         return True
 
     def _send(self, flush: bool) -> None:
         self._ingest.send(self._batch, self.position, flush)
         self._batch, self._batch_bytes = [], 0
+        self._sent_at = time.monotonic()
 
     def close(self, graceful: bool, timeout: float) -> None:
         if graceful and self._ingest.error is None:

@@ -656,7 +656,7 @@ class WalReceiver:
                         raise Stopped()
                     with self._changed:
                         durable_end = self._durable_end
-                    if not feed.step(durable_end):
+                    if not feed.step(durable_end, draining=self._stop_primary.is_set()):
                         with self._changed:
                             self._changed.wait(0.2)
             finally:

@@ -269,35 +269,39 @@ class TimelineLayers:
 
     def add_layer(self, desc: LayerDesc) -> None:
         """Make a layer file already in the store (an image layer) part of the timeline."""
-        with self._flush_lock:
-            manifest = Manifest(self._manifest.disk_consistent_lsn, dict(self._manifest.layers),
-                                dict(self._manifest.extra))
-            manifest.add_layer(desc, self.store.size(desc.file_name))
-            save_manifest(self.store, manifest)
-            with self._lock:
-                self.map.insert(desc)
-                self._manifest = manifest
+        self.replace_layers([desc], [])
+
+    def open_reader(self, desc: LayerDesc) -> DeltaLayerReader | ImageLayerReader:
+        """A reader of one of the timeline's layer files (shared with reads; do not close it)."""
+        return self._reader(desc)
 
     def remove_layers(self, descs: Iterable[LayerDesc]) -> int:
         """Drop layers from the timeline (GC); their files go once the manifest no longer names
         them (reads holding one open finish on it). Bytes freed."""
-        descs = [d for d in descs]
-        if not descs:
+        return self.replace_layers([], descs)
+
+    def replace_layers(self, add: Iterable[LayerDesc], remove: Iterable[LayerDesc]) -> int:
+        """In one manifest: add layer files already in the store, drop others (compaction, GC).
+        Bytes of the dropped files, which are deleted once the manifest no longer names them."""
+        add, remove = list(add), list(remove)
+        if not add and not remove:
             return 0
         with self._flush_lock:
             manifest = Manifest(self._manifest.disk_consistent_lsn, dict(self._manifest.layers),
                                 dict(self._manifest.extra))
             freed = 0
-            for d in descs:
+            for d in remove:
                 freed += manifest.layers.get(d.file_name, 0)
                 manifest.remove_layer(d)
+            for d in add:
+                manifest.add_layer(d, self.store.size(d.file_name))
             save_manifest(self.store, manifest)
             with self._lock:
-                self.map.update(remove=descs)
+                self.map.update(add=add, remove=remove)
                 self._manifest = manifest
-                for d in descs:
+                for d in remove:
                     self._readers.pop(d.file_name, None)
-        for d in descs:
+        for d in remove:
             self.store.delete(d.file_name)
         return freed
 
