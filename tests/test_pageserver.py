@@ -7,7 +7,10 @@ earlier LSN captured while the primary was quiet.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -34,7 +37,7 @@ from pgformat.constants import BLCKSZ
 from pgformat.fsm import fsm_nodes, fsm_slots
 from pgformat.xlogrecord import decode_record
 from services.pageserver.keys import rel_page_key
-from services.pageserver.repository import DEFAULT_TENANT, Repository
+from services.pageserver.repository import DEFAULT_TENANT, Repository, RepositoryError
 from zctl.waldump import iter_file_records
 from zproto import common_pb2, pageserver_pb2
 
@@ -282,6 +285,17 @@ def test_a_crash_loses_only_the_open_layer_and_the_wal_resent_goes_on(ingested, 
     page, _ = repo.get_page(tl, rel_page_key(rel.spc_oid, rel.db_oid, rel.rel_number, 0, 0), later)
     assert masked_page(page, 10, 0) == masked_page(_raw_page(node, "pgbench_branches", 0), 10, 0)
     repo.close()
+
+
+def test_a_second_page_server_on_one_repository_is_refused(tmp_path: Path) -> None:
+    first = Repository(tmp_path / "repo")
+    with pytest.raises(RepositoryError, match=rf"in use by another page server \(pid {os.getpid()}\)"):
+        Repository(tmp_path / "repo")
+    proc = subprocess.run([sys.executable, "-m", "services.pageserver.main", "--repo", str(tmp_path / "repo"),
+                           "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "in use by another page server" in proc.stderr, proc.stderr[-2000:]
+    first.close()
+    Repository(tmp_path / "repo").close()  # the lock went with the first
 
 
 def test_getpages_stream_matches_unary_and_reports_item_errors(ingested) -> None:  # type: ignore[no-untyped-def]

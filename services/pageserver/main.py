@@ -15,7 +15,8 @@ from services.runtime import GrpcEndpoint, ShutdownSignal, configure_logging
 from zproto import pageserver_pb2_grpc
 
 from .imager import DEFAULT_INTERVAL, DEFAULT_MIN_WAL, ImageLayerMaker
-from .repository import DEFAULT_CHECKPOINT_TIMEOUT, DEFAULT_TENANT, LocalRedo, PageRedo, Repository
+from .repository import DEFAULT_CHECKPOINT_TIMEOUT, DEFAULT_TENANT, LocalRedo, PageRedo, Repository, RepositoryError
+from .storage.errors import StorageError
 from .storage.timeline_layers import DEFAULT_CHECKPOINT_DISTANCE
 from .service import PageServerServicer
 
@@ -146,10 +147,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     shutdown = ShutdownSignal()
-    server = PageServer(args.repo, args.listen, args.redo, lsn_wait_timeout=args.lsn_wait_timeout,
-                        image_layer_interval=args.image_layer_interval,
-                        image_layer_min_wal=args.image_layer_min_wal,
-                        checkpoint_distance=args.checkpoint_distance, checkpoint_timeout=args.checkpoint_timeout)
+    try:
+        server = PageServer(args.repo, args.listen, args.redo, lsn_wait_timeout=args.lsn_wait_timeout,
+                            image_layer_interval=args.image_layer_interval,
+                            image_layer_min_wal=args.image_layer_min_wal,
+                            checkpoint_distance=args.checkpoint_distance, checkpoint_timeout=args.checkpoint_timeout)
+    except (RepositoryError, StorageError) as e:  # a repository this server cannot open: say why, no traceback
+        log.error("cannot open the repository: %s", e)
+        return 1
     server.start()
     print(f"page server listening on {server.address}", flush=True)
     serve_and_announce(server.metrics, args.listen, args.metrics_listen)

@@ -30,7 +30,9 @@ above the cutoff (or at a child's branch point) needs: maintenance.py.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import shutil
 import sqlite3
 import threading
@@ -83,6 +85,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TENANT: Final = "00000000000000000000000000000000"
 MAX_LSN: Final = (1 << 63) - 1  # SQLite integers are signed 64-bit; no real LSN gets near
 ZERO_PAGE: Final = bytes(BLCKSZ)
+LOCK_FILE: Final = "LOCK"
 # An open layer older than this is frozen and flushed even when small (Neon: checkpoint_timeout).
 DEFAULT_CHECKPOINT_TIMEOUT: Final = 10.0
 
@@ -263,6 +266,7 @@ class Repository:
         self._timelines: dict[int, Timeline] = {}
         self._by_name: dict[tuple[str, str], int] = {}
         self._gc_lock = threading.Lock()  # one GC or image layer at a time
+        self._lock_fd = _lock_repository(self.path)
         with self._conn() as conn:
             _refuse_old_format(conn, self.db_path)
             conn.executescript(_SCHEMA)
@@ -334,6 +338,9 @@ class Repository:
         if conn is not None:
             conn.close()
             self._local.conn = None
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = -1
 
     # -- tenants and timelines ---------------------------------------------------
 
@@ -981,6 +988,23 @@ def _page_versions(found: list[tuple[int, Value]]) -> PageVersions:
         else:  # a page key never holds a file or a deletion
             raise RepositoryError(f"a page version at {format_lsn(lsn)} is a {value.describe()}")
     return PageVersions(base, base_lsn, records, bool(found))
+
+
+def _lock_repository(path: Path) -> int:
+    """An exclusive lock on the repository for as long as the returned descriptor is open (the
+    kernel drops it when the process dies, kill -9 included): two page servers writing one
+    repository's manifests would lose each other's layers."""
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RepositoryError(f"repository {path} is in use by another page server (pid {holder}); stop it "
+                              f"first, or give this one its own --repo") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
 
 
 def _refuse_old_format(conn: sqlite3.Connection, db_path: Path) -> None:
