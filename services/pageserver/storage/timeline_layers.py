@@ -67,7 +67,7 @@ class TimelineLayers:
         self.last_lsn = manifest.disk_consistent_lsn  # newest LSN put here
         self._open: OpenLayer | None = None
         self._frozen: list[OpenLayer] = []  # oldest first
-        self._readers: dict[str, DeltaLayerReader | ImageLayerReader] = {}
+        self._readers: dict[LayerDesc, DeltaLayerReader | ImageLayerReader] = {}
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
 
@@ -156,14 +156,14 @@ class TimelineLayers:
     # -- reads --------------------------------------------------------------------------------
 
     def _reader(self, desc: LayerDesc) -> DeltaLayerReader | ImageLayerReader:
-        reader = self._readers.get(desc.file_name)
+        reader = self._readers.get(desc)
         if reader is None:
             cls = DeltaLayerReader if desc.is_delta else ImageLayerReader
             try:
                 opened = cls.open(self.store, desc.file_name)
             except FileNotFoundError:
                 raise LayerRetired(f"layer {desc.file_name} was removed") from None
-            reader = self._readers.setdefault(desc.file_name, opened)
+            reader = self._readers.setdefault(desc, opened)
         return reader
 
     def versions(self, key: bytes, lsn: int) -> tuple[list[tuple[int, Value]], bool]:
@@ -300,7 +300,7 @@ class TimelineLayers:
                 self.map.update(add=add, remove=remove)
                 self._manifest = manifest
                 for d in remove:
-                    self._readers.pop(d.file_name, None)
+                    self._readers.pop(d, None)
         for d in remove:
             self.store.delete(d.file_name)
         return freed
