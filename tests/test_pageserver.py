@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from pgformat.constants import BLCKSZ
 from pgformat.fsm import fsm_nodes, fsm_slots
 from pgformat.xlogrecord import decode_record
 from services.pageserver.keys import rel_page_key
-from services.pageserver.repository import DEFAULT_TENANT, Repository, RepositoryError
+from services.pageserver.repository import DEFAULT_TENANT, WRITER_PRIMARY, Repository, RepositoryError
 from zctl.waldump import iter_file_records
 from zproto import common_pb2, pageserver_pb2
 
@@ -296,6 +297,28 @@ def test_a_second_page_server_on_one_repository_is_refused(tmp_path: Path) -> No
     assert proc.returncode != 0 and "in use by another page server" in proc.stderr, proc.stderr[-2000:]
     first.close()
     Repository(tmp_path / "repo").close()  # the lock went with the first
+
+
+def test_an_import_does_not_hold_up_other_timelines(tmp_path: Path) -> None:
+    """Each timeline has its own ingest lock: while one imports, another ingests and changes writer."""
+    repo = Repository(tmp_path / "repo")
+    repo.ensure_tenant()
+    importing = repo.create_timeline(DEFAULT_TENANT, "a" * 32)
+    other = repo.create_timeline(DEFAULT_TENANT, "b" * 32, start_lsn=0x1000000)
+    done = threading.Event()
+
+    def meanwhile() -> None:
+        repo.ingest(other, [])
+        repo.claim_timeline(other, WRITER_PRIMARY, "primary")
+        done.set()
+
+    with repo.import_transaction(importing, 0x2000000, 0, 1, 15):
+        worker = threading.Thread(target=meanwhile)
+        worker.start()
+        assert done.wait(10), "ingest of another timeline waited for the import"
+    worker.join()
+    assert other.writer_epoch == 1 and importing.last_record_lsn == 0x2000000
+    repo.close()
 
 
 def test_getpages_stream_matches_unary_and_reports_item_errors(ingested) -> None:  # type: ignore[no-untyped-def]

@@ -235,6 +235,8 @@ class Timeline:
     writer_name: str = ""
     writer_epoch: int = 0
     layers: TimelineLayers = field(default=None, repr=False)  # type: ignore[assignment]
+    # Held by ingest, imports and writer changes of this timeline.
+    ingest_lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     # Ingest-side cache of relation sizes at last_record_lsn (None: dropped / unknown).
     rel_size_cache: dict[RelTag, int | None] = field(default_factory=dict, repr=False)
     lsn_changed: threading.Condition = field(default_factory=threading.Condition, repr=False)
@@ -542,10 +544,11 @@ class Repository:
         open layer: durable once a flush has written them out
         (disk_consistent_lsn).
         """
-        # The write lock spans the check and the in-memory LSN update, so a second Ingest
-        # stream (a walreceiver reconnecting) never reads a stale position; claims take it
-        # too, so no batch of a fenced writer lands after the claim.
-        with self._write_lock:
+        # The timeline's ingest lock spans the check and the in-memory LSN update, so a second
+        # Ingest stream (a walreceiver reconnecting) never reads a stale position; claims take
+        # it too, so no batch of a fenced writer lands after the claim. Other timelines ingest
+        # meanwhile.
+        with tl.ingest_lock:
             self.check_writer(tl, writer_epoch)
             # The whole batch must continue the stored WAL before any of it is stored.
             new: list[DecodedRecord] = []
@@ -591,7 +594,7 @@ class Repository:
         """Make (kind, name) the timeline's only writer with a new epoch; the previous epoch is fenced."""
         if kind == WRITER_NONE or kind not in WRITER_KINDS or not name:
             raise InvalidRequestError("a writer needs a kind (primary or compute) and a name")
-        with self._write_lock:
+        with tl.ingest_lock:
             held = tl.writer_kind != WRITER_NONE
             if held and (tl.writer_kind, tl.writer_name) != (kind, name) and not takeover:
                 raise ConflictError(
@@ -603,7 +606,7 @@ class Repository:
 
     def release_timeline(self, tl: Timeline, epoch: int = 0) -> Timeline:
         """No writer from now on (the epoch goes up); ConflictError if `epoch` is given and stale."""
-        with self._write_lock:
+        with tl.ingest_lock:
             if epoch and epoch != tl.writer_epoch:
                 raise ConflictError(f"cannot release writer epoch {epoch}: timeline {tl.timeline} is written by "
                                     f"{describe_writer(tl)}")
@@ -691,7 +694,7 @@ class Repository:
         """Load a base image at `lsn` into an empty root timeline: all of it, or (on error) none."""
         if tl.ancestor_id is not None or tl.last_record_lsn != tl.start_lsn or tl.layers.last_lsn > tl.start_lsn:
             raise InvalidRequestError(f"timeline {tl.timeline} is not an empty root timeline")
-        with self._write_lock:
+        with tl.ingest_lock:  # ingest of other timelines goes on
             try:
                 writer = ImportWriter(self, tl, lsn)
                 yield writer
