@@ -64,8 +64,9 @@ class PageServer:
             redo = RemoteRedo(redo_address)
         else:
             redo = LocalRedo()
+        # A predecessor killed a moment ago may still be exiting: its lock goes with it.
         self.repo = Repository(repo_dir, redo=redo, checkpoint_distance=checkpoint_distance,
-                               checkpoint_timeout=checkpoint_timeout)
+                               checkpoint_timeout=checkpoint_timeout, lock_wait=5.0)
         self.repo.ensure_tenant(DEFAULT_TENANT)
         # Off unless asked for (the command line asks by default): tests drive layers themselves.
         self.image_layers = (ImageLayerMaker(self.repo, image_layer_interval, image_layer_min_wal)

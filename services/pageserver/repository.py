@@ -256,7 +256,7 @@ class Repository:
 
     def __init__(self, path: Path, redo: PageRedo | None = None, *,
                  checkpoint_distance: int = DEFAULT_CHECKPOINT_DISTANCE,
-                 checkpoint_timeout: float = DEFAULT_CHECKPOINT_TIMEOUT) -> None:
+                 checkpoint_timeout: float = DEFAULT_CHECKPOINT_TIMEOUT, lock_wait: float = 0.0) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.db_path = self.path / "repository.sqlite"
@@ -268,7 +268,7 @@ class Repository:
         self._timelines: dict[int, Timeline] = {}
         self._by_name: dict[tuple[str, str], int] = {}
         self._gc_lock = threading.Lock()  # one GC or image layer at a time
-        self._lock_fd = _lock_repository(self.path)
+        self._lock_fd = _lock_repository(self.path, lock_wait)
         with self._conn() as conn:
             _refuse_old_format(conn, self.db_path)
             conn.executescript(_SCHEMA)
@@ -993,18 +993,25 @@ def _page_versions(found: list[tuple[int, Value]]) -> PageVersions:
     return PageVersions(base, base_lsn, records, bool(found))
 
 
-def _lock_repository(path: Path) -> int:
+def _lock_repository(path: Path, wait: float) -> int:
     """An exclusive lock on the repository for as long as the returned descriptor is open (the
     kernel drops it when the process dies, kill -9 included): two page servers writing one
-    repository's manifests would lose each other's layers."""
+    repository's manifests would lose each other's layers. Waits up to `wait` seconds for a
+    predecessor that is still exiting."""
     fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise RepositoryError(f"repository {path} is in use by another page server (pid {holder}); stop it "
-                              f"first, or give this one its own --repo") from None
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RepositoryError(f"repository {path} is in use by another page server (pid {holder}); stop it "
+                                  f"first, or give this one its own --repo") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd
