@@ -12,6 +12,7 @@ from pgformat.bufmask import mask_for_rmgr
 from pgformat.lsn import parse_lsn
 from pgformat.rmgr import RM_BTREE_ID, RM_HEAP_ID
 from services.pageserver.main import PageServer
+from services.pageserver.storage.compaction import COMPACT_L0_AT
 from services.pageserver.repository import DEFAULT_TENANT
 from zctl.importer import ImportSummary, import_requests, scan_backup
 from zctl.postgres import PostgresNode, make_pg_owned_dir, run_as_pg_user
@@ -115,8 +116,9 @@ def current_lsn(node: PostgresNode) -> int:
 
 
 class RunningPageServer:
-    def __init__(self, repo_dir: Path, redo_address: str | None = None) -> None:
-        self.server = PageServer(repo_dir, "127.0.0.1:0", redo_address, lsn_wait_timeout=5.0)
+    def __init__(self, repo_dir: Path, redo_address: str | None = None, *, compaction: bool = True) -> None:
+        self.server = PageServer(repo_dir, "127.0.0.1:0", redo_address, lsn_wait_timeout=5.0,
+                                 compaction_threshold=COMPACT_L0_AT if compaction else 0)
         self.server.start()
         self.channel = grpc.insecure_channel(self.server.address, options=[
             ("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)])

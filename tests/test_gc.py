@@ -9,6 +9,9 @@ test_pageserver.py and test_basebackup.py. Below the cutoff, every read and
 branching fails with OUT_OF_RANGE. The timeline's manifest and layer files
 show that GC removed layers; a page server killed with SIGKILL in the middle
 of GC comes back with the same answers and a second GC finishes the job.
+Background compaction is off here: it would merge the delta layers GC
+removes a few at a time (tests/test_storage_timeline_layers.py covers GC
+after compaction).
 """
 
 from __future__ import annotations
@@ -106,7 +109,9 @@ def history(pg_session_factory: PgFactory, pg_base_dir: Path, tmp_path_factory: 
     node.execute("CREATE TABLE kv (k int PRIMARY KEY, v text);"
                  " INSERT INTO kv SELECT g, repeat('v', g % 200) FROM generate_series(1, 3000) g")
     node.pgbench("-c", "2", "-t", "150", "-n")
+    node.sql("CHECKPOINT")  # a base backup of the child scans the WAL from here: little of it is kept
     branch_lsn = current_lsn(node)
+    node.pgbench("-c", "2", "-t", "150", "-n")  # history between the branch point and the next checkpoint
     node.execute("UPDATE kv SET v = v || 'x' WHERE k % 3 = 0")
     node.execute("CREATE TABLE doomed AS SELECT g, md5(g::text) AS h FROM generate_series(1, 5000) g")
     doomed = rel_key(node, "doomed")
@@ -124,11 +129,11 @@ def history(pg_session_factory: PgFactory, pg_base_dir: Path, tmp_path_factory: 
     end = current_lsn(node)
     rels = {name: rel_key(node, name) for name in RELATIONS}
     db_oid = node.sql("SELECT oid FROM pg_database WHERE datname = 'postgres'")[0][0]
-    ps = RunningPageServer(tmp / "repo")
+    ps = RunningPageServer(tmp / "repo", compaction=False)
     try:
         summary = import_backup(ps.stub, backup, MAIN)
         assert summary.start_lsn < branch_lsn
-        push_wal(ps.stub, node.waldir, MAIN, summary.start_lsn, end, flush_every=3)  # many delta layers
+        push_wal(ps.stub, node.waldir, MAIN, summary.start_lsn, end, flush_every=1)  # many delta layers
     finally:
         ps.close()
     return History(tmp / "repo", rels, doomed, db_oid, branch_lsn, cutoff, mid, end)
@@ -274,7 +279,7 @@ class Collected:
 def collected(history: History, tmp_path_factory: pytest.TempPathFactory) -> Collected:
     """A copy of the history with a child branched below the cutoff, then GC of main at the cutoff."""
     repo = _copy(history, tmp_path_factory.mktemp("collected") / "repo")
-    ps = RunningPageServer(repo)
+    ps = RunningPageServer(repo, compaction=False)
     try:
         ps.stub.CreateTimeline(pageserver_pb2.CreateTimelineRequest(
             tenant=TENANT, new_timeline=_tl(CHILD), ancestor_timeline=_tl(MAIN), ancestor_lsn=history.branch_lsn,
@@ -311,7 +316,7 @@ def test_gc_removes_history_and_reports_it(history: History, collected: Collecte
 
 
 def test_reads_at_and_above_the_cutoff_are_unchanged(history: History, collected: Collected) -> None:
-    ps = RunningPageServer(collected.repo)  # also a restart: the cutoff and the images are on disk
+    ps = RunningPageServer(collected.repo, compaction=False)  # also a restart: the cutoff and the images are on disk
     try:
         info = ps.stub.GetTimeline(pageserver_pb2.GetTimelineRequest(tenant=TENANT, timeline=_tl(MAIN)))
         assert info.gc_cutoff_lsn == history.cutoff
@@ -333,7 +338,7 @@ def test_reads_at_and_above_the_cutoff_are_unchanged(history: History, collected
 
 
 def test_reads_and_branches_below_the_cutoff_are_out_of_range(history: History, collected: Collected) -> None:
-    ps = RunningPageServer(collected.repo)
+    ps = RunningPageServer(collected.repo, compaction=False)
     try:
         below = history.branch_lsn + 8  # above the child's branch point, below the cutoff
         tl = _tl(MAIN)
@@ -376,7 +381,7 @@ def test_reads_and_branches_below_the_cutoff_are_out_of_range(history: History, 
 
 
 def test_gc_again_changes_nothing(history: History, collected: Collected) -> None:
-    ps = RunningPageServer(collected.repo)
+    ps = RunningPageServer(collected.repo, compaction=False)
     try:
         layers = _layers(collected.repo, MAIN)
         for horizon in (history.cutoff, history.branch_lsn):  # the cutoff never moves back
@@ -394,7 +399,7 @@ def test_gc_again_changes_nothing(history: History, collected: Collected) -> Non
 def test_zctl_gc_and_branches(history: History, collected: Collected, tmp_path: Path) -> None:
     """`zctl gc`, `zctl branch list --json` and a branch below the cutoff, against a running page server."""
     repo = _copy(history, tmp_path / "repo")
-    ps = RunningPageServer(repo)
+    ps = RunningPageServer(repo, compaction=False)
     try:
         cli = tmp_path / "cli"
         cli.mkdir()
@@ -426,7 +431,7 @@ def test_page_server_killed_during_gc_comes_back_whole(history: History, tmp_pat
     GC finishes the job."""
     repo = _copy(history, tmp_path / "repo")
     rels = ("kv", "pgbench_branches", "pgbench_accounts")
-    ps = RunningPageServer(repo)
+    ps = RunningPageServer(repo, compaction=False)
     try:
         before = _snapshot(ps.stub, history, MAIN, [history.cutoff, None], rels)
     finally:
@@ -461,7 +466,7 @@ def test_page_server_killed_during_gc_comes_back_whole(history: History, tmp_pat
             proc.wait()
 
     assert _layers(repo, MAIN) == layers_before  # the manifest never named the half-written layer
-    ps = RunningPageServer(repo)
+    ps = RunningPageServer(repo, compaction=False)
     try:
         assert not _writing_a_layer(tl_dir)  # its file went at the restart
         info = ps.stub.GetTimeline(pageserver_pb2.GetTimelineRequest(tenant=TENANT, timeline=_tl(MAIN)))
@@ -479,7 +484,7 @@ def test_page_server_killed_during_gc_comes_back_whole(history: History, tmp_pat
 def _spawn_pageserver(repo: Path) -> tuple[subprocess.Popen[str], pageserver_pb2_grpc.PageServerStub, grpc.Channel]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "services.pageserver.main", "--repo", str(repo),
-                             "--listen", f"127.0.0.1:{port}", "--log-level", "warning"],
+                             "--listen", f"127.0.0.1:{port}", "--log-level", "warning", "--compaction-threshold", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     grpc.channel_ready_future(channel).result(timeout=30)

@@ -17,6 +17,7 @@ from zproto import pageserver_pb2_grpc
 from .imager import DEFAULT_INTERVAL, DEFAULT_MIN_WAL, ImageLayerMaker
 from .repository import DEFAULT_CHECKPOINT_TIMEOUT, DEFAULT_TENANT, LocalRedo, PageRedo, Repository, RepositoryError
 from .storage.errors import StorageError
+from .storage.compaction import COMPACT_L0_AT
 from .storage.timeline_layers import DEFAULT_CHECKPOINT_DISTANCE
 from .service import PageServerServicer
 
@@ -56,7 +57,8 @@ class PageServer:
                  threads: int = 16, lsn_wait_timeout: float = 30.0, image_layer_interval: float = 0.0,
                  image_layer_min_wal: int = DEFAULT_MIN_WAL,
                  checkpoint_distance: int = DEFAULT_CHECKPOINT_DISTANCE,
-                 checkpoint_timeout: float = DEFAULT_CHECKPOINT_TIMEOUT) -> None:
+                 checkpoint_timeout: float = DEFAULT_CHECKPOINT_TIMEOUT,
+                 compaction_threshold: int = COMPACT_L0_AT) -> None:
         redo: PageRedo
         if redo_address:
             from .redo_client import RemoteRedo
@@ -66,7 +68,8 @@ class PageServer:
             redo = LocalRedo()
         # A predecessor killed a moment ago may still be exiting: its lock goes with it.
         self.repo = Repository(repo_dir, redo=redo, checkpoint_distance=checkpoint_distance,
-                               checkpoint_timeout=checkpoint_timeout, lock_wait=5.0)
+                               checkpoint_timeout=checkpoint_timeout, compaction_threshold=compaction_threshold,
+                               lock_wait=5.0)
         self.repo.ensure_tenant(DEFAULT_TENANT)
         # Off unless asked for (the command line asks by default): tests drive layers themselves.
         self.image_layers = (ImageLayerMaker(self.repo, image_layer_interval, image_layer_min_wal)
@@ -139,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-timeout", type=float, default=DEFAULT_CHECKPOINT_TIMEOUT,
                    help="seconds after which an open layer is written out however small (the WAL "
                         "walreceivers keep for this page server covers about this much)")
+    p.add_argument("--compaction-threshold", type=int, default=COMPACT_L0_AT,
+                   help="L0 delta layers of a timeline that make a compaction into L1 layers due (0: never)")
     add_metrics_argument(p)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
@@ -152,7 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         server = PageServer(args.repo, args.listen, args.redo, lsn_wait_timeout=args.lsn_wait_timeout,
                             image_layer_interval=args.image_layer_interval,
                             image_layer_min_wal=args.image_layer_min_wal,
-                            checkpoint_distance=args.checkpoint_distance, checkpoint_timeout=args.checkpoint_timeout)
+                            checkpoint_distance=args.checkpoint_distance, checkpoint_timeout=args.checkpoint_timeout,
+                            compaction_threshold=args.compaction_threshold)
     except (RepositoryError, StorageError) as e:  # a repository this server cannot open: say why, no traceback
         log.error("cannot open the repository: %s", e)
         return 1

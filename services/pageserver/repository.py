@@ -70,7 +70,7 @@ from .keys import (
     relmap_key,
 )
 from .page_chunks import CHUNK_PAGES, PageChunk
-from .storage.compaction import compact_l0
+from .storage.compaction import COMPACT_L0_AT, compact_l0
 from .storage.layer_desc import LayerDesc
 from .storage.manifest import load_manifest
 from .storage.store import DiskLayerStore
@@ -256,13 +256,17 @@ class Repository:
 
     def __init__(self, path: Path, redo: PageRedo | None = None, *,
                  checkpoint_distance: int = DEFAULT_CHECKPOINT_DISTANCE,
-                 checkpoint_timeout: float = DEFAULT_CHECKPOINT_TIMEOUT, lock_wait: float = 0.0) -> None:
+                 checkpoint_timeout: float = DEFAULT_CHECKPOINT_TIMEOUT, compaction_threshold: int = COMPACT_L0_AT,
+                 lock_wait: float = 0.0) -> None:
+        """`compaction_threshold`: L0 layers that make a compaction due at the periodic checkpoint
+        (0: never compact)."""
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.db_path = self.path / "repository.sqlite"
         self.redo: PageRedo = redo if redo is not None else LocalRedo()
         self.checkpoint_distance = checkpoint_distance
         self.checkpoint_timeout = checkpoint_timeout
+        self.compaction_threshold = compaction_threshold
         self._local = threading.local()
         self._write_lock = threading.RLock()
         self._timelines: dict[int, Timeline] = {}
@@ -326,8 +330,10 @@ class Repository:
         moved = False
         for tl in list(self._timelines.values()):
             moved = tl.layers.checkpoint(self.checkpoint_timeout) or moved
+            if not self.compaction_threshold:
+                continue
             started = time.monotonic()
-            done = compact_l0(tl.layers)
+            done = compact_l0(tl.layers, at=self.compaction_threshold)
             if done is not None:
                 log.info("compacted %d L0 layers (%d bytes) of %s into %d L1 layers in %.2fs", len(done.merged),
                          done.bytes_merged, _describe(tl), len(done.written), time.monotonic() - started)
