@@ -3,6 +3,7 @@ crashes (everything above disk_consistent_lsn lost, orphans removed) and reopens
 
 from __future__ import annotations
 
+import itertools
 import threading
 from pathlib import Path
 
@@ -226,7 +227,7 @@ def test_compaction_merges_l0_layers_into_l1_and_reads_stay_the_same(tmp_path: P
     # Edge to edge over the key space, one LSN range; the L0 files are gone.
     spans = sorted((d.key_start, d.key_end) for d in descs)
     assert spans[0][0] == KEY_MIN and spans[-1][1] == KEY_MAX
-    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
     assert not any(store.exists(d.file_name) for d in done.merged)
     for at in (START + 8, START + 800, lsn):
         for blk in range(31):
