@@ -86,6 +86,10 @@ def test_reads_match_the_model_through_flushes_and_crashes(tmp_path_factory: pyt
                 blk = data.draw(st.integers(0, 10))
                 at = data.draw(st.integers(START, lsn + 8))
                 assert tl.versions(key(blk), at) == _model(model, key(blk), at)
+            # Many keys at once (a base backup's chunk): what one key at a time answers.
+            at = data.draw(st.integers(START, lsn + 8))
+            chunk = [key(b) for b in range(data.draw(st.integers(0, 5)), data.draw(st.integers(5, 11)))]
+            assert tl.versions_many(chunk, at) == [_model(model, k, at) for k in chunk]
             # Range reads: the keys with versions up to an LSN (a superset is allowed, never fewer)
             # and every version of a key in an LSN window, oldest first.
             at = data.draw(st.integers(START, lsn + 8))
@@ -179,6 +183,8 @@ def test_image_layers_end_reads_and_gc_drops_what_they_hide(tmp_path: Path) -> N
     assert tl.has_image_at(START + 16) and not tl.has_image_at(START + 8)
     assert tl.versions(key(1), START + 20) == ([(START + 16, Value.image(b"b" * 8192))], True)
     assert tl.versions(key(2), START + 20) == ([], True)  # absent from the image: no older read
+    assert tl.versions_many([key(0), key(1), key(2)], START + 20) == [
+        tl.versions(key(b), START + 20) for b in range(3)]
     assert tl.versions(key(1), START + 8) == ([(START + 8, Value.image(b"a" * 8192))], True)
     # Everything below the image is hidden from reads at or above it: GC may drop it.
     assert tl.gc_candidates(START + 16, []) == first
@@ -232,6 +238,7 @@ def test_compaction_merges_l0_layers_into_l1_and_reads_stay_the_same(tmp_path: P
     for at in (START + 8, START + 800, lsn):
         for blk in range(31):
             assert tl.versions(key(blk), at) == _model(model, key(blk), at), (blk, at)
+        assert tl.versions_many([key(b) for b in range(31)], at) == [_model(model, key(b), at) for b in range(31)]
     # A later generation of L0 layers and an image layer above the compacted range: GC may then
     # drop the L1 layers whole.
     for i in range(20):

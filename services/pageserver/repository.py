@@ -781,6 +781,22 @@ class Repository:
                 break
         return out
 
+    def versions_many(self, lineage: Sequence[tuple[Timeline, int]], keys: list[bytes]) -> list[list[tuple[int, Value]]]:
+        """`versions` of each of `keys` (sorted, close together), each layer read once for them all."""
+        out: list[list[tuple[int, Value]]] = [[] for _ in keys]
+        todo = list(range(len(keys)))
+        for t, upto in lineage:
+            if not todo:
+                break
+            found = t.layers.versions_many([keys[i] for i in todo], upto)
+            left = []
+            for i, (versions, done) in zip(todo, found):
+                out[i] += versions
+                if not done:
+                    left.append(i)
+            todo = left
+        return out
+
     def _value(self, tl: Timeline, key: bytes, lsn: int) -> bytes | None:
         """A whole-value key (file, size) as of `lsn`: its bytes, None if absent or deleted."""
         found = self.versions(self._lineage(tl, lsn), key)
@@ -904,9 +920,9 @@ class Repository:
             pages: list[bytes] = [ZERO_PAGE] * n
             jobs: list[RedoJob] = []
             where: list[int] = []
-            for i in range(n):
-                key = rel.page_key(first + i)
-                pv = _page_versions(self.versions(view.lineage, key))
+            keys = [rel.page_key(first + i) for i in range(n)]
+            for i, (key, found) in enumerate(zip(keys, self.versions_many(view.lineage, keys))):
+                pv = _page_versions(found)
                 if pv.records:
                     jobs.append((key, pv.base, pv.records))
                     where.append(i)

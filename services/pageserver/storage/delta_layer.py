@@ -82,6 +82,18 @@ class DeltaLayerReader(LayerFileReader):
                 out.append((int.from_bytes(ek[KEY_SIZE:], "big"), self._decode(blk.value(j), ek)))
         return out
 
+    def encoded_in(self, start: bytes, end: bytes, floor: int, ceil: int) -> dict[bytes, list[tuple[int, bytes]]]:
+        """key -> [(LSN, encoded value)] oldest first, of the keys in [start, end) with LSN in
+        [floor, ceil]: one pass over the blocks of a key range (a base backup's chunk of pages)."""
+        out: dict[bytes, list[tuple[int, bytes]]] = {}
+        for key, lsn, raw in self.iter_encoded((start, end)):
+            if floor <= lsn <= ceil:
+                out.setdefault(key, []).append((lsn, raw))
+        return out
+
+    def decode(self, raw: bytes, key: bytes) -> Value:
+        return self._decode(raw, key)
+
     def _blocks_from(self, start: bytes | None) -> Iterator[tuple[Block, int]]:
         """Blocks in order from the one holding entry key `start`, each with the position to start at."""
         f = self._file

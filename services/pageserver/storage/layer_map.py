@@ -206,6 +206,11 @@ class LayerMap:
             cont = d.lsn_start - 1
         return steps
 
+    def same_layers(self, first: bytes, last: bytes) -> bool:
+        """Whether reads of every key in [first, last] visit the same layers (one elementary interval)."""
+        bounds = self._idx().bounds
+        return bisect.bisect_right(bounds, first) == bisect.bisect_right(bounds, last)
+
     # --- what compaction and GC ask ---
 
     def l0_deltas(self) -> list[LayerDesc]:

@@ -202,6 +202,67 @@ class TimelineLayers:
                 return out, True
         return out, False
 
+    def versions_many(self, keys: list[bytes], lsn: int) -> list[tuple[list[tuple[int, Value]], bool]]:
+        """`versions` of each of `keys` (sorted, close together: a chunk of a relation's pages),
+        each layer file read once for all of them where they share their layers."""
+        while True:
+            try:
+                return self._versions_many(keys, lsn)
+            except LayerRetired:
+                continue
+
+    def _versions_many(self, keys: list[bytes], lsn: int) -> list[tuple[list[tuple[int, Value]], bool]]:
+        if not keys:
+            return []
+        with self._lock:
+            in_memory = ([self._open] if self._open is not None else []) + self._frozen[::-1]
+            shared = self.map.same_layers(keys[0], keys[-1])
+            steps = self.map.search(keys[0], lsn) if shared else []
+        if not shared:
+            return [self._versions(key, lsn) for key in keys]
+        results: list[tuple[list[tuple[int, Value]], bool]] = []
+        for key in keys:
+            out: list[tuple[int, Value]] = []
+            done = False
+            for layer in in_memory:
+                if layer.start_lsn <= lsn:
+                    found, done = layer.versions(key, lsn)
+                    out += found
+                    if done:
+                        break
+            results.append((out, done))
+        todo = [i for i, (_, done) in enumerate(results) if not done]
+        start, end = keys[0], keys[-1] + b"\x00"
+        for step in steps:
+            if not todo:
+                break
+            reader = self._reader(step.layer)
+            if isinstance(reader, ImageLayerReader):
+                values = dict(reader.iter_entries((start, end)))
+                for i in todo:
+                    value = values.get(keys[i])
+                    if value is not None:
+                        results[i][0].append((step.layer.image_lsn, value))
+                    results[i] = (results[i][0], True)  # the image ends every read (see _versions)
+                todo = []
+                break
+            by_key = reader.encoded_in(start, end, step.lsn_floor, step.lsn_ceil)
+            left = []
+            for i in todo:
+                out, complete = results[i][0], False
+                for vlsn, raw in reversed(by_key.get(keys[i], ())):
+                    value = reader.decode(raw, keys[i])
+                    out.append((vlsn, value))
+                    if value.complete:
+                        complete = True
+                        break
+                if complete:
+                    results[i] = (out, True)
+                else:
+                    left.append(i)
+            todo = left
+        return results
+
     def _sources(self) -> tuple[list[OpenLayer], list[LayerDesc]]:
         """The in-memory layers (oldest first) and the layer files, as one consistent snapshot."""
         with self._lock:
