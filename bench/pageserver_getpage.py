@@ -84,7 +84,7 @@ def main() -> None:
         db_mb = node.sql("SELECT pg_database_size('postgres')")[0][0] / 1e6
         port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "services.pageserver.main", "--repo", str(work / "repo"),
-                                 "--listen", f"127.0.0.1:{port}", "--log-level", "warning"])
+                                 "--listen", f"127.0.0.1:{port}", "--log-level", "warning", "--insecure"])
         try:
             while not health_check(f"127.0.0.1:{port}", "zenith.v1.PageServer"):
                 time.sleep(0.1)

@@ -46,12 +46,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from polling import wait_for  # noqa: E402
-from zctl_util import make_repo, zctl  # noqa: E402
+from zctl_util import make_repo, service_channel, zctl  # noqa: E402
 
 from pgformat.lsn import format_lsn, parse_lsn  # noqa: E402
 from zctl.postgres import PostgresNode, free_port, make_pg_owned_dir, run_as_pg_user  # noqa: E402
@@ -155,9 +154,8 @@ def main() -> int:
         zctl(repo, "attach", "--primary", primary.connstr(), "--branch", "main")
         status = json.loads(zctl(repo, "status", "--json").stdout)
         timeline = status["attachments"][0]["timeline"]
-        config = json.loads((repo / "config.json").read_text())
-        ps = pageserver_pb2_grpc.PageServerStub(grpc.insecure_channel(f"127.0.0.1:{config['ports']['pageserver']}"))
-        wr = walreceiver_pb2_grpc.WalReceiverStub(grpc.insecure_channel(f"127.0.0.1:{config['ports']['walreceiver']}"))
+        ps = pageserver_pb2_grpc.PageServerStub(service_channel(repo, "pageserver"))
+        wr = walreceiver_pb2_grpc.WalReceiverStub(service_channel(repo, "walreceiver"))
         target = flush_lsn(primary)
         wait_for(lambda: pageserver_lsn(ps, timeline) >= target, 300, "the page server to catch up after attach")
 

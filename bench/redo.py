@@ -206,7 +206,8 @@ def chain_requests(chains: list[tuple[BufferTag, list[RawRecord]]]) -> list[redo
 def start_service(workers: int) -> tuple[subprocess.Popen[str], str]:
     script = Path(sys.executable).parent / "zenith-redo"
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "services.redo.main"]
-    proc = subprocess.Popen([*cmd, "--listen", "127.0.0.1:0", "--workers", str(workers), "--log-level", "warning"],
+    proc = subprocess.Popen([*cmd, "--listen", "127.0.0.1:0", "--workers", str(workers), "--log-level", "warning",
+                             "--insecure"],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()

@@ -26,15 +26,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from pageserver_ingest import flush_lsn, log, pageserver_lsn  # noqa: E402
 from polling import wait_for  # noqa: E402
-from zctl_util import make_repo, zctl  # noqa: E402
+from zctl_util import make_repo, service_channel, zctl  # noqa: E402
 
 from zctl.postgres import PostgresNode, free_port, make_pg_owned_dir  # noqa: E402
+from zctl.supervisor import LocalCluster  # noqa: E402
 from zproto import common_pb2, pageserver_pb2, pageserver_pb2_grpc  # noqa: E402
 
 TENANT = common_pb2.TenantId(id="0" * 32)
@@ -90,8 +90,8 @@ def build(workdir: Path, scale: int, load: str = "wal") -> BenchRepo:
         raise ValueError(f"load must be one of {LOADS}, got {load!r}")
     make_pg_owned_dir(workdir)
     repo = make_repo(workdir / "repo")
-    config = json.loads((repo / "config.json").read_text())
-    stub = pageserver_pb2_grpc.PageServerStub(grpc.insecure_channel(f"127.0.0.1:{config['ports']['pageserver']}"))
+    LocalCluster(repo).security.ensure()  # the keys zctl init would make, so the channel has its token now
+    stub = pageserver_pb2_grpc.PageServerStub(service_channel(repo, "pageserver"))
     if load == "wal":
         log(f"zctl init ({repo})")
         zctl(repo, "init", "--pg-port", str(free_port()))

@@ -44,12 +44,14 @@ def configure_logging(level: str) -> None:
 
 
 class GrpcEndpoint:
-    """A gRPC server on `listen` (port 0: any free port) with health for `service_names`; not started."""
+    """A gRPC server on `listen` (port 0: any free port) with health for `service_names`; not started.
+    `interceptors` run outermost first; `credentials` (TLS) make the port TLS-only."""
 
     def __init__(self, listen: str, service_names: Sequence[str], register: Callable[[grpc.Server], None], *,
                  threads: int = 16, thread_name: str = "grpc",
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_connection_age: float = 0.0,
-                 interceptors: Sequence[grpc.ServerInterceptor] = ()) -> None:
+                 interceptors: Sequence[grpc.ServerInterceptor] = (),
+                 credentials: grpc.ServerCredentials | None = None) -> None:
         options: list[tuple[str, int]] = [("grpc.max_receive_message_length", max_message_bytes),
                                           ("grpc.max_send_message_length", max_message_bytes)]
         if max_connection_age > 0:
@@ -65,7 +67,9 @@ class GrpcEndpoint:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.names = ("", *service_names)
         self.set_serving(False)
-        self.port = self.server.add_insecure_port(listen)
+        # With credentials the port speaks TLS only: a plaintext client fails its handshake.
+        self.port = (self.server.add_secure_port(listen, credentials) if credentials is not None
+                     else self.server.add_insecure_port(listen))
         if self.port == 0:
             raise OSError(f"could not listen on {listen}")
         self.host = listen.rsplit(":", 1)[0]

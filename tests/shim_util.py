@@ -61,7 +61,7 @@ class PageServerProcess:
 
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "services.pageserver.main", "--repo", str(repo_dir), "--listen", "127.0.0.1:0",
-             "--lsn-wait-timeout", str(lsn_wait_timeout), "--log-level", "warning"],
+             "--lsn-wait-timeout", str(lsn_wait_timeout), "--log-level", "warning", "--insecure"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()

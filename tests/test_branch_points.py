@@ -20,8 +20,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 from test_computes import Cluster, cluster  # noqa: F401  (the fixture)
+from zctl_util import service_channel
 
 from pgformat.lsn import format_lsn, parse_lsn
 from zctl.postgres import free_port, pg_bindir
@@ -88,8 +88,7 @@ class Branches:
     """Branches made through the page server's gRPC API (thousands: zctl's start-up would dominate)."""
 
     def __init__(self, c: Cluster) -> None:
-        port = json.loads((c.repo / "config.json").read_text())["ports"]["pageserver"]
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.channel = service_channel(c.repo, "pageserver")
         self.stub = pageserver_pb2_grpc.PageServerStub(self.channel)
 
     def timeline(self, name: str) -> pageserver_pb2.TimelineInfo:

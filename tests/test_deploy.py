@@ -80,7 +80,8 @@ def test_every_command_is_a_real_entry_point_with_real_flags(compose: dict[str, 
 
 def test_addresses_ports_volumes_and_dependencies_agree(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    listening = {name: _listen_port(s) for name, s in services.items() if name != "bootstrap"}
+    one_shot = ("bootstrap", "keys")
+    listening = {name: _listen_port(s) for name, s in services.items() if name not in one_shot}
     for name, service in services.items():
         text = " ".join(service["command"])
         for host, port in re.findall(r"(?:dns:///)?([a-z][\w-]*):(\d+)", text):
@@ -103,6 +104,36 @@ def test_addresses_ports_volumes_and_dependencies_agree(compose: dict[str, Any])
     assert services["compute"].get("init") is True
     grace = re.fullmatch(r"(\d+)s", services["compute"].get("stop_grace_period", "10s"))
     assert grace and int(grace.group(1)) >= 40
+
+
+def test_every_service_checks_tokens_over_tls_and_every_caller_presents_one(compose: dict[str, Any],
+                                                                             tmp_path: Path) -> None:
+    """Security on in containers too: the gRPC services check tokens against the `keys` volume's public
+    key and serve TLS; whatever dials a service presents the token of its role and trusts the CA; the
+    files named are the ones `zctl keys` makes (run here), for the names the services are dialed by."""
+    services = compose["services"]
+    roles = {"pageserver": "redo.jwt", "walreceiver": "ingest.jwt", "shim": "shim.jwt", "bootstrap": "admin.jwt",
+             "compute": "admin.jwt"}
+    keys_cmd = services["keys"]["command"]
+    hosts = [keys_cmd[i + 1] for i, a in enumerate(keys_cmd) if a == "--host"]
+    assert keys_cmd[:3] == ["zctl", "keys", "/keys"]
+    zctl(tmp_path / "unused", "keys", str(tmp_path / "keys"), *keys_cmd[3:])
+    made = {str(p.relative_to(tmp_path)).replace("keys/", "/keys/", 1) for p in (tmp_path / "keys").rglob("*")}
+    assert oct((tmp_path / "keys" / "signing_key.pem").stat().st_mode & 0o777) == "0o600"
+    for name, service in services.items():
+        cmd = service["command"]
+        assert "--insecure" not in cmd, name
+        if cmd[0] in ("zenith-redo", "zenith-pageserver", "zenith-walreceiver"):
+            assert {"--auth-public-key", "--tls-cert", "--tls-key"} <= set(cmd), name
+            assert name in hosts, f"{name} is dialed by its service name, which its certificate must carry"
+        if name in roles:
+            assert cmd[cmd.index("--token-file") + 1] == f"/keys/tokens/{roles[name]}", name
+            assert "--tls-ca" in cmd, name
+        for path in [a for a in cmd if a.startswith("/keys/")]:
+            assert path in made, f"{name} reads {path}, which `zctl keys` does not make"
+            assert "keys:/keys:ro" in service.get("volumes", []), f"{name} reads /keys without mounting it"
+    # The services wait for the keys: redo directly, the others through redo and the page server.
+    assert services["redo"]["depends_on"]["keys"]["condition"] == "service_completed_successfully"
 
 
 def test_dockerfile_copies_what_exists_and_installs_postgres() -> None:
@@ -139,7 +170,10 @@ def test_pg_run_foreground_compute_and_bootstrap(tmp_path: Path, pg_base_dir: Pa
     zctl(repo, "start")
     try:
         ports = json.loads((repo / "config.json").read_text())["ports"]
-        remote = ["--pageserver", f"127.0.0.1:{ports['pageserver']}", "--walreceiver", f"127.0.0.1:{ports['walreceiver']}"]
+        # As compose's containers do: the services' addresses, the admin token and CA from a shared volume.
+        remote = ["--pageserver", f"127.0.0.1:{ports['pageserver']}", "--walreceiver", f"127.0.0.1:{ports['walreceiver']}",
+                  "--token-file", str(repo / "security" / "tokens" / "admin.jwt"),
+                  "--tls-ca", str(repo / "security" / "tls" / "ca.pem")]
         assert zctl(repo, "health", f"127.0.0.1:{ports['pageserver']}", "--service", "zenith.v1.PageServer").returncode == 0
         assert zctl(repo, "health", f"127.0.0.1:{free_port()}", check=False).returncode == 1
         boot = compute_repo.parent / "boot"
@@ -227,7 +261,7 @@ def test_redo_recycles_connections_so_clients_re_resolve() -> None:
     from zproto import redo_pb2
 
     proc = subprocess.Popen([sys.executable, "-m", "services.redo.main", "--listen", "127.0.0.1:0", "--workers", "1",
-                             "--max-connection-age", "1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                             "--max-connection-age", "1", "--insecure"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()

@@ -484,7 +484,8 @@ def test_page_server_killed_during_gc_comes_back_whole(history: History, tmp_pat
 def _spawn_pageserver(repo: Path) -> tuple[subprocess.Popen[str], pageserver_pb2_grpc.PageServerStub, grpc.Channel]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "services.pageserver.main", "--repo", str(repo),
-                             "--listen", f"127.0.0.1:{port}", "--log-level", "warning", "--compaction-threshold", "0"],
+                             "--listen", f"127.0.0.1:{port}", "--log-level", "warning", "--compaction-threshold", "0",
+                             "--insecure"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     grpc.channel_ready_future(channel).result(timeout=30)

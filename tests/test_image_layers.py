@@ -203,7 +203,8 @@ def test_backups_through_a_layer_match_backups_without(history: History, pair: t
 
 def test_layer_made_through_the_redo_service(history: History, tmp_path: Path) -> None:
     """The pages only WAL holds are redone in batches over ApplyRecordsStream; same archive."""
-    proc = subprocess.Popen([sys.executable, "-m", "services.redo.main", "--listen", "127.0.0.1:0", "--workers", "2"],
+    proc = subprocess.Popen([sys.executable, "-m", "services.redo.main", "--listen", "127.0.0.1:0", "--workers", "2",
+                             "--insecure"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert proc.stdout is not None

@@ -15,7 +15,7 @@ from conftest import PgFactory
 from polling import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from test_zctl_cluster import repo  # noqa: F401  (the fixture)
-from zctl_util import zctl
+from zctl_util import service_channel, zctl
 
 from zproto import common_pb2, pageserver_pb2, pageserver_pb2_grpc
 
@@ -57,7 +57,7 @@ def test_every_service_serves_metrics_that_move(repo: Path, pg_factory: PgFactor
 
     # gRPC calls by method and code, failures included.
     config = json.loads((repo / "config.json").read_text())
-    stub = pageserver_pb2_grpc.PageServerStub(grpc.insecure_channel(f"127.0.0.1:{config['ports']['pageserver']}"))
+    stub = pageserver_pb2_grpc.PageServerStub(service_channel(repo, "pageserver"))
     with pytest.raises(grpc.RpcError):
         stub.GetTimeline(pageserver_pb2.GetTimelineRequest(tenant=common_pb2.TenantId(id="0" * 32),
                                                            timeline=common_pb2.TimelineId(id="9" * 32)))

@@ -219,7 +219,7 @@ def children_of(pid: int) -> set[int]:
 
 def redo_command() -> list[str]:
     script = Path(sys.executable).parent / "zenith-redo"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "services.redo.main"]
+    return [*([str(script)] if script.exists() else [sys.executable, "-m", "services.redo.main"]), "--insecure"]
 
 
 def start_service(tmp: Path, *args: str) -> Service:

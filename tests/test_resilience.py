@@ -50,7 +50,7 @@ import pytest
 from conftest import PgFactory
 from pageserver_util import masked_page, rel_key, user_relations
 from polling import wait_for
-from zctl_util import make_repo, zctl
+from zctl_util import make_repo, service_channel, zctl
 
 from pgformat.lsn import parse_lsn
 from pgformat.rmgr import RM_XLOG_ID, XLOG_OVERWRITE_CONTRECORD
@@ -117,10 +117,8 @@ def wait_caught_up(repo: Path, node: PostgresNode, timeout: float = 120) -> int:
 
 
 def pageserver_stub(repo: Path) -> pageserver_pb2_grpc.PageServerStub:
-    config = json.loads((repo / "config.json").read_text())
-    channel = grpc.insecure_channel(f"{config['host']}:{config['ports']['pageserver']}",
-                                    options=[("grpc.max_receive_message_length", 64 << 20)])
-    return pageserver_pb2_grpc.PageServerStub(channel)
+    return pageserver_pb2_grpc.PageServerStub(service_channel(repo, "pageserver",
+                                                              [("grpc.max_receive_message_length", 64 << 20)]))
 
 
 def make_sync(node: PostgresNode, timeline: str) -> None:
@@ -522,7 +520,7 @@ def test_walreceiver_refuses_to_start_on_a_damaged_state_file(tmp_path: Path) ->
     path = tmp_path / "attachments.json"
     path.write_text("{not json")
     proc = subprocess.run([sys.executable, "-m", "services.walreceiver.main", "--listen", "127.0.0.1:0",
-                           "--data-dir", str(tmp_path), "--state-file", str(path)],
+                           "--data-dir", str(tmp_path), "--state-file", str(path), "--insecure"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert "not valid JSON" in proc.stderr and str(path) in proc.stderr

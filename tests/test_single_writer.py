@@ -29,7 +29,7 @@ import psycopg
 import pytest
 from conftest import PgFactory
 from polling import wait_for
-from zctl_util import make_repo, zctl
+from zctl_util import make_repo, service_channel, zctl
 
 from pgformat.bufmask import heap_mask
 from pgformat.constants import maxalign
@@ -37,6 +37,7 @@ from pgformat.lsn import format_lsn, parse_lsn
 from pgformat.xlogreader import RawRecord, next_record_starts
 from zctl.computes import Computes
 from zctl.postgres import PostgresNode, free_port
+from zctl.supervisor import LocalCluster
 from zctl.waldump import iter_file_records
 from services.pageserver.inspect import durable_records
 from zproto import (
@@ -143,8 +144,11 @@ class Attached:
         tenant, tl = self.ids(timeline)
         req = pageserver_pb2.IngestRequest(tenant=tenant, timeline=tl, batch_seq=1, records=list(records),
                                            writer_epoch=epoch)
+        # With the walreceiver's token (scope ingest): an admin's does not carry WAL.
+        ingest = LocalCluster(self.repo).client_security("ingest").channel(
+            LocalCluster(self.repo).load_config().address("pageserver"))
         try:
-            acks = list(self.ps.Ingest(iter([req]), timeout=30))
+            acks = list(pageserver_pb2_grpc.PageServerStub(ingest).Ingest(iter([req]), timeout=30))
         except grpc.RpcError as e:
             return e
         assert len(acks) == 1
@@ -221,10 +225,9 @@ def cluster(pg_base_dir: Path, pg_session_factory: PgFactory) -> Iterator[Cluste
             primary = pg_session_factory("single-writer-primary", autovacuum="off")
             primary.execute("CREATE EXTENSION pageinspect")
             started.result()
-        ports = json.loads((repo / "config.json").read_text())["ports"]
         yield Cluster(repo, primary,
-                      pageserver_pb2_grpc.PageServerStub(grpc.insecure_channel(f"127.0.0.1:{ports['pageserver']}")),
-                      walreceiver_pb2_grpc.WalReceiverStub(grpc.insecure_channel(f"127.0.0.1:{ports['walreceiver']}")))
+                      pageserver_pb2_grpc.PageServerStub(service_channel(repo, "pageserver")),
+                      walreceiver_pb2_grpc.WalReceiverStub(service_channel(repo, "walreceiver")))
     finally:
         zctl(repo, "stop", check=False)
 

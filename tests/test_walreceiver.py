@@ -588,7 +588,7 @@ def test_service_binary_health_and_sigterm(tmp_path: Path) -> None:
     if not exe.exists():
         pytest.skip("zenith-walreceiver is not installed (pip install -e .)")
     with subprocess.Popen([exe, "--listen", "127.0.0.1:0", "--pageserver", "127.0.0.1:1", "--data-dir",
-                           str(tmp_path / "wr")],
+                           str(tmp_path / "wr"), "--insecure"],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         try:
             assert proc.stdout is not None

@@ -64,7 +64,45 @@ def test_attach_follow_and_read_pages(repo: Path, pg_factory: PgFactory) -> None
     bad = zctl(repo, "getpage", "--branch", "main", "--rel", "1663/5", "--blk", "0", "-o", str(page_file), check=False)
     assert bad.returncode == 1 and "SPC/DB/RELFILENODE" in bad.stderr
 
+    check_security_commands(repo, status)
+
     pids = [s["pid"] for s in status["services"]]
     zctl(repo, "stop")
     assert not any(pid_alive(p) for p in pids)
     assert all(not s["running"] for s in json.loads(zctl(repo, "status", "--json").stdout)["services"])
+
+
+def check_security_commands(repo: Path, status: dict[str, object]) -> None:
+    """Security on by default: keys and tokens made by zctl (secrets 0600), tenants and tokens through
+    zctl, and a tenant's token kept to its tenant by the services."""
+    from zauth.tokens import TokenVerifier
+
+    assert status["security"] == {"auth": True, "tls": True, "summary": status["security"]["summary"]}  # type: ignore[index]
+    sec = repo / "security"
+    for secret in ("signing_key.pem", "tokens/admin.jwt", "tokens/ingest.jwt", "tokens/redo.jwt", "tls/server.key"):
+        assert (sec / secret).stat().st_mode & 0o077 == 0, secret
+    assert "security: tokens required" in zctl(repo, "status").stdout
+    for log in (repo / "logs").glob("*.log"):  # no service was handed a token on its command line or logged one
+        assert (sec / "tokens" / "admin.jwt").read_text().strip() not in log.read_text()
+
+    tenant = zctl(repo, "tenant", "create").stdout.strip()
+    assert len(tenant) == 32
+    listed = zctl(repo, "tenant", "list").stdout
+    assert tenant in listed and "0" * 32 + "  (default)" in listed
+    token = zctl(repo, "token", "--tenant", tenant, "--ttl", "1h").stdout.strip()
+    claims = TokenVerifier((sec / "public_key.pem").read_bytes()).verify(token)
+    assert claims.scopes == {f"tenant:{tenant}"} and claims.expires is not None
+    assert zctl(repo, "token", "--scope", "nonsense", check=False).returncode == 1
+
+    # That token reads its own tenant (no branches yet) and nothing else.
+    token_file = repo / "tenant.jwt"
+    token_file.write_text(token)
+    as_tenant = ("--token-file", str(token_file))
+    refused = zctl(repo, *as_tenant, "branch", "list", check=False)
+    assert refused.returncode == 1 and "permission denied" in refused.stderr, refused.stderr
+    refused = zctl(repo, *as_tenant, "tenant", "list", check=False)
+    assert refused.returncode == 1 and "permission denied" in refused.stderr
+    bogus = repo / "bogus.jwt"
+    bogus.write_text(token[:-4] + "AAAA")
+    refused = zctl(repo, "--token-file", str(bogus), "branch", "list", check=False)
+    assert refused.returncode == 1 and "authentication failed" in refused.stderr

@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
+
 from zctl.postgres import free_port
+from zctl.supervisor import LocalCluster
 
 
 def make_repo(path: Path) -> Path:
@@ -28,3 +31,8 @@ def zctl(repo: Path, *args: str, check: bool = True, timeout: float = 300) -> su
     if check and proc.returncode != 0:
         raise AssertionError(f"zctl {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def service_channel(repo: Path, service: str, options: list[tuple[str, int]] | None = None) -> grpc.Channel:
+    """A channel to one of the repository's services as zctl opens it: its admin token, over TLS."""
+    return LocalCluster(repo).channel(service, options)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -24,6 +25,8 @@ from pgformat.constants import FORK_NAMES
 from pgformat.lsn import format_lsn, parse_lsn
 from zproto import common_pb2, pageserver_pb2, pageserver_pb2_grpc, walreceiver_pb2, walreceiver_pb2_grpc
 
+from services.auth import ClientSecurity
+
 from .postgres import pg_bindir
 from .supervisor import LocalCluster, SupervisorError
 
@@ -37,21 +40,37 @@ class CommandError(RuntimeError):
 
 def _cluster(args: argparse.Namespace) -> LocalCluster:
     remote = {"pageserver": getattr(args, "pageserver", None), "walreceiver": getattr(args, "walreceiver", None)}
-    return LocalCluster(Path(args.repo), remote)
+    return LocalCluster(Path(args.repo), remote, _given_security(args))
+
+
+def _given_security(args: argparse.Namespace) -> ClientSecurity | None:
+    """--token-file / $ZENITH_TOKEN and --tls-ca, for services elsewhere; None: the repository's own."""
+    token_file, ca = getattr(args, "token_file", None), getattr(args, "tls_ca", None)
+    token = os.environ.get("ZENITH_TOKEN") or None
+    if token_file is None and ca is None and token is None:
+        return None
+    try:
+        if token_file is not None:
+            token = Path(token_file).read_text().strip()
+        return ClientSecurity(token, Path(ca).read_bytes() if ca is not None else None)
+    except OSError as e:
+        raise CommandError(f"cannot read {e.filename}: {e.strerror}") from None
 
 
 def _pageserver(cluster: LocalCluster) -> pageserver_pb2_grpc.PageServerStub:
-    address = cluster.load_config().address("pageserver")
-    return pageserver_pb2_grpc.PageServerStub(grpc.insecure_channel(address, options=_GRPC_OPTIONS))
+    return pageserver_pb2_grpc.PageServerStub(cluster.channel("pageserver", _GRPC_OPTIONS))
 
 
 def _walreceiver(cluster: LocalCluster) -> walreceiver_pb2_grpc.WalReceiverStub:
-    return walreceiver_pb2_grpc.WalReceiverStub(grpc.insecure_channel(cluster.load_config().address("walreceiver")))
+    return walreceiver_pb2_grpc.WalReceiverStub(cluster.channel("walreceiver"))
 
 
 def _rpc_error(e: grpc.RpcError, what: str) -> CommandError:
     if e.code() == grpc.StatusCode.UNAVAILABLE:
         return CommandError(f"{what}: the service is not reachable; is it running? (`zctl start`)")
+    if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+        return CommandError(f"{what}: {e.details()} (zctl presents the repository's security/tokens/admin.jwt, "
+                            "or --token-file / $ZENITH_TOKEN)")
     return CommandError(f"{what}: {e.details()}")
 
 
@@ -121,8 +140,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             ]
         except grpc.RpcError:
             pass
+    config = cluster.load_config()
+    security = {"auth": config.auth, "tls": config.tls, "summary": cluster.security_summary()}
     if args.json:
-        print(json.dumps({"services": [vars(s) for s in statuses], "attachments": attachments}, indent=2))
+        print(json.dumps({"services": [vars(s) for s in statuses], "attachments": attachments,
+                          "security": security}, indent=2))
         return 0
     table = Table(title=f"zenith services ({cluster.repo})")
     for col in ("service", "address", "pid", "state", "log"):
@@ -132,6 +154,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         table.add_row(s.name, s.address, str(s.pid or "-"), state, s.log)
     console = Console()
     console.print(table)
+    console.print(("[red]" if not config.auth else "") + "security: " + security["summary"]
+                  + ("[/red]" if not config.auth else ""), highlight=False)
     for a in attachments:
         failing = a["state"] in ("ATTACHMENT_STATE_FAILED", "ATTACHMENT_STATE_FAILING")
         state = a["state"].removeprefix("ATTACHMENT_STATE_").lower()

@@ -302,9 +302,10 @@ def _wait_for(cluster: Any, services: list[str], timeout: float) -> None:
     from .supervisor import HEALTH_NAMES, health_check
 
     config = cluster.load_config()
+    ca = cluster.client_security().tls_ca
     deadline = time.monotonic() + timeout
     for name in services:
-        while not health_check(config.address(name), HEALTH_NAMES[name]):
+        while not health_check(config.address(name), HEALTH_NAMES[name], ca=ca):
             if time.monotonic() > deadline:
                 raise CommandError(f"{name} at {config.address(name)} is not serving after {timeout:g}s")
             time.sleep(0.5)
@@ -338,7 +339,8 @@ def cmd_health(args: argparse.Namespace) -> int:
     """Exit 0 if the gRPC service at ADDRESS reports SERVING (for container health checks)."""
     from .supervisor import health_check
 
-    if health_check(args.address, args.service, timeout=args.timeout):
+    ca = _cluster(args).client_security().tls_ca  # --tls-ca, else the repository's CA when TLS is on
+    if health_check(args.address, args.service, timeout=args.timeout, ca=ca):
         return 0
     print(f"zctl: {args.address} ({args.service or 'server'}) is not serving", file=sys.stderr)
     return 1
@@ -355,6 +357,10 @@ def cmd_init(args: argparse.Namespace) -> int:
         raise CommandError(f"Postgres runs as the '{PG_OS_USER}' OS user, which cannot enter {blocked}; "
                            f"choose a --repo it can reach (e.g. under /tmp or /srv) or `chmod o+x {blocked}`")
     config = cluster.load_config()
+    config.auth = config.tls = not args.insecure
+    if args.insecure:
+        console.print("[red]--insecure: the services accept calls without a token and without TLS "
+                      "(development only)[/red]")
     if args.base_port:
         config.ports = {"redo": args.base_port, "pageserver": args.base_port + 1, "walreceiver": args.base_port + 2,
                         "shim": args.base_port + 3}
@@ -382,6 +388,8 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("init", help="create a repository: initdb, branch main, services and compute main")
     p.add_argument("--base-port", type=int, default=None, help="ports for redo, page server, walreceiver, libpq shim (N .. N+3)")
     p.add_argument("--pg-port", type=int, default=None, help="port of compute main")
+    p.add_argument("--insecure", action="store_true",
+                   help="no tokens, no TLS (development only; `zctl status` says so)")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("bootstrap", help="create the first branch on a page server running elsewhere "

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from pgformat.errors import FormatError
 
-from . import cluster_cmds, compute_cmds, waldump
+from . import cluster_cmds, compute_cmds, security_cmds, waldump
 from .postgres import PostgresError
 
 
@@ -64,9 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a page server running elsewhere (default: $ZENITH_PAGESERVER, else the repository's own)")
     p.add_argument("--walreceiver", default=os.environ.get("ZENITH_WALRECEIVER"), metavar="HOST:PORT",
                    help="a walreceiver running elsewhere (default: $ZENITH_WALRECEIVER, else the repository's own)")
+    p.add_argument("--token-file", default=None, metavar="PATH",
+                   help="token to present to the services (default: $ZENITH_TOKEN, else the repository's admin token)")
+    p.add_argument("--tls-ca", default=None, metavar="PEM",
+                   help="call the services over TLS trusting this CA (default: the repository's, when TLS is on)")
     sub = p.add_subparsers(dest="command", required=True)
     cluster_cmds.add_commands(sub)
     compute_cmds.add_commands(sub)
+    security_cmds.add_commands(sub)
 
     wal = sub.add_parser("wal", help="inspect WAL").add_subparsers(dest="wal_command", required=True)
     d = wal.add_parser("dump", help="print the records of WAL segment files or pg_wal directories")

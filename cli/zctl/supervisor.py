@@ -8,6 +8,7 @@ Layout of a repository directory:
                          services: redo pool, page server, walreceiver (gRPC) and the
                          libpq shim (Postgres wire protocol, default port 6400)
     pageserver/          the page server's data
+    security/            keys, tokens and TLS certificates (see security.py); absent with --insecure
     logs/<service>.log
     pids/<service>.pid
 """
@@ -26,7 +27,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.auth import ClientSecurity
+
 from .postgres import pid_alive
+from .security import SecurityDir
 
 SERVICE_ORDER = ("redo", "pageserver", "walreceiver", "shim")
 DEFAULT_PORTS = {"shim": 6400, "redo": 6401, "pageserver": 6402, "walreceiver": 6403}
@@ -42,6 +46,10 @@ class ClusterConfig:
     host: str = "127.0.0.1"
     ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
     redo_workers: int = max(1, os.cpu_count() or 1)
+    # Tokens on every call (and the keys in security/); False only with `zctl init --insecure`.
+    auth: bool = True
+    # TLS on every gRPC port (the certificate in security/tls).
+    tls: bool = True
 
     # Services that run elsewhere (containers, other hosts): service -> host:port. Not saved.
     remote: dict[str, str] = field(default_factory=dict)
@@ -67,10 +75,27 @@ class ServiceStatus:
 
 
 class LocalCluster:
-    def __init__(self, repo: Path, remote: dict[str, str] | None = None) -> None:
+    def __init__(self, repo: Path, remote: dict[str, str] | None = None, client: ClientSecurity | None = None) -> None:
+        """`client`: the token and CA to call the services with (default: the repository's admin token)."""
         self.repo = repo
         self.config_path = repo / "config.json"
         self.remote = {k: v for k, v in (remote or {}).items() if v}
+        self.security = SecurityDir(repo / "security")
+        self._client = client
+
+    def client_security(self, name: str = "admin") -> ClientSecurity:
+        """What a call to the services presents: the token and CA given (`client`), each else the
+        repository's (token `name`; none when the repository is insecure or has no keys, as a compose
+        bootstrap's has not)."""
+        given = self._client or ClientSecurity()
+        config = self.load_config()
+        own = self.security.exists()
+        token = given.token or (self.security.token(name) if own and config.auth else None)
+        ca = given.tls_ca or (self.security.ca.read_bytes() if own and config.tls else None)
+        return ClientSecurity(token, ca)
+
+    def channel(self, service: str, options: list[tuple[str, int]] | None = None) -> grpc.Channel:
+        return self.client_security().channel(self.load_config().address(service), options or [])
 
     # -- configuration -------------------------------------------------------------
 
@@ -102,19 +127,35 @@ class LocalCluster:
         py = sys.executable
         if name == "redo":
             return [py, "-m", "services.redo.main", "--listen", config.address("redo"),
-                    "--workers", str(config.redo_workers)]
+                    "--workers", str(config.redo_workers), *self._security_argv(name, config, None)]
         if name == "pageserver":
             return [py, "-m", "services.pageserver.main", "--repo", str(self.repo / "pageserver"),
-                    "--listen", config.address("pageserver"), "--redo", config.address("redo")]
+                    "--listen", config.address("pageserver"), "--redo", config.address("redo"),
+                    *self._security_argv(name, config, "redo")]
         if name == "walreceiver":
             return [py, "-m", "services.walreceiver.main", "--listen", config.address("walreceiver"),
                     "--pageserver", config.address("pageserver"),
                     "--data-dir", str(self.repo / "walreceiver"),
-                    "--state-file", str(self.repo / "walreceiver" / "attachments.json")]
+                    "--state-file", str(self.repo / "walreceiver" / "attachments.json"),
+                    *self._security_argv(name, config, "ingest")]
         if name == "shim":
             return [py, "-m", "services.pgshim.main", "--listen", config.address("shim"),
-                    "--pageserver", config.address("pageserver")]
+                    "--pageserver", config.address("pageserver"), *self._security_argv(name, config, "shim")]
         raise ValueError(name)
+
+    def _security_argv(self, name: str, config: ClusterConfig, token: str | None) -> list[str]:
+        """How a service checks its callers and calls the next one (files only: no secret in argv)."""
+        sec = self.security
+        argv: list[str] = []
+        if name != "shim":
+            argv += ["--auth-public-key", str(sec.public_key)] if config.auth else ["--insecure"]
+            if config.tls:
+                argv += ["--tls-cert", str(sec.server_cert), "--tls-key", str(sec.server_key)]
+        if token is not None and config.auth:
+            argv += ["--token-file", str(sec.token_file(token))]
+        if token is not None and config.tls:
+            argv += ["--tls-ca", str(sec.ca)]
+        return argv
 
     # -- process control -------------------------------------------------------------
 
@@ -131,6 +172,8 @@ class LocalCluster:
             self.save_config(config)
         for d in ("logs", "pids", "pageserver"):
             (self.repo / d).mkdir(parents=True, exist_ok=True)
+        if config.auth or config.tls:
+            self.security.ensure([config.host])
         for name in SERVICE_ORDER:
             if self.pid(name) is None:
                 log = self._logfile(name).open("ab")
@@ -181,16 +224,25 @@ class LocalCluster:
                                      f"http://{config.metrics_address(name)}/metrics"))
         return out
 
-    @staticmethod
-    def _healthy(name: str, config: ClusterConfig) -> bool:
+    def _healthy(self, name: str, config: ClusterConfig) -> bool:
         if name == "shim":
             return wire_check(config.host, config.ports["shim"])
-        return health_check(config.address(name), HEALTH_NAMES[name])
+        return health_check(config.address(name), HEALTH_NAMES[name],
+                            ca=self.security.ca.read_bytes() if config.tls and self.security.ca.exists() else None)
+
+    def security_summary(self) -> str:
+        config = self.load_config()
+        if not config.auth:
+            return "INSECURE: no authentication (development only; `zctl init --insecure`)" + \
+                (", TLS on" if config.tls else ", no TLS")
+        return f"tokens required on every call ({self.security.public_key}), " + \
+            ("TLS on every gRPC port" if config.tls else "no TLS")
 
 
-def health_check(address: str, service: str, timeout: float = 1.0) -> bool:
+def health_check(address: str, service: str, timeout: float = 1.0, ca: bytes | None = None) -> bool:
+    """The standard health service (open without a token); over TLS trusting `ca` when given."""
     try:
-        with grpc.insecure_channel(address) as ch:
+        with ClientSecurity(None, ca).channel(address) as ch:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
     except grpc.RpcError:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
 from pathlib import Path
 
+from services.auth import (ClientSecurity, SecurityConfigError, ServerSecurity, add_security_arguments,
+                           client_security, server_security)
 from services.metrics import Metrics, add_metrics_argument, gauge, serve_and_announce
 from services.runtime import GrpcEndpoint, ShutdownSignal, configure_logging
 from zproto import pageserver_pb2_grpc
@@ -58,12 +61,16 @@ class PageServer:
                  image_layer_min_wal: int = DEFAULT_MIN_WAL,
                  checkpoint_distance: int = DEFAULT_CHECKPOINT_DISTANCE,
                  checkpoint_timeout: float = DEFAULT_CHECKPOINT_TIMEOUT,
-                 compaction_threshold: int = COMPACT_L0_AT) -> None:
+                 compaction_threshold: int = COMPACT_L0_AT, security: ServerSecurity | None = None,
+                 redo_security: ClientSecurity | None = None) -> None:
+        """`security`: how callers are checked (default: not at all, for tests in one process);
+        `redo_security`: the token and CA the redo service is called with."""
+        security = security or ServerSecurity()
         redo: PageRedo
         if redo_address:
             from .redo_client import RemoteRedo
 
-            redo = RemoteRedo(redo_address)
+            redo = RemoteRedo(redo_address, security=redo_security or ClientSecurity())
         else:
             redo = LocalRedo()
         # A predecessor killed a moment ago may still be exiting: its lock goes with it.
@@ -84,7 +91,8 @@ class PageServer:
         self.endpoint = GrpcEndpoint(
             listen, ["zenith.v1.PageServer"],
             lambda server: pageserver_pb2_grpc.add_PageServerServicer_to_server(self.servicer, server),
-            threads=threads, thread_name="pageserver-grpc", interceptors=[self.metrics.interceptor()])
+            threads=threads, thread_name="pageserver-grpc",
+            interceptors=[self.metrics.interceptor(), *security.interceptors()], credentials=security.credentials())
 
     def _timeline_gauges(self) -> list[Any]:
         tls = [t for tenant in self.repo.list_tenants() for t in self.repo.list_timelines(tenant)]
@@ -145,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compaction-threshold", type=int, default=COMPACT_L0_AT,
                    help="L0 delta layers of a timeline that make a compaction into L1 layers due (0: never)")
     add_metrics_argument(p)
+    add_security_arguments(p)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 
@@ -152,13 +161,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
+    try:
+        security, redo_security = server_security(args), client_security(args, dict(os.environ))
+    except SecurityConfigError as e:
+        print(f"zenith-pageserver: {e}", file=sys.stderr)
+        return 2
+    if security.verifier is None:
+        log.warning("--insecure: calls are not authenticated (development only)")
     shutdown = ShutdownSignal()
     try:
         server = PageServer(args.repo, args.listen, args.redo, lsn_wait_timeout=args.lsn_wait_timeout,
                             image_layer_interval=args.image_layer_interval,
                             image_layer_min_wal=args.image_layer_min_wal,
                             checkpoint_distance=args.checkpoint_distance, checkpoint_timeout=args.checkpoint_timeout,
-                            compaction_threshold=args.compaction_threshold)
+                            compaction_threshold=args.compaction_threshold, security=security,
+                            redo_security=redo_security)
     except (RepositoryError, StorageError) as e:  # a repository this server cannot open: say why, no traceback
         log.error("cannot open the repository: %s", e)
         return 1

@@ -7,6 +7,7 @@ from typing import Final
 
 import grpc
 
+from services.auth import ClientSecurity
 from pgformat.xlogrecord import DecodedRecord
 from pgredo.errors import RedoError
 from zproto import common_pb2, redo_pb2, redo_pb2_grpc
@@ -62,10 +63,10 @@ def _request(key: bytes, base: bytes | None, records: Sequence[DecodedRecord]) -
 class RemoteRedo:
     """PageRedo over gRPC to `services.redo`."""
 
-    def __init__(self, address: str, timeout: float = 60.0) -> None:
+    def __init__(self, address: str, timeout: float = 60.0, security: ClientSecurity | None = None) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=redo_channel_options())
+        self._channel = (security or ClientSecurity()).channel(address, options=redo_channel_options())
         self._stub = redo_pb2_grpc.RedoStub(self._channel)
 
     def redo(self, key: bytes, base: bytes | None, records: Sequence[DecodedRecord]) -> bytes:

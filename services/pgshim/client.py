@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 
+from services.auth import ClientSecurity
 from zproto import common_pb2, pageserver_pb2, pageserver_pb2_grpc
 
 from .errors import ShimError, from_rpc_error
@@ -35,10 +36,10 @@ class Target:
 class PageServerClient:
     """Async calls to one page server, with errors turned into ShimErrors."""
 
-    def __init__(self, address: str, rpc_timeout: float = 60.0) -> None:
+    def __init__(self, address: str, rpc_timeout: float = 60.0, security: ClientSecurity | None = None) -> None:
         self.address = address
         self.rpc_timeout = rpc_timeout
-        self.channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self.channel = (security or ClientSecurity()).aio_channel(address, options=_CHANNEL_OPTIONS)
         self.stub = pageserver_pb2_grpc.PageServerStub(self.channel)
 
     async def close(self) -> None:

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from services.auth import SecurityConfigError, add_security_arguments, client_security
 from services.metrics import Metrics, add_metrics_argument, gauge, serve_and_announce
 from services.runtime import configure_logging
 
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--startup-timeout", type=float, default=10.0,
                    help="seconds a client has to finish connecting and authenticating")
     add_metrics_argument(p)
+    add_security_arguments(p, server=False)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 
@@ -45,6 +47,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def config_from_args(args: argparse.Namespace) -> ShimConfig:
     host, _, port = args.listen.rpartition(":")
     password = os.environ.get("ZENITH_SHIM_PASSWORD") or None
+    try:
+        security = client_security(args, dict(os.environ))
+    except SecurityConfigError as e:
+        raise SystemExit(f"zenith-pgshim: {e}") from None
     if args.password_file is not None:
         lines = args.password_file.read_text().splitlines()
         if not lines or not lines[0]:
@@ -52,7 +58,8 @@ def config_from_args(args: argparse.Namespace) -> ShimConfig:
         password = lines[0]
     return ShimConfig(pageserver=args.pageserver, host=host or "127.0.0.1", port=int(port), password=password,
                       auth_method=args.auth_method, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                      max_connections=args.max_connections, startup_timeout=args.startup_timeout)
+                      max_connections=args.max_connections, startup_timeout=args.startup_timeout,
+                      pageserver_security=security)
 
 
 async def serve(config: ShimConfig, listen: str = "127.0.0.1:0", metrics_listen: str | None = None) -> None:

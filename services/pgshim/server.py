@@ -7,8 +7,10 @@ import itertools
 import logging
 import os
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from services.auth import ClientSecurity
 
 from .client import PageServerClient
 from .replication import WalSegments
@@ -31,6 +33,7 @@ class ShimConfig:
     max_connections: int = 100
     max_message_length: int = 1 << 20
     startup_timeout: float = 10.0
+    pageserver_security: ClientSecurity = field(default_factory=ClientSecurity)  # token and CA for the page server
 
 
 class ShimServer:
@@ -50,7 +53,7 @@ class ShimServer:
         self.client: PageServerClient
 
     async def start(self) -> None:
-        self.client = PageServerClient(self.config.pageserver)
+        self.client = PageServerClient(self.config.pageserver, security=self.config.pageserver_security)
         self._server = await asyncio.start_server(self._accept, self.config.host, self.config.port,
                                                   reuse_address=True)
         log.info("shim listening", extra={"address": self.address, "pageserver": self.config.pageserver})

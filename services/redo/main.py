@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from services.auth import SecurityConfigError, add_security_arguments, server_security
 from services.metrics import Metrics, add_metrics_argument, gauge, serve_and_announce
 from services.runtime import GrpcEndpoint, ShutdownSignal, configure_logging
 from .pool import PoolError, RedoPool
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "service name: how a page server finds redo replicas added later); 0: never")
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight RPCs get at shutdown")
     add_metrics_argument(p)
+    add_security_arguments(p, client=False)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--enable-test-hooks", action="store_true", help=argparse.SUPPRESS)
     return p
@@ -49,6 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level)
     if args.workers < 1:
         print("zenith-redo: --workers must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        security = server_security(args)
+    except SecurityConfigError as e:
+        print(f"zenith-redo: {e}", file=sys.stderr)
         return 2
     shutdown = ShutdownSignal()
 
@@ -66,12 +73,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         endpoint = GrpcEndpoint(args.listen, [SERVICE_NAME],
                                 lambda server: add_to_server(servicer, server),
                                 threads=args.grpc_threads, thread_name="redo-grpc", max_message_bytes=MAX_MESSAGE_BYTES,
-                                max_connection_age=args.max_connection_age, interceptors=[metrics.interceptor()])
+                                max_connection_age=args.max_connection_age,
+                                interceptors=[metrics.interceptor(), *security.interceptors()],
+                                credentials=security.credentials())
     except (OSError, RuntimeError) as e:
         log.error("cannot listen", extra={"listen": args.listen, "error": str(e)})
         pool.close()
         return 1
     endpoint.start()
+    if security.verifier is None:
+        log.warning("--insecure: calls are not authenticated (development only)")
     if args.enable_test_hooks:
         log.warning("test hooks enabled: requests can crash workers on purpose")
     log.info("serving", extra={"listen": endpoint.address, "workers": pool.size, "pids": pool.worker_pids()})

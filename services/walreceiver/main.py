@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from services.auth import (SecurityConfigError, ServerSecurity, add_security_arguments, client_security,
+                           server_security)
 from services.metrics import Metrics, add_metrics_argument, gauge, serve_and_announce
 from services.runtime import GrpcEndpoint, ShutdownSignal, configure_logging
 from zproto import walreceiver_pb2_grpc
@@ -44,14 +47,17 @@ class WalReceiverServer:
     """The servicer plus its gRPC server; start() binds and serves, stop() detaches everything."""
 
     def __init__(self, listen: str, pageserver: str, data_dir: Path, options: ReceiverOptions | None = None,
-                 threads: int = 16, state_file: Path | None = None) -> None:
+                 threads: int = 16, state_file: Path | None = None, security: ServerSecurity | None = None) -> None:
+        """`security`: how callers are checked (default: not at all); the page server is called with
+        `options.pageserver_security`."""
+        security = security or ServerSecurity()
         self.servicer = WalReceiverServicer(pageserver, data_dir, options, state_file)
         self.metrics = Metrics("walreceiver")
         self.metrics.add_collector(self._attachment_gauges)
         self.endpoint = GrpcEndpoint(
             listen, [SERVICE_NAME], lambda server: walreceiver_pb2_grpc.add_WalReceiverServicer_to_server(
                 self.servicer, server), threads=threads, thread_name="walreceiver-grpc",
-            interceptors=[self.metrics.interceptor()])
+            interceptors=[self.metrics.interceptor(), *security.interceptors()], credentials=security.credentials())
 
     def _attachment_gauges(self) -> list[Any]:
         statuses = self.servicer.statuses()
@@ -105,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-file", type=Path, default=None, metavar="PATH",
                    help="keep the attachments in this JSON file, so they survive a restart (default: in memory only)")
     add_metrics_argument(p)
+    add_security_arguments(p)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
 
@@ -118,9 +125,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.status_interval <= 0 or args.max_backoff <= 0:
         print("zenith-walreceiver: --status-interval and --max-backoff must be positive", file=sys.stderr)
         return 2
-    options = ReceiverOptions(status_interval=args.status_interval, backoff_max=args.max_backoff)
     try:
-        server = WalReceiverServer(args.listen, args.pageserver, args.data_dir, options, state_file=args.state_file)
+        security = server_security(args)
+        options = ReceiverOptions(status_interval=args.status_interval, backoff_max=args.max_backoff,
+                                  pageserver_security=client_security(args, dict(os.environ)))
+    except SecurityConfigError as e:
+        print(f"zenith-walreceiver: {e}", file=sys.stderr)
+        return 2
+    if security.verifier is None:
+        log.warning("--insecure: calls are not authenticated (development only)")
+    try:
+        server = WalReceiverServer(args.listen, args.pageserver, args.data_dir, options, state_file=args.state_file,
+                                   security=security)
     except (OSError, RuntimeError, StateFileError) as e:
         print(f"zenith-walreceiver: {e}", file=sys.stderr)
         return 1

@@ -35,7 +35,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -47,6 +47,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pgformat.errors import FormatError
 from pgformat.lsn import format_lsn
 from pgformat.xlogreader import WalStreamReader
+from services.auth import ClientSecurity
 from zproto import pageserver_pb2, pageserver_pb2_grpc
 
 from .errors import FatalError, PageServerError, ReplicationError, Stopped, WalReceiverError
@@ -105,6 +106,8 @@ class ReceiverOptions:
     # Sessions in a row ending with the same error and no progress before the attachment is
     # reported FAILING (and a warning goes to the primary's log).
     failing_after: int = 4
+    # The token (ingest scope) and CA the page server is called with.
+    pageserver_security: ClientSecurity = field(default_factory=ClientSecurity)
 
 
 class State(enum.Enum):
@@ -326,7 +329,7 @@ class WalReceiver:
             conn.close()
 
     def _channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(self.pageserver, options=[
+        return self.options.pageserver_security.channel(self.pageserver, options=[
             ("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20),
         ])
 

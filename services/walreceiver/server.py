@@ -271,7 +271,7 @@ class WalReceiverServicer(walreceiver_pb2_grpc.WalReceiverServicer):
         An unreachable page server is not an error here: the receiver retries,
         and Status shows why it waits.
         """
-        with grpc.insecure_channel(self.pageserver) as channel:
+        with self.options.pageserver_security.channel(self.pageserver) as channel:
             stub = pageserver_pb2_grpc.PageServerStub(channel)
             try:
                 info = stub.GetTimeline(pageserver_pb2.GetTimelineRequest(
