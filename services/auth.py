@@ -206,6 +206,73 @@ def _vet_each(original: Callable[[Any, Any], Any], check: Callable[[Any], str | 
     return vetted
 
 
+# -- the libpq shim's password file (written by zctl, read by the shim) --------------------------------
+
+ALL_TENANTS = "*"
+
+
+def format_password_line(user: str, scram_secret: str, tenants: Sequence[str] | None) -> str:
+    """`user SCRAM-SHA-256$... tenant[,tenant...]` (`*`: every tenant), as the shim reads it."""
+    return f"{user} {scram_secret} {ALL_TENANTS if tenants is None else ','.join(tenants)}\n"
+
+
+def parse_password_line(line: str) -> tuple[str, str, frozenset[str] | None] | None:
+    """(user, SCRAM secret, tenants or None for every tenant); None for blank and comment lines."""
+    text = line.strip()
+    if not text or text.startswith("#"):
+        return None
+    parts = text.split()
+    if len(parts) != 3:
+        raise ValueError("expected `user SCRAM-SHA-256$... tenant[,tenant...]` (or `*` for every tenant)")
+    user, secret, tenants = parts
+    return user, secret, None if tenants == ALL_TENANTS else frozenset(tenants.split(","))
+
+
+# -- what a primary's connection string may ask of the walreceiver's host ---------------------------------
+
+# libpq options a primary's conninfo may carry: where and how to connect. Not those that make libpq
+# read files of the host it runs on (passfile, service, sslcert, sslkey, sslrootcert, sslcrl, ...)
+# nor `options` (settings for the primary's session).
+PRIMARY_CONNINFO_OPTIONS = frozenset({
+    "host", "hostaddr", "port", "dbname", "user", "password", "connect_timeout", "application_name",
+    "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count", "tcp_user_timeout",
+    "sslmode", "sslsni", "ssl_min_protocol_version", "ssl_max_protocol_version", "channel_binding",
+    "require_auth", "gssencmode", "target_session_attrs", "replication",
+})
+
+
+def check_primary_conninfo(params: dict[str, str], allowed_hosts: Sequence[str] = ()) -> None:
+    """ValueError unless a parsed conninfo keeps to PRIMARY_CONNINFO_OPTIONS, names TCP hosts only (a
+    socket directory would reach the host's own servers as its OS user) and, with `allowed_hosts`
+    (names, addresses or networks like 10.0.0.0/8), only hosts in it. The message never repeats a value."""
+    import ipaddress
+
+    refused = sorted(set(params) - PRIMARY_CONNINFO_OPTIONS)
+    if refused:
+        raise ValueError(f"connection option(s) not allowed for a primary: {', '.join(refused)} (allowed: "
+                         f"{', '.join(sorted(PRIMARY_CONNINFO_OPTIONS))})")
+    hosts = [h.strip() for key in ("host", "hostaddr") for h in (params.get(key) or "").split(",") if h.strip()]
+    if not hosts:
+        raise ValueError("the connection string must name the primary's host (host=...)")
+    for host in hosts:
+        if host.startswith(("/", "@")):
+            raise ValueError("a primary is reached over TCP: host must not be a socket directory")
+        if allowed_hosts and not _host_allowed(host, allowed_hosts, ipaddress):
+            raise ValueError(f"host {host} is not among the walreceiver's allowed primary hosts")
+
+
+def _host_allowed(host: str, allowed: Sequence[str], ipaddress: Any) -> bool:
+    for entry in allowed:
+        if host == entry:
+            return True
+        try:
+            if ipaddress.ip_address(host) in ipaddress.ip_network(entry, strict=False):
+                return True
+        except ValueError:
+            continue
+    return False
+
+
 # -- configuration: what a server checks, what a client presents ------------------------------------
 
 
@@ -370,5 +437,6 @@ def client_security(args: argparse.Namespace, environ: dict[str, str] | None = N
     return ClientSecurity(token, _read(args.tls_ca, "CA certificate") if args.tls_ca else None)
 
 
-__all__ = ["POLICIES", "AuthInterceptor", "ClientSecurity", "Rule", "SecurityConfigError", "ServerSecurity",
-           "add_security_arguments", "bearer_token", "client_security", "server_security"]
+__all__ = ["ALL_TENANTS", "POLICIES", "AuthInterceptor", "ClientSecurity", "Rule", "SecurityConfigError", "ServerSecurity",
+           "add_security_arguments", "bearer_token", "check_primary_conninfo", "client_security", "format_password_line", "parse_password_line",
+           "server_security"]

@@ -17,6 +17,9 @@ class RunningShim:
     """`zenith-pgshim` on a free loopback port; close() stops it."""
 
     def __init__(self, pageserver: str, extra_args: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
+        """Trusting every client (--insecure) unless `extra_args` say how clients authenticate."""
+        if not {"--password-file", "--auth-public-key", "--insecure"} & set(extra_args):
+            extra_args = [*extra_args, "--insecure"]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "services.pgshim.main", "--listen", "127.0.0.1:0", "--pageserver", pageserver,
              *extra_args],

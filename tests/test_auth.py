@@ -292,3 +292,76 @@ def test_tokens_and_metadata() -> None:
         key.issue("x", ["tenant:nothex"])
     assert bearer_token([("authorization", "Bearer abc")]) == "abc"
     assert bearer_token([("authorization", "Basic abc")]) == "" and bearer_token(None) == ""
+
+
+def test_attach_takes_only_allowed_connection_options(cluster: Cluster) -> None:
+    """The walreceiver refuses a primary conninfo whose options would make libpq read this host's files
+    (or reach its sockets), before it connects anywhere or keeps anything."""
+    ch = ClientSecurity(cluster.token(ADMIN)).channel(cluster.walreceiver.address)
+    attach = ch.unary_unary("/zenith.v1.WalReceiver/Attach", walreceiver_pb2.AttachRequest.SerializeToString,
+                            walreceiver_pb2.AttachResponse.FromString)
+    before = cluster.state()
+    for extra in ("passfile=/etc/passwd", "sslkey=/etc/shadow", "sslcert=/x", "sslrootcert=/x", "service=prod",
+                  "options='-c x=y'", "host=/var/run/postgresql", "sslcrl=/x"):
+        with pytest.raises(grpc.RpcError) as e:
+            attach(walreceiver_pb2.AttachRequest(
+                tenant=common_pb2.TenantId(id=TENANT_A), timeline=common_pb2.TimelineId(id=cluster.timeline_a),
+                primary_conninfo=f"host=127.0.0.1 port=1 user=postgres password=hunter2 {extra}"), timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, extra
+        assert "hunter2" not in (e.value.details() or "")
+    assert cluster.state() == before
+    ch.close()
+
+
+def test_primary_host_allow_list() -> None:
+    from services.auth import check_primary_conninfo
+
+    check_primary_conninfo({"host": "db1", "port": "5432"}, ["db1", "10.0.0.0/8"])
+    check_primary_conninfo({"host": "10.1.2.3"}, ["db1", "10.0.0.0/8"])
+    for params in ({"host": "db2"}, {"host": "db1,db2"}, {"host": "db1", "hostaddr": "192.168.1.1"}):
+        with pytest.raises(ValueError, match="not among"):
+            check_primary_conninfo(params, ["db1", "10.0.0.0/8"])
+    with pytest.raises(ValueError, match="must name"):
+        check_primary_conninfo({"port": "5432"})
+
+
+def test_tls_port_refuses_plaintext_and_other_cas(tmp_path: Path) -> None:
+    """A TLS-configured port speaks TLS only: a plaintext client (gRPC or raw bytes before any handshake)
+    gets nothing, nor does one that trusts another CA; the deployment's CA and a token get through."""
+    import socket
+
+    from zauth.certs import make_tls_files
+
+    key, tls, other = SigningKey.generate(), make_tls_files(), make_tls_files()
+    ps = PageServer(tmp_path / "ps", "127.0.0.1:0", security=ServerSecurity(
+        TokenVerifier(key.public_pem()), tls.server_cert, tls.server_key))
+    ps.start()
+    try:
+        def list_tenants(security: ClientSecurity) -> grpc.StatusCode:
+            with security.channel(ps.address) as ch:
+                try:
+                    ch.unary_unary("/zenith.v1.PageServer/ListTenants", pageserver_pb2.ListTenantsRequest.SerializeToString,
+                                   pageserver_pb2.ListTenantsResponse.FromString)(pageserver_pb2.ListTenantsRequest(),
+                                                                                  timeout=5)
+                except grpc.RpcError as e:
+                    return e.code()
+            return grpc.StatusCode.OK
+
+        token = key.issue("ops", [ADMIN], ttl=60)
+        assert list_tenants(ClientSecurity(token, tls.ca_cert)) == grpc.StatusCode.OK
+        assert list_tenants(ClientSecurity(token)) == grpc.StatusCode.UNAVAILABLE
+        assert list_tenants(ClientSecurity(token, other.ca_cert)) == grpc.StatusCode.UNAVAILABLE
+        assert list_tenants(ClientSecurity(None, tls.ca_cert)) == grpc.StatusCode.UNAUTHENTICATED
+        host, port = ps.address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as sock:  # HTTP/2 in clear text
+            sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\0" * 64)
+            sock.settimeout(10)
+            data = b""
+            try:
+                while chunk := sock.recv(4096):
+                    data += chunk
+            except ConnectionResetError:
+                pass
+        assert b"HTTP/2" not in data and b"zenith" not in data  # at most a TLS alert; then the server hangs up
+    finally:
+        ps.stop(0)

@@ -113,6 +113,41 @@ def test_branch_behind_and_read_only_compute(cluster: Cluster) -> None:
     assert branches["hundred"]["parent"] == "main" and branches["hundred"]["branch_lsn"] == lsn_a
     for name in ("main", "hundred", "more"):
         cluster.amcheck(name)
+    check_only_the_walreceiver_replicates(cluster, "hundred")
+
+
+def check_only_the_walreceiver_replicates(cluster: Cluster, compute: str) -> None:
+    """A process on loopback posing as the walreceiver (its application_name, as the superuser over
+    trust, or as its role with no or a guessed password) cannot replicate the compute, so it cannot
+    acknowledge commits; the walreceiver itself streams with a password kept out of logs."""
+    port = cluster.computes()[compute]["port"]
+    app = cluster.sql(compute, "SHOW synchronous_standby_names")[0][0]
+    assert app.startswith("zenith_walreceiver_")
+    for user, password in (("postgres", ""), ("zenith_walreceiver", ""), ("zenith_walreceiver", "guess")):
+        with pytest.raises(psycopg.OperationalError) as e:
+            psycopg.connect(host="127.0.0.1", port=port, user=user, password=password, dbname="postgres",
+                            replication="true", application_name=app, connect_timeout=10)
+        assert "pg_hba.conf" in str(e.value) or "password" in str(e.value), (user, str(e.value))
+    assert cluster.sql(compute, "SELECT usename, application_name, state FROM pg_stat_replication") == [
+        ("zenith_walreceiver", app, "streaming")]
+    # The password is in the walreceiver's state file (mode 0600) and nowhere else it could leak.
+    state = cluster.repo / "walreceiver" / "attachments.json"
+    assert state.stat().st_mode & 0o077 == 0
+    from psycopg.conninfo import conninfo_to_dict
+
+    passwords = [conninfo_to_dict(a["primary_conninfo"]).get("password") for a in json.loads(state.read_text())["attachments"]]
+    assert passwords and all(passwords)
+    logs = [p.read_text(errors="replace") for p in cluster.repo.rglob("*.log")]
+    status = cluster.zctl("status", "--json").stdout
+    argvs = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argvs.append(cmdline.read_bytes().decode(errors="replace"))
+        except OSError:
+            pass  # the process ended
+    for pw in passwords:
+        assert not any(pw in text for text in logs) and pw not in status
+        assert not any(pw in argv for argv in argvs)
 
 
 def test_three_level_chain_and_timestamp_branch(cluster: Cluster) -> None:

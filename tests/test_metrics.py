@@ -15,7 +15,7 @@ from conftest import PgFactory
 from polling import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from test_zctl_cluster import repo  # noqa: F401  (the fixture)
-from zctl_util import service_channel, zctl
+from zctl_util import service_channel, shim_conninfo, zctl
 
 from zproto import common_pb2, pageserver_pb2, pageserver_pb2_grpc
 
@@ -73,7 +73,7 @@ def test_every_service_serves_metrics_that_move(repo: Path, pg_factory: PgFactor
 
     # The shim counts its sessions.
     assert value(scrape(urls["shim"]), "zenith_shim_sessions") == 0
-    with psycopg.connect(f"host=127.0.0.1 port={config['ports']['shim']} user=postgres dbname=postgres",
+    with psycopg.connect(shim_conninfo(repo),
                          autocommit=True) as conn:
         conn.execute("status")
         assert value(scrape(urls["shim"]), "zenith_shim_sessions") == 1

@@ -573,40 +573,6 @@ def test_startup_timeout_and_many_connections(env: ShimEnv) -> None:
         shim.close()
 
 
-def test_password_authentication(env: ShimEnv, tmp_path: Path) -> None:
-    secret = tmp_path / "pw"
-    secret.write_text("s3cret\n")
-    for method in ("md5", "password"):
-        shim = RunningShim(env.ps.address, ["--password-file", str(secret), "--auth-method", method])
-        try:
-            base = ["psql", "-X", "-At", "-h", shim.host, "-p", str(shim.port), "-U", "postgres", "-c", "status"]
-            ok = subprocess.run(base, capture_output=True, text=True, timeout=30, env={**os.environ, "PGPASSWORD": "s3cret"})
-            assert ok.returncode == 0, ok.stderr
-            bad = subprocess.run(base, capture_output=True, text=True, timeout=30, env={**os.environ, "PGPASSWORD": "nope"})
-            assert bad.returncode != 0 and "password authentication failed" in bad.stderr
-        finally:
-            shim.close()
-
-
-def test_tls_when_configured(env: ShimEnv, tmp_path: Path) -> None:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-                           "/CN=localhost", "-keyout", str(key), "-out", str(cert)], capture_output=True)
-    if made.returncode != 0:
-        pytest.skip("openssl cannot make a test certificate here")
-    base = ["psql", "-X", "-At", "-h", env.shim.host, "-U", "postgres", "-c", "status"]
-    refused = subprocess.run([*base, "-p", str(env.shim.port)], capture_output=True, text=True, timeout=30,
-                             env={**os.environ, "PGSSLMODE": "require"})
-    assert refused.returncode != 0 and "does not support SSL" in refused.stderr
-    shim = RunningShim(env.ps.address, ["--tls-cert", str(cert), "--tls-key", str(key)])
-    try:
-        ok = subprocess.run([*base[:-2], "-p", str(shim.port), "-c", "SHOW server_version"], capture_output=True,
-                            text=True, timeout=30, env={**os.environ, "PGSSLMODE": "require"})
-        assert ok.returncode == 0, ok.stderr
-    finally:
-        shim.close()
-
-
 def test_shim_refuses_unknown_replication_features(env: ShimEnv) -> None:
     with psycopg.connect(env.conninfo(replication="true"), autocommit=True) as conn:
         with pytest.raises(psycopg.errors.FeatureNotSupported):

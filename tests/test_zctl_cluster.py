@@ -7,18 +7,20 @@ import subprocess
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 from conftest import PgFactory
-from zctl_util import make_repo, zctl
+from zctl_util import make_repo, shim_conninfo, zctl
 
 from pgformat.bufmask import heap_mask
 from pgformat.lsn import parse_lsn
-from zctl.postgres import pid_alive
+from zctl.postgres import free_port, make_pg_owned_dir, pid_alive
 
 
 @pytest.fixture
-def repo(tmp_path: Path):  # type: ignore[no-untyped-def]
-    r = make_repo(tmp_path / "repo")
+def repo(tmp_path: Path, pg_base_dir: Path):  # type: ignore[no-untyped-def]
+    # Reachable by the postgres OS user: the tests start a compute and initdb in it.
+    r = make_repo(make_pg_owned_dir(pg_base_dir / f"zctl-{tmp_path.name}") / "repo")
     yield r
     zctl(r, "stop", check=False)
 
@@ -53,9 +55,8 @@ def test_attach_follow_and_read_pages(repo: Path, pg_factory: PgFactory) -> None
         ("redo", True), ("pageserver", True), ("walreceiver", True), ("shim", True)]
     assert status["attachments"][0]["state"] == "ATTACHMENT_STATE_STREAMING"
     # The libpq shim `zctl start` runs: psql lists the timelines through it.
-    shim_port = json.loads((repo / "config.json").read_text())["ports"]["shim"]
-    listed = subprocess.run(["psql", "-X", "-At", "-h", "127.0.0.1", "-p", str(shim_port), "-U", "postgres",
-                             "-c", "status"], capture_output=True, text=True, timeout=30)
+    listed = subprocess.run(["psql", "-X", "-At", shim_conninfo(repo), "-c", "status"], capture_output=True, text=True,
+                            timeout=30)
     assert listed.returncode == 0, listed.stderr
     assert [line.split("|")[2] for line in listed.stdout.splitlines()] == ["main"]
 
@@ -65,6 +66,17 @@ def test_attach_follow_and_read_pages(repo: Path, pg_factory: PgFactory) -> None
     assert bad.returncode == 1 and "SPC/DB/RELFILENODE" in bad.stderr
 
     check_security_commands(repo, status)
+
+    # A failed attach leaves no replication slot behind; options that read this host's files are refused.
+    slots = primary.sql("SELECT slot_name FROM pg_replication_slots ORDER BY 1")
+    again = zctl(repo, "attach", "--primary", primary.connstr(), "--branch", "main", check=False)
+    assert again.returncode == 1 and "already exists" in again.stderr and "slot was dropped" not in again.stderr, \
+        again.stderr
+    assert primary.sql("SELECT slot_name FROM pg_replication_slots ORDER BY 1") == slots
+    for bad in ("passfile=/etc/passwd", "sslkey=/etc/shadow", "service=x", "host=/var/run/postgresql"):
+        refused = zctl(repo, "attach", "--primary", f"{primary.connstr()} {bad}", "--branch", "x", check=False)
+        assert refused.returncode == 1 and "--primary:" in refused.stderr, refused.stderr
+    assert primary.sql("SELECT slot_name FROM pg_replication_slots ORDER BY 1") == slots
 
     pids = [s["pid"] for s in status["services"]]
     zctl(repo, "stop")
@@ -102,6 +114,28 @@ def check_security_commands(repo: Path, status: dict[str, object]) -> None:
     assert refused.returncode == 1 and "permission denied" in refused.stderr, refused.stderr
     refused = zctl(repo, *as_tenant, "tenant", "list", check=False)
     assert refused.returncode == 1 and "permission denied" in refused.stderr
+    # The shim zctl started takes a token as the password (over TLS) and shows that tenant only.
+    with psycopg.connect(shim_conninfo(repo, user="bob", password=token), autocommit=True) as conn:
+        assert conn.execute("status").fetchall() == []  # the new tenant has no branches
+    admin = (sec / "tokens" / "admin.jwt").read_text().strip()
+    with psycopg.connect(shim_conninfo(repo, user="ops", password=admin), autocommit=True) as conn:
+        assert [r[2] for r in conn.execute("status").fetchall()] == ["main"]
+    # The tenant gets its own first branch, a branch of it (with its own token), and a compute on it.
+    zctl(repo, "bootstrap", "--tenant", tenant, "--branch", "tmain")
+    zctl(repo, *as_tenant, "branch", "create", "--tenant", tenant, "tchild", "--parent", "tmain")
+    mine = {b["name"] for b in json.loads(zctl(repo, *as_tenant, "branch", "list", "--tenant", tenant, "--json").stdout)}
+    assert mine == {"tmain", "tchild"}
+    assert "tmain" not in zctl(repo, "branch", "list").stdout  # the default tenant's tree
+    refused = zctl(repo, *as_tenant, "branch", "create", "--tenant", tenant, "x", "--parent", "main", check=False)
+    assert refused.returncode == 1 and "no branch named 'main'" in refused.stderr  # not in its tenant
+    port = str(free_port())
+    zctl(repo, "pg", "create", "--tenant", tenant, "tc", "--branch", "tchild", "--port", port)
+    zctl(repo, "pg", "start", "tc")
+    with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres", autocommit=True) as conn:
+        conn.execute("CREATE TABLE t AS SELECT 1 AS x")  # a synchronous commit: the walreceiver has it
+    zctl(repo, "pg", "stop", "tc")
+    assert json.loads(zctl(repo, "branch", "list", "--tenant", tenant, "--json").stdout)
+
     bogus = repo / "bogus.jwt"
     bogus.write_text(token[:-4] + "AAAA")
     refused = zctl(repo, "--token-file", str(bogus), "branch", "list", check=False)

@@ -36,3 +36,14 @@ def zctl(repo: Path, *args: str, check: bool = True, timeout: float = 300) -> su
 def service_channel(repo: Path, service: str, options: list[tuple[str, int]] | None = None) -> grpc.Channel:
     """A channel to one of the repository's services as zctl opens it: its admin token, over TLS."""
     return LocalCluster(repo).channel(service, options)
+
+
+def shim_conninfo(repo: Path, **extra: str) -> str:
+    """libpq parameters for the repository's shim as its operator: user postgres with the password zctl
+    made (SCRAM), TLS verified against the repository's CA."""
+    config = json.loads((repo / "config.json").read_text())
+    sec = repo / "security"
+    parts = {"host": "127.0.0.1", "port": str(config["ports"]["shim"]), "user": "postgres", "dbname": "postgres",
+             "password": (sec / "shim_password").read_text().strip(), "sslmode": "verify-full",
+             "sslrootcert": str(sec / "tls" / "ca.pem"), **extra}
+    return " ".join(f"{k}={v}" for k, v in parts.items())

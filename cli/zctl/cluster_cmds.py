@@ -25,7 +25,7 @@ from pgformat.constants import FORK_NAMES
 from pgformat.lsn import format_lsn, parse_lsn
 from zproto import common_pb2, pageserver_pb2, pageserver_pb2_grpc, walreceiver_pb2, walreceiver_pb2_grpc
 
-from services.auth import ClientSecurity
+from services.auth import ClientSecurity, check_primary_conninfo
 
 from .postgres import pg_bindir
 from .supervisor import LocalCluster, SupervisorError
@@ -74,9 +74,21 @@ def _rpc_error(e: grpc.RpcError, what: str) -> CommandError:
     return CommandError(f"{what}: {e.details()}")
 
 
-def find_branch(stub: pageserver_pb2_grpc.PageServerStub, name: str) -> pageserver_pb2.TimelineInfo:
+def tenant_of(args: argparse.Namespace) -> str:
+    """--tenant: 32 hex digits; absent: the default tenant."""
+    text = getattr(args, "tenant", None)
+    if not text:
+        return DEFAULT_TENANT
+    t = text.strip().lower()
+    if len(t) != 32 or any(c not in "0123456789abcdef" for c in t):
+        raise CommandError(f"a tenant id is 32 hex digits (see `zctl tenant list`), got {text!r}")
+    return t
+
+
+def find_branch(stub: pageserver_pb2_grpc.PageServerStub, name: str,
+                tenant: str = DEFAULT_TENANT) -> pageserver_pb2.TimelineInfo:
     try:
-        tls = stub.ListTimelines(pageserver_pb2.ListTimelinesRequest(tenant=common_pb2.TenantId(id=DEFAULT_TENANT)),
+        tls = stub.ListTimelines(pageserver_pb2.ListTimelinesRequest(tenant=common_pb2.TenantId(id=tenant)),
                                  timeout=10).timelines
     except grpc.RpcError as e:
         raise _rpc_error(e, "listing branches") from None
@@ -179,9 +191,19 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
     from .importer import import_requests, scan_backup
 
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
     cluster = _cluster(args)
     stub = _pageserver(cluster)
     console = Console()
+    try:
+        params = conninfo_to_dict(args.primary)
+        check_primary_conninfo(params)  # the walreceiver checks the same (and its host allow-list)
+    except (psycopg.Error, ValueError) as e:
+        raise CommandError(f"--primary: {e}") from None
+    # The password goes to pg_basebackup in its environment, never on a command line.
+    password = params.pop("password", None)
+    conninfo = make_conninfo("", **params)
     timeline = uuid.uuid4().hex
     slot = f"zenith_{timeline[:12]}"
     try:
@@ -190,25 +212,36 @@ def cmd_attach(args: argparse.Namespace) -> int:
     except psycopg.Error as e:
         raise CommandError(f"cannot create replication slot on the primary: {e}") from None
 
+    def drop_slot() -> None:
+        try:
+            with psycopg.connect(args.primary, autocommit=True) as conn:
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+        except psycopg.Error as e:
+            console.print(f"[yellow]could not drop replication slot {slot} on the primary ({e}); it retains WAL "
+                          f"until dropped: SELECT pg_drop_replication_slot('{slot}')[/yellow]")
+
+    created = False
     workdir = Path(tempfile.mkdtemp(prefix="attach-", dir=cluster.repo))
     try:
         backup = workdir / "backup"
         with console.status("pg_basebackup from the primary"):
+            env = {**os.environ, **({"PGPASSWORD": password} if password else {})}
             proc = subprocess.run(
-                [str(pg_bindir() / "pg_basebackup"), "-d", args.primary, "-D", str(backup), "-Fp", "-X", "none",
-                 "-c", "fast", "--no-sync"], capture_output=True, text=True)
+                [str(pg_bindir() / "pg_basebackup"), "-d", conninfo, "-D", str(backup), "-Fp", "-X", "none",
+                 "-c", "fast", "--no-sync"], capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 raise CommandError(f"pg_basebackup failed: {proc.stderr.strip()}")
         summary = scan_backup(backup)
         total = sum(f.stat().st_size for f in backup.rglob("*") if f.is_file()) // 8192
-        tenant, tl_id = common_pb2.TenantId(id=DEFAULT_TENANT), common_pb2.TimelineId(id=timeline)
+        tenant, tl_id = common_pb2.TenantId(id=tenant_of(args)), common_pb2.TimelineId(id=timeline)
         try:
             stub.CreateTimeline(pageserver_pb2.CreateTimelineRequest(tenant=tenant, new_timeline=tl_id,
                                                                      name=args.branch), timeout=10)
+            created = True
             with Progress(TextColumn("importing"), BarColumn(), TextColumn("{task.completed}/{task.total} pages"),
                           TimeElapsedColumn(), console=console) as progress:
                 task = progress.add_task("import", total=total)
-                stub.Import(import_requests(backup, DEFAULT_TENANT, timeline, summary,
+                stub.Import(import_requests(backup, tenant_of(args), timeline, summary,
                                             progress=lambda n: progress.advance(task, n)), timeout=3600)
             # The primary is the branch's only writer: no compute may write it while it follows.
             info = stub.GetTimeline(pageserver_pb2.GetTimelineRequest(tenant=tenant, timeline=tl_id), timeout=10)
@@ -217,6 +250,9 @@ def cmd_attach(args: argparse.Namespace) -> int:
                 name=f"{redacted_conninfo(args.primary)} (system {info.system_identifier})"), timeout=10)
         except grpc.RpcError as e:
             raise _rpc_error(e, "import") from None
+    except CommandError as e:
+        drop_slot()
+        raise _leftover(e, created, args.branch, timeline) from None
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -225,10 +261,20 @@ def cmd_attach(args: argparse.Namespace) -> int:
             tenant=tenant, timeline=tl_id, primary_conninfo=args.primary, slot_name=slot,
             start_lsn=summary.start_lsn, writer_epoch=info.writer.epoch), timeout=30)
     except grpc.RpcError as e:
-        raise _rpc_error(e, "attaching the walreceiver") from None
+        drop_slot()
+        raise _leftover(_rpc_error(e, "attaching the walreceiver"), created, args.branch, timeline) from None
     console.print(f"branch [bold]{args.branch}[/bold] (timeline {timeline}) imported at "
                   f"{format_lsn(summary.start_lsn)}: {summary.pages} pages; following the primary through slot {slot}")
     return 0
+
+
+def _leftover(error: CommandError, created: bool, branch: str, timeline: str) -> CommandError:
+    """A failed attach: the slot is dropped; the page server has no way to delete a timeline yet, so a
+    branch made before the failure stays and is named."""
+    if not created:
+        return error
+    return CommandError(f"{error}; the replication slot was dropped, branch {branch!r} (timeline {timeline}) "
+                        "remains on the page server")
 
 
 def redacted_conninfo(conninfo: str) -> str:
@@ -244,12 +290,12 @@ def cmd_detach(args: argparse.Namespace) -> int:
     """Stop following an external primary: the branch becomes writable (its WAL forks from here on)."""
     cluster = _cluster(args)
     stub = _pageserver(cluster)
-    branch = find_branch(stub, args.branch)
+    branch = find_branch(stub, args.branch, tenant_of(args))
     if branch.writer.kind != pageserver_pb2.WRITER_KIND_PRIMARY:
         raise CommandError(f"branch {args.branch!r} does not follow an external primary"
                            + (f" (it is written by compute {branch.writer.name}: `zctl pg stop` it)"
                               if branch.writer.kind == pageserver_pb2.WRITER_KIND_COMPUTE else ""))
-    tenant = common_pb2.TenantId(id=DEFAULT_TENANT)
+    tenant = common_pb2.TenantId(id=tenant_of(args))
     try:
         _walreceiver(cluster).Detach(walreceiver_pb2.DetachRequest(
             tenant=tenant, timeline=branch.timeline, drop_slot=args.drop_slot), timeout=60)
@@ -271,7 +317,7 @@ def cmd_detach(args: argparse.Namespace) -> int:
 
 
 def cmd_lsn(args: argparse.Namespace) -> int:
-    print(format_lsn(find_branch(_pageserver(_cluster(args)), args.branch).last_record_lsn))
+    print(format_lsn(find_branch(_pageserver(_cluster(args)), args.branch, tenant_of(args)).last_record_lsn))
     return 0
 
 
@@ -285,11 +331,11 @@ def parse_rel_arg(text: str, fork: str) -> common_pb2.RelTag:
 
 def cmd_getpage(args: argparse.Namespace) -> int:
     stub = _pageserver(_cluster(args))
-    tl = find_branch(stub, args.branch)
+    tl = find_branch(stub, args.branch, tenant_of(args))
     lsn = common_pb2.RequestLsn(latest=True) if args.lsn is None else common_pb2.RequestLsn(lsn=parse_lsn(args.lsn))
     try:
         resp = stub.GetPage(pageserver_pb2.GetPageRequest(
-            tenant=common_pb2.TenantId(id=DEFAULT_TENANT), timeline=tl.timeline,
+            tenant=common_pb2.TenantId(id=tenant_of(args)), timeline=tl.timeline,
             key=common_pb2.PageKey(rel_block=common_pb2.RelBlock(rel=parse_rel_arg(args.rel, args.fork), blkno=args.blk)),
             lsn=lsn), timeout=60)
     except grpc.RpcError as e:
@@ -320,8 +366,8 @@ def parse_size(text: str) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     stub = _pageserver(_cluster(args))
-    tl = find_branch(stub, args.branch)
-    req = pageserver_pb2.GcRequest(tenant=common_pb2.TenantId(id=DEFAULT_TENANT), timeline=tl.timeline)
+    tl = find_branch(stub, args.branch, tenant_of(args))
+    req = pageserver_pb2.GcRequest(tenant=common_pb2.TenantId(id=tenant_of(args)), timeline=tl.timeline)
     if args.horizon is not None:
         try:
             req.horizon_lsn = parse_lsn(args.horizon)
@@ -353,6 +399,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_tenant_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tenant", default=None, metavar="ID", help="the tenant (default: the default tenant, 0...0)")
+
+
 def add_commands(sub: Any) -> None:
     p = sub.add_parser("start", help="start the redo pool, page server and walreceiver as local processes")
     p.set_defaults(func=cmd_start)
@@ -362,18 +412,22 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("attach", help="import a running primary and follow its WAL")
+    add_tenant_argument(p)
     p.add_argument("--primary", required=True, metavar="CONNSTR", help="libpq connection string of the primary")
     p.add_argument("--branch", default="main", help="name of the branch to create (default: main)")
     p.set_defaults(func=cmd_attach)
     p = sub.add_parser("detach", help="stop following an external primary; the branch becomes writable")
+    add_tenant_argument(p)
     p.add_argument("--branch", required=True, help="the branch that follows the primary")
     p.add_argument("--drop-slot", action="store_true",
                    help="also drop the replication slot on the primary (it stops retaining WAL)")
     p.set_defaults(func=cmd_detach)
     p = sub.add_parser("lsn", help="last ingested record's end LSN of a branch")
+    add_tenant_argument(p)
     p.add_argument("--branch", default="main")
     p.set_defaults(func=cmd_lsn)
     p = sub.add_parser("getpage", help="write one 8192-byte page to a file")
+    add_tenant_argument(p)
     p.add_argument("--branch", default="main")
     p.add_argument("--rel", required=True, metavar="SPC/DB/RELFILENODE")
     p.add_argument("--fork", default="main", choices=FORK_NAMES)
@@ -382,6 +436,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("-o", "--output", required=True, metavar="FILE")
     p.set_defaults(func=cmd_getpage)
     p = sub.add_parser("gc", help="garbage-collect a branch's history below a horizon")
+    add_tenant_argument(p)
     p.add_argument("--branch", default="main")
     horizon = p.add_mutually_exclusive_group()
     horizon.add_argument("--horizon", default=None, metavar="X/X",

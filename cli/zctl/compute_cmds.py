@@ -23,7 +23,8 @@ from pgformat.lsn import LsnFormatError, format_lsn, parse_lsn
 from services.runtime import ShutdownSignal
 from zproto import common_pb2, pageserver_pb2
 
-from .cluster_cmds import DEFAULT_TENANT, CommandError, _cluster, _pageserver, _rpc_error, _walreceiver, find_branch
+from .cluster_cmds import (DEFAULT_TENANT, CommandError, _cluster, _pageserver, _rpc_error, _walreceiver,
+                           add_tenant_argument, find_branch, tenant_of)
 from .compute_config import ComputeConfigError, parse_assignment
 from .computes import ComputeError, Computes, attachment_of, check_writable
 from .importer import import_requests, scan_stopped_datadir
@@ -50,15 +51,15 @@ def parse_branch_point(text: str) -> tuple[str, int]:
     return "timestamp", (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
-def _acknowledged_lsn(cluster: Any, timeline: str) -> int:
+def _acknowledged_lsn(cluster: Any, timeline: str, tenant: str = DEFAULT_TENANT) -> int:
     """Where the WAL a walreceiver acknowledged to the branch's writer ends (0 if not attached): the
     page server may still be catching up with it, and 'latest' must include every commit."""
-    found = attachment_of(_walreceiver(cluster), timeline)
+    found = attachment_of(_walreceiver(cluster), timeline, tenant)
     return found.durable_lsn if found is not None else 0
 
 
-def _wait_ingested(stub: Any, timeline: str, lsn: int, timeout: float = 60.0) -> None:
-    request = pageserver_pb2.GetTimelineRequest(tenant=common_pb2.TenantId(id=DEFAULT_TENANT),
+def _wait_ingested(stub: Any, timeline: str, lsn: int, timeout: float = 60.0, tenant: str = DEFAULT_TENANT) -> None:
+    request = pageserver_pb2.GetTimelineRequest(tenant=common_pb2.TenantId(id=tenant),
                                                 timeline=common_pb2.TimelineId(id=timeline))
     deadline = time.monotonic() + timeout
     while (last := stub.GetTimeline(request, timeout=10).last_record_lsn) < lsn:
@@ -71,9 +72,9 @@ def _wait_ingested(stub: Any, timeline: str, lsn: int, timeout: float = 60.0) ->
 def cmd_branch_create(args: argparse.Namespace) -> int:
     cluster = _cluster(args)
     stub = _pageserver(cluster)
-    parent = find_branch(stub, args.parent)
-    tenant = common_pb2.TenantId(id=DEFAULT_TENANT)
-    acknowledged = _acknowledged_lsn(cluster, parent.timeline.id)
+    parent = find_branch(stub, args.parent, tenant_of(args))
+    tenant = common_pb2.TenantId(id=tenant_of(args))
+    acknowledged = _acknowledged_lsn(cluster, parent.timeline.id, tenant_of(args))
     lsn = acknowledged  # latest: every commit acknowledged so far (the page server waits for it)
     kind = ""
     if args.at:
@@ -85,7 +86,7 @@ def cmd_branch_create(args: argparse.Namespace) -> int:
                 raise CommandError(f"branch point {format_lsn(lsn)} is beyond the last record of "
                                    f"{args.parent} ({format_lsn(known)})")
         else:
-            _wait_ingested(stub, parent.timeline.id, acknowledged)
+            _wait_ingested(stub, parent.timeline.id, acknowledged, tenant=tenant_of(args))
             try:
                 lsn = stub.FindLsnByTimestamp(pageserver_pb2.FindLsnByTimestampRequest(
                     tenant=tenant, timeline=parent.timeline, timestamp_us=value), timeout=30).lsn
@@ -107,9 +108,9 @@ def cmd_branch_create(args: argparse.Namespace) -> int:
     return 0
 
 
-def _branch_rows(stub: Any) -> list[dict[str, Any]]:
+def _branch_rows(stub: Any, tenant: str = DEFAULT_TENANT) -> list[dict[str, Any]]:
     try:
-        tls = stub.ListTimelines(pageserver_pb2.ListTimelinesRequest(tenant=common_pb2.TenantId(id=DEFAULT_TENANT)),
+        tls = stub.ListTimelines(pageserver_pb2.ListTimelinesRequest(tenant=common_pb2.TenantId(id=tenant)),
                                  timeout=10).timelines
     except grpc.RpcError as e:
         raise _rpc_error(e, "listing branches") from None
@@ -133,7 +134,7 @@ def _writer_text(w: Any) -> str | None:
 
 
 def cmd_branch_list(args: argparse.Namespace) -> int:
-    rows = _branch_rows(_pageserver(_cluster(args)))
+    rows = _branch_rows(_pageserver(_cluster(args)), tenant_of(args))
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -166,13 +167,14 @@ def _computes(args: argparse.Namespace) -> Computes:
 
 def cmd_pg_create(args: argparse.Namespace) -> int:
     computes = _computes(args)
-    branch = find_branch(computes.pageserver, args.branch)
+    branch = find_branch(computes.pageserver, args.branch, tenant_of(args))
     lsn = parse_lsn(args.lsn) if args.lsn else None
     try:
         if lsn is None:
             check_writable(args.branch, branch)
         settings = dict(parse_assignment(c) for c in args.setting or [])
-        spec = computes.create(args.name, args.branch, branch.timeline.id, lsn, args.port, settings=settings)
+        spec = computes.create(args.name, args.branch, branch.timeline.id, lsn, args.port, settings=settings,
+                               tenant=tenant_of(args))
     except (ComputeError, ComputeConfigError) as e:
         raise CommandError(str(e)) from None
     mode = f"read-only at {spec.lsn}" if spec.lsn else "writable"
@@ -256,7 +258,8 @@ def cmd_pg_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def import_new_cluster(stub: Any, workdir: Path, branch: str, console: Console) -> tuple[str, Any]:
+def import_new_cluster(stub: Any, workdir: Path, branch: str, console: Console,
+                       tenant: str = DEFAULT_TENANT) -> tuple[str, Any]:
     """initdb a fresh cluster in `workdir`, import it into the page server as a new root branch."""
     seed = PostgresNode(datadir=make_pg_owned_dir(workdir) / "seed", port=0)
     try:
@@ -266,10 +269,10 @@ def import_new_cluster(stub: Any, workdir: Path, branch: str, console: Console) 
         timeline = uuid.uuid4().hex
         try:
             stub.CreateTimeline(pageserver_pb2.CreateTimelineRequest(
-                tenant=common_pb2.TenantId(id=DEFAULT_TENANT), new_timeline=common_pb2.TimelineId(id=timeline),
+                tenant=common_pb2.TenantId(id=tenant), new_timeline=common_pb2.TimelineId(id=timeline),
                 name=branch), timeout=10)
             with console.status(f"importing the new cluster as branch {branch}"):
-                stub.Import(import_requests(seed.datadir, DEFAULT_TENANT, timeline, summary), timeout=600)
+                stub.Import(import_requests(seed.datadir, tenant, timeline, summary), timeout=600)
         except grpc.RpcError as e:
             raise _rpc_error(e, "importing the new cluster") from None
     finally:
@@ -284,7 +287,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     console = Console()
     _wait_for(cluster, ["pageserver"], args.wait)
     try:
-        existing = find_branch(stub, args.branch)
+        existing = find_branch(stub, args.branch, tenant_of(args))
         console.print(f"branch {args.branch} exists ({existing.timeline.id}); nothing to do")
         return 0
     except CommandError:
@@ -292,7 +295,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     blocked = unreachable_ancestor(cluster.repo.resolve() / "tmp")
     if blocked is not None:
         raise CommandError(f"Postgres runs as the '{PG_OS_USER}' OS user, which cannot enter {blocked}")
-    timeline, summary = import_new_cluster(stub, cluster.repo / "tmp", args.branch, console)
+    timeline, summary = import_new_cluster(stub, cluster.repo / "tmp", args.branch, console, tenant_of(args))
     console.print(f"branch [bold]{args.branch}[/bold] ({timeline}) created at {format_lsn(summary.start_lsn)}")
     return 0
 
@@ -316,12 +319,13 @@ def cmd_pg_run(args: argparse.Namespace) -> int:
     cluster = _cluster(args)
     _wait_for(cluster, ["pageserver"] if args.lsn else ["pageserver", "walreceiver"], args.wait)
     computes = Computes(cluster.repo, _pageserver(cluster), _walreceiver(cluster))
-    branch = find_branch(computes.pageserver, args.branch)
+    branch = find_branch(computes.pageserver, args.branch, tenant_of(args))
     try:
         if computes.exists(args.name):
             computes.destroy(args.name)  # a container restart starts over from the page server
         computes.create(args.name, args.branch, branch.timeline.id, parse_lsn(args.lsn) if args.lsn else None,
-                        args.port, listen_addresses=args.listen_addresses, advertise_host=args.advertise_host)
+                        args.port, listen_addresses=args.listen_addresses, advertise_host=args.advertise_host,
+                        tenant=tenant_of(args))
         spec, lsn = computes.start(args.name)
     except ComputeError as e:
         raise CommandError(str(e)) from None
@@ -396,6 +400,7 @@ def add_commands(sub: Any) -> None:
                                          "(initdb + import; does nothing if the branch exists)")
     p.add_argument("--branch", default="main")
     p.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the page server to serve")
+    add_tenant_argument(p)
     p.set_defaults(func=cmd_bootstrap)
     p = sub.add_parser("health", help="exit 0 if a gRPC service reports SERVING (container health checks)")
     p.add_argument("address", metavar="HOST:PORT")
@@ -406,17 +411,20 @@ def add_commands(sub: Any) -> None:
     branch = sub.add_parser("branch", help="branches: copy-on-write copies as of any LSN").add_subparsers(
         dest="branch_command", required=True)
     p = branch.add_parser("create", help="create a branch of a parent at an LSN or a moment (O(1))")
+    add_tenant_argument(p)
     p.add_argument("name")
     p.add_argument("--parent", default="main")
     p.add_argument("--at", default=None, metavar="LSN|TIMESTAMP",
                    help="X/X, or 'YYYY-MM-DD HH:MM:SS+TZ' (default: the parent's last LSN)")
     p.set_defaults(func=cmd_branch_create)
     p = branch.add_parser("list", help="the branch tree")
+    add_tenant_argument(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_branch_list)
 
     pg = sub.add_parser("pg", help="computes: stock Postgres on a branch").add_subparsers(dest="pg_command", required=True)
     p = pg.add_parser("create", help="define a compute on a branch")
+    add_tenant_argument(p)
     p.add_argument("name")
     p.add_argument("--branch", default="main")
     p.add_argument("--lsn", default=None, metavar="X/X", help="read-only at this LSN")
@@ -432,6 +440,7 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_pg_stop)
     p = pg.add_parser("run", help="create (or re-create) and run a compute in the foreground until SIGTERM "
                                   "(for containers)")
+    add_tenant_argument(p)
     p.add_argument("name")
     p.add_argument("--branch", default="main")
     p.add_argument("--lsn", default=None, metavar="X/X", help="read-only at this LSN")

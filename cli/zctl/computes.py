@@ -16,15 +16,19 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import secrets
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
+import psycopg
+from psycopg.conninfo import make_conninfo
 
 from pgformat.autoconf import format_auto_conf
 from pgformat.lsn import format_lsn, parse_lsn
+from pgformat.scram import make_verifier
 from zproto import common_pb2, pageserver_pb2, pageserver_pb2_grpc, walreceiver_pb2, walreceiver_pb2_grpc
 
 from .compute_config import ComputeConfigError, check_hba_line, read_back, updated
@@ -33,6 +37,8 @@ from .postgres import PG_OS_USER, PostgresNode, free_port, make_pg_owned_dir, pi
 from .supervisor import write_file_atomically
 
 DEFAULT_TENANT = "0" * 32
+# The role the walreceiver replicates a compute as (the only one pg_hba lets replicate).
+REPLICATION_ROLE = "zenith_walreceiver"
 FIRST_COMPUTE_PORT = 55432
 
 
@@ -49,12 +55,12 @@ def replication_slot_name(timeline: str) -> str:
     return f"zenith_{timeline[:24]}"
 
 
-def attachment_of(walreceiver: walreceiver_pb2_grpc.WalReceiverStub,
-                  timeline: str) -> walreceiver_pb2.AttachmentStatus | None:
+def attachment_of(walreceiver: walreceiver_pb2_grpc.WalReceiverStub, timeline: str,
+                  tenant: str = DEFAULT_TENANT) -> walreceiver_pb2.AttachmentStatus | None:
     """The walreceiver's attachment of a timeline; None if there is none or it cannot be asked."""
     try:
         found = walreceiver.Status(walreceiver_pb2.StatusRequest(
-            tenant=common_pb2.TenantId(id=DEFAULT_TENANT), timeline=common_pb2.TimelineId(id=timeline)),
+            tenant=common_pb2.TenantId(id=tenant), timeline=common_pb2.TimelineId(id=timeline)),
             timeout=10).attachments
     except grpc.RpcError:
         return None
@@ -87,6 +93,7 @@ class ComputeSpec:
     settings: dict[str, str] = field(default_factory=dict)
     hba: list[str] = field(default_factory=list)
     ident: list[str] = field(default_factory=list)
+    tenant: str = DEFAULT_TENANT
 
     @property
     def loopback_only(self) -> bool:
@@ -132,7 +139,7 @@ class Computes:
 
     def create(self, name: str, branch: str, timeline: str, lsn: int | None, port: int | None, *,
                listen_addresses: str = "127.0.0.1", advertise_host: str = "127.0.0.1",
-               settings: dict[str, str] | None = None) -> ComputeSpec:
+               settings: dict[str, str] | None = None, tenant: str = DEFAULT_TENANT) -> ComputeSpec:
         if not name or "/" in name or name.startswith("."):
             raise ComputeError(f"invalid compute name {name!r}")
         if (self._dir(name) / "compute.json").exists():
@@ -149,7 +156,7 @@ class Computes:
         except ComputeConfigError as e:
             raise ComputeError(str(e)) from None
         spec = ComputeSpec(name, branch, timeline, port, format_lsn(lsn) if lsn is not None else None, time.time(),
-                           listen_addresses, advertise_host, kept)
+                           listen_addresses, advertise_host, kept, tenant=tenant)
         self._save(spec)
         return spec
 
@@ -233,11 +240,12 @@ class Computes:
         node.start()
         self.warnings = warnings
         if spec.lsn is None:
-            self._attach_walreceiver(spec, node, lsn, epoch)
+            password = self._replication_password(spec, node)
+            self._attach_walreceiver(spec, node, lsn, epoch, password)
         return spec, lsn
 
     def _timeline_request(self, spec: ComputeSpec) -> tuple[common_pb2.TenantId, common_pb2.TimelineId]:
-        return common_pb2.TenantId(id=DEFAULT_TENANT), common_pb2.TimelineId(id=spec.timeline)
+        return common_pb2.TenantId(id=spec.tenant), common_pb2.TimelineId(id=spec.timeline)
 
     def _claimable(self, spec: ComputeSpec) -> bool:
         """ComputeError unless this compute may claim its branch; whether that takes over a claim.
@@ -301,7 +309,7 @@ class Computes:
         self._epoch_file(spec).unlink(missing_ok=True)
 
     def _attachment(self, spec: ComputeSpec) -> walreceiver_pb2.AttachmentStatus | None:
-        return attachment_of(self.walreceiver, spec.timeline)
+        return attachment_of(self.walreceiver, spec.timeline, spec.tenant)
 
     def _fetch_basebackup(self, spec: ComputeSpec, datadir: Path) -> int:
         """Stream the page server's base backup (LZ4 frames of a tar) into the data directory as it
@@ -311,7 +319,7 @@ class Computes:
         make_pg_owned_dir(datadir.parent)
         make_pg_owned_dir(datadir).chmod(0o700)
         request = pageserver_pb2.BasebackupRequest(
-            tenant=common_pb2.TenantId(id=DEFAULT_TENANT), timeline=common_pb2.TimelineId(id=spec.timeline),
+            tenant=common_pb2.TenantId(id=spec.tenant), timeline=common_pb2.TimelineId(id=spec.timeline),
             lsn=parse_lsn(spec.lsn) if spec.lsn else 0, compression=pageserver_pb2.BASEBACKUP_COMPRESSION_LZ4)
         writer = DataDirectoryWriter(datadir, lz4=True)
         lsn = 0
@@ -358,11 +366,13 @@ class Computes:
     def _write_hba(self, spec: ComputeSpec, node: PostgresNode) -> None:
         """pg_hba.conf: the walreceiver's access first (zctl's), then the compute's own lines, then
         the defaults; pg_ident.conf: the compute's own lines."""
-        walreceiver = ["host replication all 127.0.0.1/32 trust"]
+        # Replication is the walreceiver's role only, with the password of this start (SCRAM): a
+        # process that connects with the walreceiver's application_name cannot acknowledge commits.
+        walreceiver = [f"host replication {REPLICATION_ROLE} 127.0.0.1/32 scram-sha-256"]
         defaults = ["local all all trust", "host all all 127.0.0.1/32 trust"]
         if not spec.loopback_only:
             # A compute in a container network: its peers (walreceiver, clients) are on the same subnets.
-            walreceiver.append("host replication all samenet trust")
+            walreceiver.append(f"host replication {REPLICATION_ROLE} samenet scram-sha-256")
             defaults.append("host all all samenet trust")
         for path, lines in ((node.datadir / "pg_hba.conf", walreceiver + spec.hba + defaults),
                             (node.datadir / "pg_ident.conf", spec.ident)):
@@ -371,13 +381,33 @@ class Computes:
                 pw = pwd.getpwnam(PG_OS_USER)
                 os.chown(path, pw.pw_uid, pw.pw_gid)
 
-    def _attach_walreceiver(self, spec: ComputeSpec, node: PostgresNode, lsn: int, epoch: int) -> None:
+    @staticmethod
+    def _replication_password(spec: ComputeSpec, node: PostgresNode) -> str:
+        """A new password for the walreceiver's role, set (as a SCRAM secret: the password itself is
+        never in a statement or a log) before the walreceiver is attached; the commit does not wait for
+        the synchronous standby that is not there yet."""
+        password = secrets.token_urlsafe(24)
+        secret = make_verifier(password).text()
+        try:
+            node.execute(
+                "SET synchronous_commit = local; "
+                f"DO $zenith$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{REPLICATION_ROLE}') THEN "
+                f"CREATE ROLE {REPLICATION_ROLE}; END IF; END $zenith$; "
+                f"ALTER ROLE {REPLICATION_ROLE} WITH LOGIN REPLICATION PASSWORD '{secret}'")
+        except psycopg.Error as e:
+            node.stop(mode="immediate")
+            raise ComputeError(f"compute {spec.name!r}: cannot set up the walreceiver's role: {e}") from None
+        return password
+
+    def _attach_walreceiver(self, spec: ComputeSpec, node: PostgresNode, lsn: int, epoch: int, password: str) -> None:
         tenant, timeline = self._timeline_request(spec)
+        conninfo = make_conninfo("", host=spec.advertise_host, port=spec.port, user=REPLICATION_ROLE,
+                                 password=password, dbname="postgres",
+                                 application_name=walreceiver_application_name(spec.timeline))
         try:
             self.walreceiver.Attach(walreceiver_pb2.AttachRequest(
                 tenant=tenant, timeline=timeline,
-                primary_conninfo=(f"host={spec.advertise_host} port={spec.port} user={node.user} dbname=postgres "
-                                  f"application_name={walreceiver_application_name(spec.timeline)}"),
+                primary_conninfo=conninfo,
                 slot_name=replication_slot_name(spec.timeline), create_slot=True, start_lsn=lsn,
                 writer_epoch=epoch), timeout=30)
         except grpc.RpcError as e:

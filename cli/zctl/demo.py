@@ -75,8 +75,11 @@ def run_demo(repo: Path) -> int:
     for name, c in _computes(repo).items():
         if c["status"] == "running":
             console.print(f"  {name:24} psql -h 127.0.0.1 -p {c['port']} -U postgres postgres")
-    shim_port = LocalCluster(repo).load_config().ports["shim"]
-    console.print(f"  {'libpq shim':24} psql -h 127.0.0.1 -p {shim_port} -c status")
-    console.print(f"  {'':24} pg_basebackup -h 127.0.0.1 -p {shim_port} -D DIR")
+    cluster = LocalCluster(repo)
+    shim_port = cluster.load_config().ports["shim"]
+    # The shim's user postgres authenticates with SCRAM (password in security/shim_password), over TLS.
+    login = (f'PGPASSWORD="$(cat {cluster.security.shim_password})" ' if cluster.load_config().auth else "")
+    console.print(f"  {'libpq shim':24} {login}psql -h 127.0.0.1 -p {shim_port} -U postgres -c status")
+    console.print(f"  {'':24} {login}pg_basebackup -h 127.0.0.1 -p {shim_port} -U postgres -D DIR", highlight=False)
     console.print(f"\nStop computes and services with: .venv/bin/zctl --repo {repo} stop")
     return 0

@@ -8,6 +8,9 @@ Layout under the repository (directory mode 0700, secrets 0600):
     security/tokens/ingest.jwt   the walreceiver's, for the page server (scope ingest)
     security/tokens/redo.jwt     the page server's, for the redo pool (scope redo)
     security/tokens/shim.jwt     the libpq shim's, for the page server
+    security/shim_users          the libpq shim's password file (SCRAM-SHA-256 secrets; user postgres,
+                                 every tenant)
+    security/shim_password       user postgres's password for the shim
     security/tls/ca.pem          the deployment's CA certificate: clients trust it
     security/tls/server.pem      the services' certificate (signed by the CA), server.key its key
 
@@ -19,14 +22,17 @@ stop the services, delete the directory and `zctl start` makes new ones); tokens
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.auth import ClientSecurity
+from pgformat.scram import make_verifier
+from services.auth import ClientSecurity, format_password_line
 from zauth.certs import DEFAULT_HOSTS, make_tls_files
 from zauth.tokens import ADMIN, INGEST, REDO, SigningKey
 
+SHIM_USER = "postgres"
 SERVICE_TOKENS = {"admin": [ADMIN], "ingest": [INGEST], "redo": [REDO], "shim": [ADMIN]}
 
 
@@ -66,6 +72,14 @@ class SecurityDir:
         return self.root / "tokens" / f"{name}.jwt"
 
     @property
+    def shim_users(self) -> Path:
+        return self.root / "shim_users"
+
+    @property
+    def shim_password(self) -> Path:
+        return self.root / "shim_password"
+
+    @property
     def ca(self) -> Path:
         return self.root / "tls" / "ca.pem"
 
@@ -97,6 +111,11 @@ class SecurityDir:
             if not self.token_file(name).exists():
                 write_secret(self.token_file(name), key.issue(name, scopes).encode())
                 made = True
+        if not self.shim_users.exists():
+            password = secrets.token_urlsafe(18)
+            write_secret(self.shim_password, f"{password}\n".encode())
+            write_secret(self.shim_users, format_password_line(SHIM_USER, make_verifier(password).text(), None).encode())
+            made = True
         if not self.server_cert.exists():
             tls = make_tls_files(list(dict.fromkeys([*DEFAULT_HOSTS, *hosts])))
             write_secret(self.ca, tls.ca_cert, 0o644)

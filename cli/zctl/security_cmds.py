@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -14,20 +13,12 @@ import grpc
 from zauth.tokens import DEFAULT_TENANT, ScopeError, check_scope, parse_duration, tenant_scope
 from zproto import common_pb2, pageserver_pb2
 
-from .cluster_cmds import CommandError, _cluster, _pageserver, _rpc_error
+from .cluster_cmds import CommandError, _cluster, _pageserver, _rpc_error, tenant_of
 from .security import SecurityDir, SecurityError
-
-_TENANT_ID = re.compile(r"^[0-9a-f]{32}$")
-
 
 def tenant_id(text: str | None) -> str:
     """--tenant: 32 lowercase hex digits (None: the default tenant)."""
-    if text is None or text == "":
-        return DEFAULT_TENANT
-    t = text.strip().lower()
-    if not _TENANT_ID.match(t):
-        raise CommandError(f"a tenant id is 32 hex digits (see `zctl tenant list`), got {text!r}")
-    return t
+    return tenant_of(argparse.Namespace(tenant=text))
 
 
 def cmd_keys(args: argparse.Namespace) -> int:

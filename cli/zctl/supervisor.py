@@ -147,10 +147,12 @@ class LocalCluster:
         """How a service checks its callers and calls the next one (files only: no secret in argv)."""
         sec = self.security
         argv: list[str] = []
-        if name != "shim":
+        if name == "shim" and config.auth:  # SCRAM users, and tokens as the password
+            argv += ["--password-file", str(sec.shim_users), "--auth-public-key", str(sec.public_key)]
+        else:
             argv += ["--auth-public-key", str(sec.public_key)] if config.auth else ["--insecure"]
-            if config.tls:
-                argv += ["--tls-cert", str(sec.server_cert), "--tls-key", str(sec.server_key)]
+        if config.tls:
+            argv += ["--tls-cert", str(sec.server_cert), "--tls-key", str(sec.server_key)]
         if token is not None and config.auth:
             argv += ["--token-file", str(sec.token_file(token))]
         if token is not None and config.tls:
@@ -225,8 +227,10 @@ class LocalCluster:
         return out
 
     def _healthy(self, name: str, config: ClusterConfig) -> bool:
-        if name == "shim":
-            return wire_check(config.host, config.ports["shim"])
+        if name == "shim":  # a session as zctl: the admin token as the password, over TLS when on
+            client = self.client_security()
+            return wire_check(config.host, config.ports["shim"], password=client.token,
+                              sslmode="require" if config.tls else "prefer")
         return health_check(config.address(name), HEALTH_NAMES[name],
                             ca=self.security.ca.read_bytes() if config.tls and self.security.ca.exists() else None)
 
@@ -249,13 +253,14 @@ def health_check(address: str, service: str, timeout: float = 1.0, ca: bytes | N
         return False
 
 
-def wire_check(host: str, port: int, timeout: float = 2.0) -> bool:
+def wire_check(host: str, port: int, timeout: float = 2.0, password: str | None = None,
+               sslmode: str = "prefer") -> bool:
     """The libpq shim completes a Postgres protocol startup (it speaks no gRPC health)."""
     import psycopg
 
     try:
         with psycopg.connect(host=host, port=port, user="zctl", dbname="zctl", connect_timeout=int(max(1, timeout)),
-                             autocommit=True):
+                             password=password or "", sslmode=sslmode, autocommit=True):
             return True
     except psycopg.Error:
         return False

@@ -371,6 +371,31 @@ SSL_REFUSED: Final = b"N"
 SSL_ACCEPTED: Final = b"S"
 
 
+def auth_sasl(mechanisms: list[str]) -> bytes:
+    """AuthenticationSASL (10): the mechanisms offered, each a C string, then an empty one."""
+    return message(b"R", struct.pack("!I", 10) + b"".join(_cstr(m) for m in mechanisms) + b"\0")
+
+
+def auth_sasl_continue(data: bytes) -> bytes:
+    """AuthenticationSASLContinue (11): the mechanism's next message (SCRAM's server-first)."""
+    return message(b"R", struct.pack("!I", 11) + data)
+
+
+def auth_sasl_final(data: bytes) -> bytes:
+    """AuthenticationSASLFinal (12): the mechanism's outcome data (SCRAM's server-final)."""
+    return message(b"R", struct.pack("!I", 12) + data)
+
+
+def parse_sasl_initial_response(body: bytes) -> tuple[str, bytes]:
+    """SASLInitialResponse ('p'): the mechanism chosen and its first message (length -1: none)."""
+    b = _Body(body, "SASLInitialResponse")
+    mechanism = b.cstring()
+    n = b.int32()
+    data = b.take(n) if n >= 0 else b""
+    b.done()
+    return mechanism, data
+
+
 def auth_md5_password(salt: bytes) -> bytes:
     if len(salt) != 4:
         raise ValueError("md5 salt must be 4 bytes")
@@ -478,6 +503,7 @@ class SqlState:
     FEATURE_NOT_SUPPORTED: Final = "0A000"
     INVALID_PASSWORD: Final = "28P01"
     INVALID_AUTHORIZATION: Final = "28000"
+    INSUFFICIENT_PRIVILEGE: Final = "42501"
     SYNTAX_ERROR: Final = "42601"
     UNDEFINED_OBJECT: Final = "42704"
     INVALID_PARAMETER_VALUE: Final = "22023"

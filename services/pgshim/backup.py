@@ -67,7 +67,7 @@ def parse_basebackup_command(args: list[Token]) -> Command:
     gzip = "--gzip" in flags
 
     async def run(session: Session) -> None:
-        client = session.server.client
+        client = session.client
         info = await client.resolve_timeline(tenant, timeline)
         compressor = zlib.compressobj(6, zlib.DEFLATED, 31) if gzip else None
         session.send(wire.copy_out_response())
@@ -227,7 +227,7 @@ class _ArchiveWriter:
 
 async def send_base_backup(session: Session, settings: BaseBackupSettings) -> None:
     target = await session.resolve_target()
-    client = session.server.client
+    client = session.client
     call = client.basebackup(target.tenant, target.timeline, target.lsn or 0)
     expected_wal: int | None = None
     try:

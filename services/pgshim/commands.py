@@ -220,7 +220,7 @@ _STATUS_COLUMNS = [Column(n) for n in ("tenant", "timeline_id", "branch", "ances
 
 async def run_status(session: Session) -> Result:
     """One row per timeline of every tenant."""
-    client = session.server.client
+    client = session.client
     rows: list[list[str | bytes | None]] = []
     for tenant in await client.tenants():
         for t in await client.timelines(tenant):

@@ -116,7 +116,7 @@ async def _answer_get_page(req: ps.PagestreamRequest, version: int, fut: asyncio
 
 async def _answer_unary(session: Session, req: ps.PagestreamRequest, version: int, tenant: str,
                         timeline: str) -> bytes:
-    client = session.server.client
+    client = session.client
     ids = client.ids(tenant, timeline)
     stub = client.stub
     try:
@@ -152,7 +152,7 @@ async def _answer_unary(session: Session, req: ps.PagestreamRequest, version: in
 
 async def serve(session: Session, tenant: str, timeline: str, version: int) -> None:
     """The CopyBoth loop: read request batches, answer them in order."""
-    client = session.server.client
+    client = session.client
     info = await client.resolve_timeline(tenant, timeline)  # clear error before entering COPY
     timeline = info.timeline.id
     session.send(wire.copy_both_response())

@@ -119,7 +119,7 @@ def segment_start_from_name(name: str) -> int | None:
 
 async def identify_system(session: Session) -> Result:
     target = await session.resolve_target()
-    info = await session.server.client.timeline(target.tenant, target.timeline)
+    info = await session.client.timeline(target.tenant, target.timeline)
     xlogpos = target.lsn if target.lsn is not None else info.last_record_lsn
     columns = [Column("systemid"), Column("timeline", wire.INT4_OID, 4), Column("xlogpos"), Column("dbname")]
     return Result(columns, [[str(info.system_identifier), str(TIMELINE_ID), format_lsn(xlogpos), None]],
@@ -151,7 +151,7 @@ def parse_create_slot(args: list[Token]) -> Command:
         if name in session.temp_slots:
             raise ShimError("42710", f"replication slot \"{name}\" already exists")
         target = await session.resolve_target()
-        info = await session.server.client.timeline(target.tenant, target.timeline)
+        info = await session.client.timeline(target.tenant, target.timeline)
         session.temp_slots.add(name)
         point = target.lsn if target.lsn is not None else info.last_record_lsn
         columns = [Column("slot_name"), Column("consistent_point"), Column("snapshot_name"), Column("output_plugin")]

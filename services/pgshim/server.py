@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.auth import ClientSecurity
+from zauth.tokens import TokenVerifier
 
+from .auth import ShimUser
 from .client import PageServerClient
 from .replication import WalSegments
 from .session import Session
@@ -26,9 +28,10 @@ class ShimConfig:
     pageserver: str
     host: str = "127.0.0.1"
     port: int = 6400
-    password: str | None = None  # None: trust
-    auth_method: str = "md5"  # md5 or password (cleartext; use with TLS)
-    tls_cert: Path | None = None
+    insecure: bool = False  # trust every client (development only)
+    users: dict[str, ShimUser] = field(default_factory=dict)  # SCRAM-SHA-256 users of the password file
+    verifier: TokenVerifier | None = None  # tokens accepted as the password (over TLS)
+    tls_cert: Path | None = None  # TLS required when set
     tls_key: Path | None = None
     max_connections: int = 100
     max_message_length: int = 1 << 20

@@ -11,19 +11,19 @@ other sessions are not affected.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
-import os
 import secrets
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pgformat import wire
+from pgformat import scram, wire
 from pgformat.lsn import LsnFormatError, parse_lsn
 from pgformat.wire import ProtocolError, SqlState
 
+from zauth.tokens import TokenError
+
+from .auth import Principal, TenantView
 from .client import DEFAULT_TENANT, Target
 from .commands import Command, Result, parse_command
 from .errors import ClientGone, ShimError
@@ -72,6 +72,9 @@ class Session:
         self._command_task: asyncio.Task[None] | None = None
         self._cancelled = False
         self.temp_slots: set[str] = set()
+        self.tls = False
+        self.principal = Principal("-", frozenset())  # nobody until authenticated
+        self.client = TenantView(server.client, self.principal)
 
     # -- I/O -----------------------------------------------------------------------
 
@@ -160,12 +163,17 @@ class Session:
             packet = wire.parse_startup_packet(await self._read_exact(length))
             if isinstance(packet, wire.SSLRequest):
                 tls = self.server.tls_context
-                if tls is None or self.writer.get_extra_info("sslcontext") is not None:
+                if tls is None or self.tls:
                     self.send(wire.SSL_REFUSED)
                     continue
+                # Bytes the client sent before the handshake would be read as if they had come
+                # through TLS (CVE-2021-23214): refused, as Postgres does.
+                if self.reader._buffer:  # asyncio keeps what it read ahead here; nothing else tells
+                    raise ShimError(SqlState.PROTOCOL_VIOLATION, "received unencrypted data after SSL request")
                 self.send(wire.SSL_ACCEPTED)
                 await self.flush()
                 await self.writer.start_tls(tls)
+                self.tls = True
                 continue
             if isinstance(packet, wire.GSSEncRequest):
                 self.send(wire.SSL_REFUSED)  # 'N': no GSSAPI encryption
@@ -174,6 +182,9 @@ class Session:
                 self.server.cancel(packet.pid, packet.secret)
                 return False
             break
+        if self.server.tls_context is not None and not self.tls:
+            raise ShimError(SqlState.INVALID_AUTHORIZATION, "this server accepts TLS connections only",
+                            hint="connect with sslmode=require (or prefer, libpq's default)")
         params = packet.params
         settings = wire.parse_options(params.get("options", ""))
         replication = params.get("replication", "false").lower()
@@ -185,7 +196,8 @@ class Session:
             replication=replication not in ("false", "off", "no", "0"),
             application_name=params.get("application_name", ""), settings=settings)
         self.requested = self._requested_target(settings)
-        await self._authenticate(self.startup.user)
+        self.principal = await self._authenticate(self.startup.user)
+        self.client = TenantView(self.server.client, self.principal)
         if not self.server.admit(self):
             raise ShimError(SqlState.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
         self.send(wire.AUTH_OK)
@@ -200,6 +212,7 @@ class Session:
         self.send(wire.ready_for_query())
         await self.flush()
         log.info("session started", extra={"pid": self.pid, "peer": self.peer, "user": self.startup.user,
+                                           "principal": self.principal.name, "tls": self.tls,
                                            "replication": self.startup.replication})
         return True
 
@@ -214,31 +227,64 @@ class Session:
             raise ShimError(SqlState.INVALID_PARAMETER_VALUE, f"zenith.lsn: {e}") from None
         return tenant, branch, lsn
 
-    async def _authenticate(self, user: str) -> None:
-        password = self.server.config.password
-        if password is None:
-            return
-        method = self.server.config.auth_method
-        if method == "md5":
-            salt = os.urandom(4)
-            self.send(wire.auth_md5_password(salt))
-            inner = hashlib.md5((password + user).encode()).hexdigest()  # noqa: S324 - the md5 auth protocol
-            expected = "md5" + hashlib.md5(inner.encode() + salt).hexdigest()  # noqa: S324
-        else:
-            self.send(wire.AUTH_CLEARTEXT_PASSWORD)
-            expected = password
+    async def _authenticate(self, user: str) -> Principal:
+        """Trust (--insecure), SCRAM-SHA-256 for a user of the password file, else a token as the
+        password (TLS only: it travels in clear text). See auth.py."""
+        config = self.server.config
+        if config.insecure:
+            return Principal(user, None)
+        known = config.users.get(user)
+        if known is not None:
+            await self._scram(known.secret, user)
+            return Principal(user, known.tenants)
+        if config.verifier is None:
+            raise ShimError(SqlState.INVALID_PASSWORD, f"password authentication failed for user \"{user}\"")
+        if not self.tls:
+            raise ShimError(SqlState.INVALID_AUTHORIZATION,
+                            "a token is accepted as the password over TLS only (it would travel in clear text)",
+                            hint="connect with sslmode=require")
+        self.send(wire.AUTH_CLEARTEXT_PASSWORD)
         await self.flush()
         kind, body = await self.recv()
         if kind != b"p":
             raise ProtocolError(f"expected a password message, got message type {kind!r}")
-        if not hmac.compare_digest(wire.parse_password(body).encode(), expected.encode()):
-            raise ShimError(SqlState.INVALID_PASSWORD, f"password authentication failed for user \"{user}\"")
+        try:
+            claims = config.verifier.verify(wire.parse_password(body))
+        except TokenError as e:
+            log.warning("authentication failed", extra={"pid": self.pid, "peer": self.peer, "user": user,
+                                                        "reason": str(e)})
+            raise ShimError(SqlState.INVALID_PASSWORD, f"password authentication failed for user \"{user}\"") from None
+        return Principal(claims.subject, None if claims.is_admin else claims.tenants)
+
+    async def _scram(self, secret: scram.ScramVerifier, user: str) -> None:
+        failed = ShimError(SqlState.INVALID_PASSWORD, f"password authentication failed for user \"{user}\"")
+        self.send(wire.auth_sasl([scram.MECHANISM]))
+        await self.flush()
+        kind, body = await self.recv()
+        if kind != b"p":
+            raise ProtocolError(f"expected a SASLInitialResponse message, got message type {kind!r}")
+        mechanism, first = wire.parse_sasl_initial_response(body)
+        if mechanism != scram.MECHANISM:
+            raise ShimError(SqlState.PROTOCOL_VIOLATION, f"client selected an invalid SASL authentication "
+                                                         f"mechanism {mechanism!r}")
+        exchange = scram.ScramServer(secret)
+        try:
+            self.send(wire.auth_sasl_continue(exchange.first(first)))
+            await self.flush()
+            kind, body = await self.recv()
+            if kind != b"p":
+                raise ProtocolError(f"expected a SASLResponse message, got message type {kind!r}")
+            self.send(wire.auth_sasl_final(exchange.final(body)))
+        except scram.ScramError as e:
+            log.warning("authentication failed", extra={"pid": self.pid, "peer": self.peer, "user": user,
+                                                        "reason": str(e)})
+            raise failed from None
 
     async def resolve_target(self) -> Target:
         """The branch/LSN chosen at startup (zenith.branch, zenith.lsn), checked against the page server."""
         if self.target is None:
             tenant, branch, lsn = self.requested
-            info = await self.server.client.resolve_timeline(tenant, branch)
+            info = await self.client.resolve_timeline(tenant, branch)
             self.target = Target(tenant, info.timeline.id, lsn)
         return self.target
 

@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "stored it durably")
     p.add_argument("--state-file", type=Path, default=None, metavar="PATH",
                    help="keep the attachments in this JSON file, so they survive a restart (default: in memory only)")
+    p.add_argument("--allow-primary-host", action="append", default=[], metavar="HOST|NETWORK",
+                   help="Attach may name only these primaries (names, addresses or networks like 10.0.0.0/8; "
+                        "repeatable; default: any TCP host)")
     add_metrics_argument(p)
     add_security_arguments(p)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -128,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         security = server_security(args)
         options = ReceiverOptions(status_interval=args.status_interval, backoff_max=args.max_backoff,
-                                  pageserver_security=client_security(args, dict(os.environ)))
+                                  pageserver_security=client_security(args, dict(os.environ)),
+                                  allowed_primary_hosts=tuple(args.allow_primary_host))
     except SecurityConfigError as e:
         print(f"zenith-walreceiver: {e}", file=sys.stderr)
         return 2

@@ -108,6 +108,8 @@ class ReceiverOptions:
     failing_after: int = 4
     # The token (ingest scope) and CA the page server is called with.
     pageserver_security: ClientSecurity = field(default_factory=ClientSecurity)
+    # Hosts (names, addresses, networks) Attach may name as a primary; empty: any TCP host.
+    allowed_primary_hosts: tuple[str, ...] = ()
 
 
 class State(enum.Enum):

@@ -20,8 +20,10 @@ from typing import Any, Final
 
 import grpc
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from pgformat.lsn import format_lsn, parse_lsn
+from services.auth import check_primary_conninfo
 from zproto import common_pb2, pageserver_pb2, pageserver_pb2_grpc, walreceiver_pb2, walreceiver_pb2_grpc
 
 from .errors import FatalError, ReplicationError, WalReceiverError
@@ -248,6 +250,7 @@ class WalReceiverServicer(walreceiver_pb2_grpc.WalReceiverServicer):
         )
         try:
             replication_conninfo(config.conninfo, timeline)
+            check_primary_conninfo(conninfo_to_dict(config.conninfo), self.options.allowed_primary_hosts)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         self._check_timeline(context, config)
