@@ -293,7 +293,7 @@ def test_a_second_page_server_on_one_repository_is_refused(tmp_path: Path) -> No
     with pytest.raises(RepositoryError, match=rf"in use by another page server \(pid {os.getpid()}\)"):
         Repository(tmp_path / "repo")
     proc = subprocess.run([sys.executable, "-m", "services.pageserver.main", "--repo", str(tmp_path / "repo"),
-                           "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=60)
+                           "--listen", "127.0.0.1:0", "--insecure"], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "in use by another page server" in proc.stderr, proc.stderr[-2000:]
     first.close()
     Repository(tmp_path / "repo").close()  # the lock went with the first
