@@ -72,7 +72,7 @@ POLICIES: dict[str, dict[str, Rule]] = {
         "GetTimeline": Rule(frozenset({ADMIN, INGEST}), _tenant),  # the walreceiver checks where WAL goes
         "CreateTimeline": Rule(frozenset({ADMIN}), _branch_tenant),
         **{m: _ADMIN for m in ("CreateTenant", "ListTenants", "Gc", "ClaimTimeline", "ReleaseTimeline",
-                               "CreateImageLayer", "Import")},
+                               "CreateImageLayer", "Checkpoint", "Import")},
         "Ingest": Rule(frozenset({INGEST})),
     },
     "zenith.v1.Redo": {"ApplyRecords": Rule(frozenset({REDO})), "ApplyRecordsStream": Rule(frozenset({REDO}))},

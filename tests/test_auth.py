@@ -46,7 +46,7 @@ EXPECTED: dict[str, dict[str, set[str]]] = {
         "GetTimeline": {ADMIN, INGEST, "tenant"},
         "CreateTimeline": {ADMIN, "tenant"},  # the request below is a branch; a root timeline is admin only
         **{m: {ADMIN} for m in ("CreateTenant", "ListTenants", "Gc", "ClaimTimeline", "ReleaseTimeline",
-                                "CreateImageLayer", "Import")},
+                                "CreateImageLayer", "Checkpoint", "Import")},
         "Ingest": {INGEST},
     },
     "zenith.v1.Redo": {"ApplyRecords": {REDO}, "ApplyRecordsStream": {REDO}},
