@@ -1,6 +1,7 @@
 """Compute start on a branch of a ~1 GB database vs pg_basebackup of a vanilla primary plus boot.
 
     .venv/bin/python bench/compute_start.py [--scale 70] [--runs 3] [--load wal|attach] [--sync] [--quick]
+                                            [--lazy [--pgbench-seconds 20]]
 
 One zctl repository holding pgbench scale SCALE on branch main, loaded as an
 operator would (see bench/zenith_repo.py; by default `zctl init` and
@@ -30,6 +31,16 @@ Before the runs, the bench waits until the page server's background image
 layer covers the load (reported as "image layer N s later"), as it would
 have long before on a server that has been up a while.
 
+With --lazy, every run also starts a lazy compute (`zctl pg create --lazy`,
+timed the same way as ours: launch of `zctl pg start` -> first answer; its
+slim base backup has no relation files) right after the full copy, and the
+medians compare lazy / full copy (goal < 1 s whatever the size). Then, once,
+on a new lazy and a new full-copy compute (one at a time): the first full scan
+of pgbench_accounts (`SELECT count(*), sum(abalance)`, cold: the lazy
+compute fetches every page from the page server), `pgbench -n -c 2 -T N`
+(TPS; goal lazy >= 0.8x full), and the local disk the lazy compute's
+overlay takes after it (about the pages written, not the database).
+
 The first query is `SELECT sum(bbalance) FROM pgbench_branches`; after each
 run, untimed, both copies must agree on count(*) and sum(abalance) of
 pgbench_accounts. Prints every run, the medians and the ratio ours / vanilla
@@ -39,6 +50,7 @@ pgbench_accounts. Prints every run, the medians and the ratio ours / vanilla
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import statistics
 import sys
@@ -89,11 +101,11 @@ def basebackup_end(br: BenchRepo, log_offset: int) -> float | None:
     return None
 
 
-def run_ours(br: BenchRepo, i: int) -> tuple[float, float | None, object]:
-    name = f"start{i}"
+def run_ours(br: BenchRepo, i: int, lazy: bool = False) -> tuple[float, float | None, object]:
+    name = f"{'lazy' if lazy else 'start'}{i}"
     port = free_port()
     br.zctl("branch", "create", name, "--parent", "main")
-    br.zctl("pg", "create", name, "--branch", name, "--port", str(port))
+    br.zctl("pg", "create", name, "--branch", name, "--port", str(port), *(["--lazy"] if lazy else []))
     br.primary.execute("CHECKPOINT")  # as before the vanilla run: both start with the primary at rest
     offset = br.pageserver_log_size()
     wall0, t0 = time.time(), time.perf_counter()
@@ -105,6 +117,36 @@ def run_ours(br: BenchRepo, i: int) -> tuple[float, float | None, object]:
     br.zctl("pg", "stop", name)
     shutil.rmtree(br.repo / "computes" / name / "pgdata")  # as vanilla's copy: each run writes into freed memory
     return total, (end - wall0 if end is not None else None), (answer, checked)
+
+
+@dataclass
+class Workload:
+    scan_seconds: float  # first full scan of pgbench_accounts after start
+    tps: float  # pgbench -n -c 2 -T N, once warm
+    overlay_bytes: int  # local disk of the lazy compute's overlay after pgbench (0 for a full copy)
+
+
+def run_workload(br: BenchRepo, lazy: bool, seconds: int) -> Workload:
+    """A new compute on a new branch: cold first scan, then pgbench; the overlay's disk after it."""
+    name = f"work{'lazy' if lazy else 'full'}"
+    port = free_port()
+    br.zctl("branch", "create", name, "--parent", "main")
+    br.zctl("pg", "create", name, "--branch", name, "--port", str(port), *(["--lazy"] if lazy else []))
+    br.zctl("pg", "start", name, timeout=7200)
+    try:
+        with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres", autocommit=True) as conn:
+            t0 = time.perf_counter()
+            conn.execute(CHECK_QUERY).fetchone()
+            scan = time.perf_counter() - t0
+        node = PostgresNode(br.repo / "computes" / name / "pgdata", port)
+        out = node.pgbench("-n", "-c", "2", "-j", "2", "-T", str(seconds))
+        tps = float(re.search(r"tps = ([0-9.]+)", out).group(1))  # type: ignore[union-attr]
+        node.sql("CHECKPOINT")  # what the compute wrote reaches its files (the overlay, if lazy)
+        overlay = br.repo / "computes" / name / "lazy" / "overlay"
+        used = sum(f.stat().st_blocks * 512 for f in overlay.rglob("*") if f.is_file()) if lazy else 0
+    finally:
+        br.zctl("pg", "stop", name)
+    return Workload(scan, tps, used)
 
 
 def run_vanilla(br: BenchRepo, workdir: Path, i: int, sync: bool) -> tuple[float, float, object]:
@@ -143,6 +185,8 @@ def main() -> int:
     ap.add_argument("--sync", action="store_true", help="let pg_basebackup fsync the copy (default: --no-sync)")
     ap.add_argument("--quick", action="store_true", help="smoke run: scale 1, one run")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--lazy", action="store_true", help="also lazy computes: start, first scan, pgbench, disk")
+    ap.add_argument("--pgbench-seconds", type=int, default=20, help="pgbench duration with --lazy (default 20)")
     args = ap.parse_args()
     if args.quick:
         args.scale, args.runs = 1, 1
@@ -150,6 +194,8 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench-compute-", dir="/tmp"))
     br = build(workdir, args.scale, args.load)
     runs: list[Run] = []
+    lazy_runs: list[float] = []
+    work: dict[str, Workload] = {}
     try:
         for i in range(args.runs):
             if i % 2 == 0:
@@ -164,6 +210,16 @@ def main() -> int:
             if ours_answer != vanilla_answer:
                 raise RuntimeError(f"the copies disagree: ours {ours_answer}, vanilla {vanilla_answer}")
             runs.append(Run(ours, ours_bb, vanilla, vanilla_bb))
+            if args.lazy:
+                lazy, _, lazy_answer = run_ours(br, i, lazy=True)
+                log(f"run {i + 1}/{args.runs}: lazy {lazy:.2f} s")
+                if lazy_answer != vanilla_answer:
+                    raise RuntimeError(f"the copies disagree: lazy {lazy_answer}, vanilla {vanilla_answer}")
+                lazy_runs.append(lazy)
+        if args.lazy:
+            for kind in ("lazy", "full"):
+                log(f"{kind} compute: first full scan, then pgbench for {args.pgbench_seconds} s")
+                work[kind] = run_workload(br, kind == "lazy", args.pgbench_seconds)
         repo_mb = br.repository_bytes() / MB
     finally:
         br.close(keep=args.keep)
@@ -188,6 +244,20 @@ def main() -> int:
     print()
     print(f"anchor: median time to first answer, ours {ours_med:.2f} s / vanilla {vanilla_med:.2f} s = "
           f"{ours_med / vanilla_med:.2f}x (target <= 1)")
+    if lazy_runs:
+        lazy_med = statistics.median(lazy_runs)
+        print()
+        print("lazy compute, zctl pg start -> first answer, per run: "
+              + ", ".join(f"{t:.2f}" for t in lazy_runs) + " s")
+        print(f"lazy: median {lazy_med:.2f} s vs full copy {ours_med:.2f} s = {lazy_med / ours_med:.2f}x "
+              f"(goal < 1 s)")
+        lz, fc = work["lazy"], work["full"]
+        print(f"first full scan of pgbench_accounts: lazy {lz.scan_seconds:.2f} s, full copy {fc.scan_seconds:.2f} s "
+              f"= {lz.scan_seconds / fc.scan_seconds:.1f}x")
+        print(f"pgbench -c 2 -T {args.pgbench_seconds}: lazy {lz.tps:.0f} TPS, full copy {fc.tps:.0f} TPS "
+              f"= {lz.tps / fc.tps:.2f}x (goal >= 0.8)")
+        print(f"lazy compute's overlay after pgbench: {lz.overlay_bytes / MB:.1f} MB on disk "
+              f"(database {br.db_bytes / MB:.0f} MB)")
     return 0
 
 

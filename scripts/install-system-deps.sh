@@ -2,7 +2,9 @@
 # Installs the Debian packages the project needs, only where missing:
 # the PostgreSQL 15 server and client tools, python3-venv, and a C compiler
 # with the Python headers for the compiled page operations (pgformat._native;
-# without them the install still works and redo runs in pure Python).
+# without them the install still works and redo runs in pure Python), and
+# libfuse3 (fuse3, libfuse3-dev, pkg-config) that pip builds pyfuse3 against
+# for lazy computes.
 set -euo pipefail
 
 need=()
@@ -15,6 +17,9 @@ command -v gcc >/dev/null 2>&1 || need+=(gcc)
 "${PYTHON:-python3}" -c 'import os, sys, sysconfig
 sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' >/dev/null 2>&1 \
     || need+=(python3-dev)
+command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
+[ -e /usr/include/fuse3/fuse_lowlevel.h ] || need+=(libfuse3-dev)
+command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVICES = ("pageserver", "walreceiver", "redo", "pgshim")
+SERVICES = ("pageserver", "walreceiver", "redo", "pgshim", "computefs")
 _NO_IO_MODULES = ("socket", "subprocess", "sqlite3", "shutil", "tempfile", "threading", "multiprocessing",
                   "asyncio", "selectors", "select", "mmap", "pathlib", "io", "glob")
 

@@ -33,8 +33,10 @@ def test_branch_create_quick() -> None:
 
 @pytest.mark.slow
 def test_compute_start_quick() -> None:
-    out = run_bench("compute_start.py", "--quick")
+    out = run_bench("compute_start.py", "--quick", "--lazy", "--pgbench-seconds", "2")
     m = re.search(r"^1\s+([0-9.]+)\s", out, re.M)
     assert m and float(m.group(1)) > 0, out
     assert re.search(r"^anchor: median time to first answer, ours [0-9.]+ s / vanilla [0-9.]+ s = [0-9.]+x", out,
                      re.M), out
+    assert re.search(r"^lazy: median [0-9.]+ s vs full copy [0-9.]+ s", out, re.M), out
+    assert re.search(r"^pgbench -c 2 -T 2: lazy [0-9]+ TPS, full copy [0-9]+ TPS", out, re.M), out

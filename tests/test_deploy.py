@@ -36,6 +36,7 @@ DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 
 
 def _parsers() -> dict[str, argparse.ArgumentParser]:
+    from services.computefs.main import build_parser as computefs
     from services.pageserver.main import build_parser as pageserver
     from services.pgshim.main import build_parser as pgshim
     from services.redo.main import build_parser as redo
@@ -43,7 +44,7 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
     from zctl.main import build_parser as zctl_parser
 
     return {"zenith-pageserver": pageserver(), "zenith-pgshim": pgshim(), "zenith-redo": redo(),
-            "zenith-walreceiver": walreceiver(), "zctl": zctl_parser()}
+            "zenith-walreceiver": walreceiver(), "zenith-computefs": computefs(), "zctl": zctl_parser()}
 
 
 @pytest.fixture(scope="module")

@@ -129,6 +129,11 @@ def cmd_stop(args: argparse.Namespace) -> int:
                 console.print(f"stopped compute {spec.name}")
             except (ComputeError, grpc.RpcError) as e:
                 console.print(f"[yellow]compute {spec.name}: {e}[/yellow]")
+        else:
+            try:
+                computes.unmount(spec)  # a lazy compute that was killed: its filesystem process
+            except ComputeError as e:
+                console.print(f"[yellow]compute {spec.name}: {e}[/yellow]")
     cluster.stop()
     console.print("stopped services")
     return 0

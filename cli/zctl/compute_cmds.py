@@ -162,7 +162,8 @@ def cmd_branch_list(args: argparse.Namespace) -> int:
 
 def _computes(args: argparse.Namespace) -> Computes:
     cluster = _cluster(args)
-    return Computes(cluster.repo, _pageserver(cluster), _walreceiver(cluster))
+    return Computes(cluster.repo, _pageserver(cluster), _walreceiver(cluster),
+                    pageserver_address=cluster.load_config().address("pageserver"))
 
 
 def cmd_pg_create(args: argparse.Namespace) -> int:
@@ -174,10 +175,12 @@ def cmd_pg_create(args: argparse.Namespace) -> int:
             check_writable(args.branch, branch)
         settings = dict(parse_assignment(c) for c in args.setting or [])
         spec = computes.create(args.name, args.branch, branch.timeline.id, lsn, args.port, settings=settings,
-                               tenant=tenant_of(args))
+                               tenant=tenant_of(args), lazy=args.lazy)
     except (ComputeError, ComputeConfigError) as e:
         raise CommandError(str(e)) from None
     mode = f"read-only at {spec.lsn}" if spec.lsn else "writable"
+    if spec.lazy:
+        mode += ", lazy"
     print(f"compute {spec.name} created on branch {spec.branch} ({mode}), port {spec.port}")
     return 0
 
@@ -243,17 +246,19 @@ def cmd_pg_config(args: argparse.Namespace) -> int:
 def cmd_pg_list(args: argparse.Namespace) -> int:
     computes = _computes(args)
     rows = [{"name": c.name, "branch": c.branch, "timeline_id": c.timeline, "port": c.port,
-             "status": "running" if computes.is_running(c) else "stopped", "lsn": c.lsn, "settings": c.settings}
+             "status": "running" if computes.is_running(c) else "stopped", "lsn": c.lsn, "settings": c.settings,
+             "lazy": c.lazy}
             for c in computes.list()]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     table = Table(title="computes")
-    for col in ("name", "branch", "port", "status", "lsn", "settings"):
+    for col in ("name", "branch", "port", "status", "lsn", "data", "settings"):
         table.add_column(col)
     for r in rows:
         settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items())
-        table.add_row(r["name"], r["branch"], str(r["port"]), r["status"], r["lsn"] or "(writable)", settings)
+        table.add_row(r["name"], r["branch"], str(r["port"]), r["status"], r["lsn"] or "(writable)",
+                      "lazy" if r["lazy"] else "full copy", settings)
     Console().print(table)
     return 0
 
@@ -318,14 +323,15 @@ def cmd_pg_run(args: argparse.Namespace) -> int:
     """A compute in the foreground (a container's main process): start, then supervise until SIGTERM."""
     cluster = _cluster(args)
     _wait_for(cluster, ["pageserver"] if args.lsn else ["pageserver", "walreceiver"], args.wait)
-    computes = Computes(cluster.repo, _pageserver(cluster), _walreceiver(cluster))
+    computes = Computes(cluster.repo, _pageserver(cluster), _walreceiver(cluster),
+                        pageserver_address=cluster.load_config().address("pageserver"))
     branch = find_branch(computes.pageserver, args.branch, tenant_of(args))
     try:
         if computes.exists(args.name):
             computes.destroy(args.name)  # a container restart starts over from the page server
         computes.create(args.name, args.branch, branch.timeline.id, parse_lsn(args.lsn) if args.lsn else None,
                         args.port, listen_addresses=args.listen_addresses, advertise_host=args.advertise_host,
-                        tenant=tenant_of(args))
+                        tenant=tenant_of(args), lazy=args.lazy)
         spec, lsn = computes.start(args.name)
     except ComputeError as e:
         raise CommandError(str(e)) from None
@@ -428,6 +434,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("name")
     p.add_argument("--branch", default="main")
     p.add_argument("--lsn", default=None, metavar="X/X", help="read-only at this LSN")
+    p.add_argument("--lazy", action="store_true",
+                   help="relation files served on demand from the page server (a FUSE mount) instead of a "
+                        "full copy: starts in O(1) at any database size")
     p.add_argument("--port", type=int, default=None)
     p.add_argument("-c", dest="setting", action="append", metavar="NAME=VALUE",
                    help="a Postgres setting the compute keeps (as ALTER SYSTEM would); repeatable")
@@ -445,6 +454,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--branch", default="main")
     p.add_argument("--lsn", default=None, metavar="X/X", help="read-only at this LSN")
     p.add_argument("--port", type=int, default=5432)
+    p.add_argument("--lazy", action="store_true", help="relation files served on demand (needs /dev/fuse)")
     p.add_argument("--listen-addresses", default="*", help="Postgres listen_addresses (default: all)")
     p.add_argument("--advertise-host", default=socket.gethostname(),
                    help="host name the walreceiver connects to (default: this host's name)")

@@ -7,8 +7,17 @@ then tells the walreceiver to stream its WAL into the branch ("callmemaybe"),
 and names the walreceiver in synchronous_standby_names so that a commit
 returns only once the page server holds it.
 
-Layout under the repository: computes/<name>/compute.json and
-computes/<name>/pgdata (owned by the postgres OS user).
+A *lazy* compute (`zctl pg create --lazy`) gets a slim base backup instead
+(no relation files) and its base/ and global/ come from a FUSE filesystem
+(services/computefs, started and stopped by lazy_mount.py) that reads relation
+pages from the page server at the backup's LSN on demand and keeps what the
+compute writes in a local overlay: its start does not grow with the database.
+Like a full copy it starts from the page server every time (a fresh overlay at
+the branch's latest LSN), so a crash loses nothing the walreceiver acknowledged.
+
+Layout under the repository: computes/<name>/compute.json,
+computes/<name>/pgdata (owned by the postgres OS user) and, for a lazy
+compute, computes/<name>/lazy (see lazy_mount.py).
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from zproto import common_pb2, pageserver_pb2, pageserver_pb2_grpc, walreceiver_
 
 from .compute_config import ComputeConfigError, check_hba_line, read_back, updated
 from .extract import DataDirectoryWriter, ExtractError
+from .lazy_mount import LazyMountError, LazyPaths, mount, unmount
 from .postgres import PG_OS_USER, PostgresNode, free_port, make_pg_owned_dir, pid_alive
 from .supervisor import write_file_atomically
 
@@ -94,6 +104,7 @@ class ComputeSpec:
     hba: list[str] = field(default_factory=list)
     ident: list[str] = field(default_factory=list)
     tenant: str = DEFAULT_TENANT
+    lazy: bool = False  # relation files served on demand by a FUSE mount instead of a full copy
 
     @property
     def loopback_only(self) -> bool:
@@ -102,11 +113,12 @@ class ComputeSpec:
 
 class Computes:
     def __init__(self, repo: Path, pageserver: pageserver_pb2_grpc.PageServerStub,
-                 walreceiver: walreceiver_pb2_grpc.WalReceiverStub) -> None:
+                 walreceiver: walreceiver_pb2_grpc.WalReceiverStub, *, pageserver_address: str = "") -> None:
         self.warnings: list[str] = []  # from the last start or stop: ALTER SYSTEM settings dropped
         self.root = repo / "computes"
         self.pageserver = pageserver
         self.walreceiver = walreceiver
+        self.pageserver_address = pageserver_address  # for a lazy compute's filesystem process
 
     # -- metadata --------------------------------------------------------------------
 
@@ -139,7 +151,8 @@ class Computes:
 
     def create(self, name: str, branch: str, timeline: str, lsn: int | None, port: int | None, *,
                listen_addresses: str = "127.0.0.1", advertise_host: str = "127.0.0.1",
-               settings: dict[str, str] | None = None, tenant: str = DEFAULT_TENANT) -> ComputeSpec:
+               settings: dict[str, str] | None = None, tenant: str = DEFAULT_TENANT,
+               lazy: bool = False) -> ComputeSpec:
         if not name or "/" in name or name.startswith("."):
             raise ComputeError(f"invalid compute name {name!r}")
         if (self._dir(name) / "compute.json").exists():
@@ -156,7 +169,7 @@ class Computes:
         except ComputeConfigError as e:
             raise ComputeError(str(e)) from None
         spec = ComputeSpec(name, branch, timeline, port, format_lsn(lsn) if lsn is not None else None, time.time(),
-                           listen_addresses, advertise_host, kept, tenant=tenant)
+                           listen_addresses, advertise_host, kept, tenant=tenant, lazy=lazy)
         self._save(spec)
         return spec
 
@@ -235,14 +248,44 @@ class Computes:
             self._detach(spec, required=True)
             epoch = self._claim(spec, takeover)
         warnings = self.read_back(spec)  # a compute killed last time: its ALTER SYSTEM settings are still there
-        lsn = self._fetch_basebackup(spec, node.datadir)
-        self._configure(spec, node)
-        node.start()
-        self.warnings = warnings
-        if spec.lsn is None:
-            password = self._replication_password(spec, node)
-            self._attach_walreceiver(spec, node, lsn, epoch, password)
+        self.unmount(spec)  # a lazy compute killed last time left its filesystem behind
+        lsn = self._fetch_basebackup(spec, node.datadir, slim=spec.lazy)
+        try:
+            if spec.lazy:
+                self._mount(spec, node.datadir, lsn)
+            self._configure(spec, node)
+            node.start()
+            self.warnings = warnings
+            if spec.lsn is None:
+                password = self._replication_password(spec, node)
+                self._attach_walreceiver(spec, node, lsn, epoch, password)
+        except BaseException:
+            if spec.lazy and not self.is_running(spec):
+                self.unmount(spec)
+            raise
         return spec, lsn
+
+    def lazy_paths(self, spec: ComputeSpec) -> LazyPaths:
+        return LazyPaths(self._dir(spec.name) / "lazy")
+
+    def _mount(self, spec: ComputeSpec, datadir: Path, lsn: int) -> None:
+        if not self.pageserver_address:
+            raise ComputeError("a lazy compute needs the page server's address")
+        try:
+            mount(self.lazy_paths(spec), datadir, pageserver=self.pageserver_address, tenant=DEFAULT_TENANT,
+                  timeline=spec.timeline, lsn=format_lsn(lsn))
+        except LazyMountError as e:
+            raise ComputeError(f"compute {spec.name!r}: {e}") from None
+
+    def unmount(self, spec: ComputeSpec) -> None:
+        """Stop a lazy compute's filesystem process and detach its mount (nothing to do for a full copy)."""
+        paths = self.lazy_paths(spec)
+        if not paths.root.exists():
+            return
+        try:
+            unmount(paths)
+        except LazyMountError as e:
+            raise ComputeError(f"compute {spec.name!r}: {e}") from None
 
     def _timeline_request(self, spec: ComputeSpec) -> tuple[common_pb2.TenantId, common_pb2.TimelineId]:
         return common_pb2.TenantId(id=spec.tenant), common_pb2.TimelineId(id=spec.timeline)
@@ -311,16 +354,18 @@ class Computes:
     def _attachment(self, spec: ComputeSpec) -> walreceiver_pb2.AttachmentStatus | None:
         return attachment_of(self.walreceiver, spec.timeline, spec.tenant)
 
-    def _fetch_basebackup(self, spec: ComputeSpec, datadir: Path) -> int:
+    def _fetch_basebackup(self, spec: ComputeSpec, datadir: Path, *, slim: bool = False) -> int:
         """Stream the page server's base backup (LZ4 frames of a tar) into the data directory as it
-        arrives (a base backup can be far larger than memory); _configure hands it to postgres."""
-        if datadir.exists():
+        arrives (a base backup can be far larger than memory); _configure hands it to postgres.
+        `slim`: without relation files (a lazy compute's)."""
+        if datadir.exists() or datadir.is_symlink():
             shutil.rmtree(datadir)
         make_pg_owned_dir(datadir.parent)
         make_pg_owned_dir(datadir).chmod(0o700)
         request = pageserver_pb2.BasebackupRequest(
             tenant=common_pb2.TenantId(id=spec.tenant), timeline=common_pb2.TimelineId(id=spec.timeline),
-            lsn=parse_lsn(spec.lsn) if spec.lsn else 0, compression=pageserver_pb2.BASEBACKUP_COMPRESSION_LZ4)
+            lsn=parse_lsn(spec.lsn) if spec.lsn else 0, compression=pageserver_pb2.BASEBACKUP_COMPRESSION_LZ4,
+            omit_relations=slim)
         writer = DataDirectoryWriter(datadir, lz4=True)
         lsn = 0
         try:
@@ -470,6 +515,7 @@ class Computes:
             raise ComputeError(f"compute {name!r} is not running")
         end_lsn = node.current_lsn() if spec.lsn is None else 0
         node.stop(mode="fast")
+        self.unmount(spec)
         self.warnings = self.read_back(spec)
         if spec.lsn is None:
             attachment = self._attachment(spec)
@@ -502,6 +548,7 @@ class Computes:
         spec = self.spec(name)
         if self.is_running(spec):
             raise ComputeError(f"compute {name!r} is running; stop it first")
+        self.unmount(spec)
         shutil.rmtree(self._dir(name))
 
 

@@ -25,6 +25,11 @@ Everything else comes from the repository, as of L:
 Relation files are read a chunk of pages at a time through the timeline's
 layers (Repository.fork_chunks: the pages of a chunk that need redo are
 redone in one batch); nothing is staged on disk.
+
+A *slim* backup (`relations=False`) is the same directory without any
+relation segment file: a lazy compute's filesystem serves those on demand
+(ListRelations, GetPages at the backup's LSN); the database directories, their
+pg_filenode.map and PG_VERSION files are still in it.
 """
 
 from __future__ import annotations
@@ -159,11 +164,12 @@ class StartState:
 
 def write_basebackup(
     repo: Repository, tl: Timeline, lsn: int, out: BinaryIO, *, timeline_id: int = 1,
-    on_start: Callable[[BasebackupInfo], None] | None = None, lz4: bool = False,
+    on_start: Callable[[BasebackupInfo], None] | None = None, lz4: bool = False, relations: bool = True,
 ) -> BasebackupInfo:
     """Write the data directory as of `lsn` to `out` as a tar stream (`lz4`: as LZ4 frames of it).
 
-    `on_start` hears where the backup stands before the first byte is written.
+    `on_start` hears where the backup stands before the first byte is written; `relations=False`
+    leaves the relation segment files out (a slim backup).
     """
     started = time.monotonic()
     start = prepare_start(repo, tl, lsn, timeline_id=timeline_id)
@@ -178,7 +184,8 @@ def write_basebackup(
     w.file("pg_hba.conf", PG_HBA_CONF)
     w.file("pg_ident.conf", PG_IDENT_CONF)
     w.file("postgresql.auto.conf", POSTGRESQL_AUTO_CONF)
-    nrels = _write_relations(repo, tl, lsn, w, checksums=bool(start.control_data.data_checksum_version))
+    nrels = _write_relations(repo, tl, lsn, w, checksums=bool(start.control_data.data_checksum_version),
+                             segments=relations)
     _write_slrus(repo, tl, lsn, ckpt, start.control_data.track_commit_timestamp, w)
     _write_twophase(repo, tl, lsn, w)
     for path, image in start.wal:
@@ -244,7 +251,8 @@ def prepare_start(repo: Repository, tl: Timeline, lsn: int, *, timeline_id: int 
 # -- relations ------------------------------------------------------------------------
 
 
-def _write_relations(repo: Repository, tl: Timeline, lsn: int, w: _TarWriter, *, checksums: bool) -> int:
+def _write_relations(repo: Repository, tl: Timeline, lsn: int, w: _TarWriter, *, checksums: bool,
+                     segments: bool = True) -> int:
     rels = repo.list_rels(tl, lsn)
     unlogged = {(r.spc, r.db, r.rel) for r in rels if r.fork == INIT_FORKNUM}
     dbs = sorted({(r.spc, r.db) for r in rels if r.spc != GLOBALTABLESPACE_OID})
@@ -270,6 +278,8 @@ def _write_relations(repo: Repository, tl: Timeline, lsn: int, w: _TarWriter, *,
     homeless = db_oids - {db for spc, db in relmaps if spc != GLOBALTABLESPACE_OID}
     if homeless:
         raise BasebackupError(f"databases {sorted(homeless)} have relations but no pg_filenode.map at {lsn:X}")
+    if not segments:
+        return len(rels)
 
     view = repo.backup_view(tl, lsn, checksums=checksums)
     for rel in rels:

@@ -235,6 +235,20 @@ class PageServerServicer(pageserver_pb2_grpc.PageServerServicer):
 
         return _handle(context, run)
 
+    def ListRelations(self, request: Any, context: grpc.ServicerContext) -> Any:
+        def run() -> Any:
+            tl = self._timeline(request.tenant, request.timeline)
+            lsn = self._lsn(tl, request.lsn, context)
+            out = pageserver_pb2.ListRelationsResponse(read_lsn=lsn)
+            for rel in sorted(self.repo.list_rels(tl, lsn), key=lambda r: (r.spc, r.db, r.rel, r.fork)):
+                nblocks = self.repo.rel_size(tl, rel, lsn)
+                if nblocks is not None:
+                    out.rels.add(rel=common_pb2.RelTag(spc_oid=rel.spc, db_oid=rel.db, rel_number=rel.rel,
+                                                       fork=rel.fork), nblocks=nblocks)
+            return out
+
+        return _handle(context, run)
+
     def GetSlruSegment(self, request: Any, context: grpc.ServicerContext) -> Any:
         def run() -> Any:
             tl = self._timeline(request.tenant, request.timeline)
@@ -269,7 +283,8 @@ class PageServerServicer(pageserver_pb2_grpc.PageServerServicer):
         def produce() -> None:
             try:
                 write_basebackup(self.repo, tl, lsn, writer, on_start=chunks.put,
-                                 lz4=request.compression == pageserver_pb2.BASEBACKUP_COMPRESSION_LZ4)
+                                 lz4=request.compression == pageserver_pb2.BASEBACKUP_COMPRESSION_LZ4,
+                                 relations=not request.omit_relations)
                 writer.flush()
                 chunks.put(None)
             except BaseException as e:  # handed to the consumer, which answers with a status
