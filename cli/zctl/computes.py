@@ -42,7 +42,7 @@ from zproto import common_pb2, pageserver_pb2, pageserver_pb2_grpc, walreceiver_
 
 from .compute_config import ComputeConfigError, check_hba_line, read_back, updated
 from .extract import DataDirectoryWriter, ExtractError
-from .lazy_mount import LazyMountError, LazyPaths, mount, unmount
+from .lazy_mount import LazyMountError, LazyPaths, PendingMount, mount, prestart, unmount
 from .postgres import PG_OS_USER, PostgresNode, free_port, make_pg_owned_dir, pid_alive
 from .supervisor import write_file_atomically
 
@@ -240,19 +240,21 @@ class Computes:
                     )
         node = self.node(spec)
         epoch = 0
-        if spec.lsn is None:
-            # What the walreceiver kept of an earlier writer of the branch (a compute killed,
-            # say) goes to the page server first: the base backup must include every commit
-            # acknowledged to it. Then this compute claims the branch, fencing any earlier writer.
-            takeover = self._claimable(spec)
-            self._detach(spec, required=True)
-            epoch = self._claim(spec, takeover)
-        warnings = self.read_back(spec)  # a compute killed last time: its ALTER SYSTEM settings are still there
         self.unmount(spec)  # a lazy compute killed last time left its filesystem behind
-        lsn = self._fetch_basebackup(spec, node.datadir, slim=spec.lazy)
         try:
-            if spec.lazy:
-                self._mount(spec, node.datadir, lsn)
+            # A lazy compute's filesystem process starts first: its start-up overlaps what follows.
+            pending = self._prestart(spec) if spec.lazy else None
+            if spec.lsn is None:
+                # What the walreceiver kept of an earlier writer of the branch (a compute killed,
+                # say) goes to the page server first: the base backup must include every commit
+                # acknowledged to it. Then this compute claims the branch, fencing any earlier writer.
+                takeover = self._claimable(spec)
+                self._detach(spec, required=True)
+                epoch = self._claim(spec, takeover)
+            warnings = self.read_back(spec)  # a compute killed last time: its ALTER SYSTEM settings are still there
+            lsn = self._fetch_basebackup(spec, node.datadir, slim=spec.lazy)
+            if pending is not None:
+                self._mount(spec, pending, node.datadir, lsn)
             self._configure(spec, node)
             node.start()
             self.warnings = warnings
@@ -268,12 +270,19 @@ class Computes:
     def lazy_paths(self, spec: ComputeSpec) -> LazyPaths:
         return LazyPaths(self._dir(spec.name) / "lazy")
 
-    def _mount(self, spec: ComputeSpec, datadir: Path, lsn: int) -> None:
+    def _prestart(self, spec: ComputeSpec) -> PendingMount:
+        """The filesystem process, started before the base backup is fetched (its start-up overlaps it)."""
         if not self.pageserver_address:
             raise ComputeError("a lazy compute needs the page server's address")
         try:
-            mount(self.lazy_paths(spec), datadir, pageserver=self.pageserver_address, tenant=DEFAULT_TENANT,
-                  timeline=spec.timeline, lsn=format_lsn(lsn))
+            return prestart(self.lazy_paths(spec), pageserver=self.pageserver_address, tenant=DEFAULT_TENANT,
+                            timeline=spec.timeline)
+        except LazyMountError as e:
+            raise ComputeError(f"compute {spec.name!r}: {e}") from None
+
+    def _mount(self, spec: ComputeSpec, pending: PendingMount, datadir: Path, lsn: int) -> None:
+        try:
+            mount(pending, datadir, format_lsn(lsn))
         except LazyMountError as e:
             raise ComputeError(f"compute {spec.name!r}: {e}") from None
 

@@ -97,25 +97,50 @@ def unmount(paths: LazyPaths, timeout: float = 20.0) -> None:
             raise LazyMountError(f"could not unmount the stale mount {mnt}: {out.stderr.strip()}")
 
 
-def mount(paths: LazyPaths, datadir: Path, *, pageserver: str, tenant: str, timeline: str, lsn: str,
-          timeout: float = 120.0) -> None:
-    """Move the slim backup's base/ and global/ out of `datadir`, serve them with the page server's
-    relation files at `lsn` from a FUSE mount, and link them back into `datadir`."""
+@dataclass
+class PendingMount:
+    """A filesystem process started ahead of its base backup (its start-up overlaps the fetch); it
+    waits for the backup's LSN on its standard input."""
+
+    paths: LazyPaths
+    proc: subprocess.Popen[bytes]
+
+
+def prestart(paths: LazyPaths, *, pageserver: str, tenant: str, timeline: str) -> PendingMount:
+    """Clean up what an earlier run left and start the filesystem process; `mount` finishes it."""
     unmount(paths)
     shutil.rmtree(paths.root, ignore_errors=True)
     for d in (paths.root, paths.upper, paths.overlay, paths.mnt):
         make_pg_owned_dir(d)
-    for name in ("base", "global"):
-        os.rename(datadir / name, paths.upper / name)
-    pw = pwd.getpwnam(PG_OS_USER) if os.geteuid() == 0 else pwd.getpwuid(os.geteuid())
+    pw = _pg_user()
     argv = [sys.executable, "-m", "services.computefs.main", "--mountpoint", str(paths.mnt.resolve()),
             "--upper", str(paths.upper.resolve()), "--overlay", str(paths.overlay.resolve()),
-            "--pageserver", pageserver, "--tenant", tenant, "--timeline", timeline, "--lsn", lsn,
+            "--pageserver", pageserver, "--tenant", tenant, "--timeline", timeline, "--lsn", "-",
             "--uid", str(pw.pw_uid), "--gid", str(pw.pw_gid)]
     with paths.log.open("ab") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.PIPE,
                                 start_new_session=True)
     paths.pidfile.write_text(f"{proc.pid}\n")
+    return PendingMount(paths, proc)
+
+
+def _pg_user() -> pwd.struct_passwd:
+    return pwd.getpwnam(PG_OS_USER) if os.geteuid() == 0 else pwd.getpwuid(os.geteuid())
+
+
+def mount(pending: PendingMount, datadir: Path, lsn: str, timeout: float = 120.0) -> None:
+    """Move the slim backup's base/ and global/ out of `datadir`, have the filesystem process serve
+    them with the page server's relation files at `lsn`, and link them back into `datadir`."""
+    paths, proc = pending.paths, pending.proc
+    for name in ("base", "global"):
+        os.rename(datadir / name, paths.upper / name)
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(f"{lsn}\n".encode())
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass  # it exited already: said why in its log, reported below
+    pw = _pg_user()
     deadline = time.monotonic() + timeout
     while not is_mounted(paths.mnt):
         code = proc.poll()

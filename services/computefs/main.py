@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pageserver", required=True, metavar="HOST:PORT")
     p.add_argument("--tenant", default="0" * 32)
     p.add_argument("--timeline", required=True)
-    p.add_argument("--lsn", required=True, metavar="X/X", help="the compute's start LSN (its base backup's)")
+    p.add_argument("--lsn", required=True, metavar="X/X",
+                   help="the compute's start LSN (its base backup's); '-': read it from the first line of "
+                        "standard input (start-up then overlaps fetching the backup into --upper)")
     p.add_argument("--uid", type=int, default=os.getuid(), help="owner the files show (the compute's OS user)")
     p.add_argument("--gid", type=int, default=os.getgid())
     p.add_argument("--log-level", default="info")
@@ -84,8 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     from .fs import ComputeFs, ComputeFsError
     from .pages import PageSource, PageSourceError
 
+    lsn_text = args.lsn if args.lsn != "-" else sys.stdin.readline().strip()
+    if not lsn_text:
+        log.info("no start LSN given: the compute's start was abandoned")
+        return 1
+    lsn = parse_lsn(lsn_text)
     control = parse_control_file((args.upper / "global" / "pg_control").read_bytes())
-    lsn = parse_lsn(args.lsn)
     source = PageSource(args.pageserver, args.tenant, args.timeline, lsn,
                         checksums=control.data_checksum_version != 0)
     try:
@@ -101,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error(f"mounting {args.mountpoint} failed: {e}")
         print(f"zenith-computefs: mounting {args.mountpoint} failed: {e}", file=sys.stderr)
         return EXIT_NO_FUSE
-    log.info("mounted", extra={"mountpoint": str(args.mountpoint), "timeline": args.timeline, "lsn": args.lsn,
+    log.info("mounted", extra={"mountpoint": str(args.mountpoint), "timeline": args.timeline, "lsn": lsn_text,
                                "segments": len(fs.segments)})
 
     async def serve() -> None:
