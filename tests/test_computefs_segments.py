@@ -125,3 +125,38 @@ def test_relations_outside_base_and_global_are_refused(tmp_path: Path) -> None:
 
     with pytest.raises(ComputeFsError, match="tablespace 16500.*full-copy"):
         build_segments([RelationSize(RemoteFork(16500, 5, 100, 0), 1)], tmp_path)
+
+
+def test_read_ahead_serves_sequential_reads_and_asks_once(tmp_path: Path) -> None:
+    import trio
+
+    from services.computefs.prefetch import Prefetcher
+
+    seg = _segment(tmp_path, 1000)
+    calls: list[list[int]] = []
+
+    async def fetch(s: Segment, blocks: list[int]) -> dict[int, bytes]:
+        calls.append(list(blocks))
+        await trio.sleep(0.01)
+        return {b: _page(b) for b in blocks}
+
+    async def scan() -> None:
+        p = Prefetcher(fetch, window=64, parts=4)
+        async with trio.open_nursery() as nursery:
+            p.nursery = nursery
+            for first in range(0, 320, 16):
+                blocks = list(range(first, first + 16))
+                got = await p.get(seg, blocks, first, first + 16)
+                assert got == {b: _page(b) for b in blocks}
+            assert p.hits >= 320 - 32  # all but the first two reads came from the read-ahead
+            _write(seg, 400 * BLCKSZ, b"z" * BLCKSZ)  # a written block is never read ahead
+            await p.get(seg, list(range(390, 400)), 390, 400)
+            await p.get(seg, list(range(400 + 1, 410)), 400, 410)
+            await trio.sleep(0.1)
+            nursery.cancel_scope.cancel()
+
+    trio.run(scan)
+    asked = [b for c in calls for b in c]
+    assert len(asked) == len(set(asked)), "a block was asked for twice"
+    assert 400 not in asked
+    assert max(len(c) for c in calls) <= 16  # split into concurrent calls

@@ -20,7 +20,8 @@ what Postgres makes; the mount uses `default_permissions`, so the kernel
 checks them, and `allow_other`, since the daemon runs as root). Inode numbers
 are never reused while mounted; the kernel's page cache is kept across opens
 (everything changes through this mount). A kernel read of a segment is one
-GetPages call in a worker thread, so reads of several backends proceed at once.
+GetPages call in a worker thread, so reads of several backends proceed at once;
+sequential reads are read ahead (prefetch.py).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from pgformat.constants import BLCKSZ, FSM_FORKNUM, INIT_FORKNUM, MAIN_FORKNUM
 from pgformat.datadir import DEFAULTTABLESPACE_OID, GLOBALTABLESPACE_OID, RELSEG_SIZE, relation_path
 
 from .pages import PageSource, PageSourceError, RelationSize
+from .prefetch import Prefetcher
 from .segments import Segment
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,7 @@ class ComputeFs(pyfuse3.Operations):
         self._dirs: dict[int, tuple[str, list[tuple[str, str]]]] = {}  # fh -> (directory, its entries)
         self._next_fh = 1
         self._limiter = trio.CapacityLimiter(FETCH_THREADS)
+        self.prefetch = Prefetcher(self._fetch)  # its nursery is set by the main loop
 
     # -- names and attributes -------------------------------------------------------------
 
@@ -307,7 +310,9 @@ class ComputeFs(pyfuse3.Operations):
                 return os.pread(h.fd, size, off)
         seg = h.seg
         need = seg.blocks_to_fetch(off, size)
-        fetched = await self._fetch(seg, need) if need else {}
+        fetched = {}
+        if need:
+            fetched = await self.prefetch.get(seg, need, off // BLCKSZ, -(-min(off + size, seg.size) // BLCKSZ))
         with _os_errors():
             return seg.read(off, size, fetched)
 

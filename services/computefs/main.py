@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                         return
 
             nursery.start_soon(on_signal)
+            fs.prefetch.nursery = nursery
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
 
@@ -127,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         pyfuse3.close(unmount=True)
         log.info("unmounted", extra={"mountpoint": str(args.mountpoint), "pages_fetched": source.pages_fetched,
-                                     "calls": source.calls, "overlay_bytes": fs.local_bytes()})
+                                     "calls": source.calls, "read_ahead_hits": fs.prefetch.hits,
+                                     "overlay_bytes": fs.local_bytes()})
         source.close()
     return 0
 
