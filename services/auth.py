@@ -67,8 +67,8 @@ _READ = Rule(frozenset({ADMIN}), _tenant)
 
 POLICIES: dict[str, dict[str, Rule]] = {
     "zenith.v1.PageServer": {
-        **{m: _READ for m in ("GetPage", "GetPages", "RelSize", "RelExists", "DbSize", "GetSlruSegment",
-                              "Basebackup", "ListTimelines", "FindLsnByTimestamp")},
+        **{m: _READ for m in ("GetPage", "GetPages", "RelSize", "RelExists", "ListRelations", "DbSize",
+                              "GetSlruSegment", "Basebackup", "ListTimelines", "FindLsnByTimestamp")},
         "GetTimeline": Rule(frozenset({ADMIN, INGEST}), _tenant),  # the walreceiver checks where WAL goes
         "CreateTimeline": Rule(frozenset({ADMIN}), _branch_tenant),
         **{m: _ADMIN for m in ("CreateTenant", "ListTenants", "Gc", "ClaimTimeline", "ReleaseTimeline",

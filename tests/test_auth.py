@@ -41,7 +41,7 @@ TENANT_B = "b" * 32  # the other tenant
 # "tenant" = a token of the tenant the request names.
 EXPECTED: dict[str, dict[str, set[str]]] = {
     "zenith.v1.PageServer": {
-        **{m: {ADMIN, "tenant"} for m in ("GetPage", "GetPages", "RelSize", "RelExists", "DbSize", "GetSlruSegment",
+        **{m: {ADMIN, "tenant"} for m in ("GetPage", "GetPages", "RelSize", "RelExists", "ListRelations", "DbSize", "GetSlruSegment",
                                           "Basebackup", "ListTimelines", "FindLsnByTimestamp")},
         "GetTimeline": {ADMIN, INGEST, "tenant"},
         "CreateTimeline": {ADMIN, "tenant"},  # the request below is a branch; a root timeline is admin only

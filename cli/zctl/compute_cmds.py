@@ -163,7 +163,8 @@ def cmd_branch_list(args: argparse.Namespace) -> int:
 def _computes(args: argparse.Namespace) -> Computes:
     cluster = _cluster(args)
     return Computes(cluster.repo, _pageserver(cluster), _walreceiver(cluster),
-                    pageserver_address=cluster.load_config().address("pageserver"))
+                    pageserver_address=cluster.load_config().address("pageserver"),
+                    pageserver_security=cluster.client_security())
 
 
 def cmd_pg_create(args: argparse.Namespace) -> int:
@@ -324,7 +325,8 @@ def cmd_pg_run(args: argparse.Namespace) -> int:
     cluster = _cluster(args)
     _wait_for(cluster, ["pageserver"] if args.lsn else ["pageserver", "walreceiver"], args.wait)
     computes = Computes(cluster.repo, _pageserver(cluster), _walreceiver(cluster),
-                        pageserver_address=cluster.load_config().address("pageserver"))
+                        pageserver_address=cluster.load_config().address("pageserver"),
+                        pageserver_security=cluster.client_security())
     branch = find_branch(computes.pageserver, args.branch, tenant_of(args))
     try:
         if computes.exists(args.name):

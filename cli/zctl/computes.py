@@ -38,6 +38,7 @@ from psycopg.conninfo import make_conninfo
 from pgformat.autoconf import format_auto_conf
 from pgformat.lsn import format_lsn, parse_lsn
 from pgformat.scram import make_verifier
+from services.auth import ClientSecurity
 from zproto import common_pb2, pageserver_pb2, pageserver_pb2_grpc, walreceiver_pb2, walreceiver_pb2_grpc
 
 from .compute_config import ComputeConfigError, check_hba_line, read_back, updated
@@ -113,12 +114,14 @@ class ComputeSpec:
 
 class Computes:
     def __init__(self, repo: Path, pageserver: pageserver_pb2_grpc.PageServerStub,
-                 walreceiver: walreceiver_pb2_grpc.WalReceiverStub, *, pageserver_address: str = "") -> None:
+                 walreceiver: walreceiver_pb2_grpc.WalReceiverStub, *, pageserver_address: str = "",
+                 pageserver_security: ClientSecurity | None = None) -> None:
         self.warnings: list[str] = []  # from the last start or stop: ALTER SYSTEM settings dropped
         self.root = repo / "computes"
         self.pageserver = pageserver
         self.walreceiver = walreceiver
         self.pageserver_address = pageserver_address  # for a lazy compute's filesystem process
+        self.pageserver_security = pageserver_security or ClientSecurity()
 
     # -- metadata --------------------------------------------------------------------
 
@@ -275,8 +278,9 @@ class Computes:
         if not self.pageserver_address:
             raise ComputeError("a lazy compute needs the page server's address")
         try:
-            return prestart(self.lazy_paths(spec), pageserver=self.pageserver_address, tenant=DEFAULT_TENANT,
-                            timeline=spec.timeline)
+            return prestart(self.lazy_paths(spec), pageserver=self.pageserver_address, tenant=spec.tenant,
+                            timeline=spec.timeline, token=self.pageserver_security.token,
+                            tls_ca=self.pageserver_security.tls_ca)
         except LazyMountError as e:
             raise ComputeError(f"compute {spec.name!r}: {e}") from None
 

@@ -106,8 +106,10 @@ class PendingMount:
     proc: subprocess.Popen[bytes]
 
 
-def prestart(paths: LazyPaths, *, pageserver: str, tenant: str, timeline: str) -> PendingMount:
-    """Clean up what an earlier run left and start the filesystem process; `mount` finishes it."""
+def prestart(paths: LazyPaths, *, pageserver: str, tenant: str, timeline: str, token: str | None = None,
+             tls_ca: bytes | None = None) -> PendingMount:
+    """Clean up what an earlier run left and start the filesystem process; `mount` finishes it. It
+    calls the page server with `token` (in its environment, never in argv) and trusts `tls_ca`."""
     unmount(paths)
     shutil.rmtree(paths.root, ignore_errors=True)
     for d in (paths.root, paths.upper, paths.overlay, paths.mnt):
@@ -117,9 +119,16 @@ def prestart(paths: LazyPaths, *, pageserver: str, tenant: str, timeline: str) -
             "--upper", str(paths.upper.resolve()), "--overlay", str(paths.overlay.resolve()),
             "--pageserver", pageserver, "--tenant", tenant, "--timeline", timeline, "--lsn", "-",
             "--uid", str(pw.pw_uid), "--gid", str(pw.pw_gid)]
+    env = {k: v for k, v in os.environ.items() if k != "ZENITH_TOKEN"}
+    if token:
+        env["ZENITH_TOKEN"] = token
+    if tls_ca is not None:
+        ca = paths.root / "ca.pem"
+        ca.write_bytes(tls_ca)
+        argv += ["--tls-ca", str(ca.resolve())]
     with paths.log.open("ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.PIPE,
-                                start_new_session=True)
+                                start_new_session=True, env=env)
     paths.pidfile.write_text(f"{proc.pid}\n")
     return PendingMount(paths, proc)
 

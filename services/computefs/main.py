@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pgformat.controlfile import parse_control_file
 from pgformat.lsn import parse_lsn
+from services.auth import SecurityConfigError, add_security_arguments, client_security
 from services.runtime import configure_logging
 
 log = logging.getLogger("computefs")
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uid", type=int, default=os.getuid(), help="owner the files show (the compute's OS user)")
     p.add_argument("--gid", type=int, default=os.getgid())
     p.add_argument("--log-level", default="info")
+    add_security_arguments(p, server=False, client=True)
     return p
 
 
@@ -92,8 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     lsn = parse_lsn(lsn_text)
     control = parse_control_file((args.upper / "global" / "pg_control").read_bytes())
+    try:
+        security = client_security(args, dict(os.environ))
+    except SecurityConfigError as e:
+        print(f"zenith-computefs: {e}", file=sys.stderr)
+        return 1
     source = PageSource(args.pageserver, args.tenant, args.timeline, lsn,
-                        checksums=control.data_checksum_version != 0)
+                        checksums=control.data_checksum_version != 0, security=security)
     try:
         fs = ComputeFs(args.upper, args.overlay, source, source.list_relations(), args.uid, args.gid)
     except (ComputeFsError, PageSourceError) as e:

@@ -5,6 +5,8 @@ its blocks in one message. Pages get their data checksums here when the
 cluster has them on, as a base backup sets them (the page server keeps pages
 without). A page server that is briefly away (UNAVAILABLE) is retried for a
 bounded time; any other failure is an I/O error for the read that needed it.
+Calls carry the token and use the TLS CA given (services/auth.py), as every
+other client of the page server does.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import TypeVar
 import grpc
 
 from pgformat.checksum import with_checksums
+from services.auth import ClientSecurity
 from zproto import common_pb2, pageserver_pb2, pageserver_pb2_grpc
 
 from .segments import RemoteFork
@@ -47,8 +50,8 @@ class PageSource:
     """Reads of one timeline at one LSN."""
 
     def __init__(self, address: str, tenant: str, timeline: str, lsn: int, *, checksums: bool,
-                 retry_seconds: float = 30.0, metadata: Sequence[tuple[str, str]] = ()) -> None:
-        self._channel = grpc.insecure_channel(address, options=[
+                 retry_seconds: float = 30.0, security: ClientSecurity | None = None) -> None:
+        self._channel = (security or ClientSecurity()).channel(address, [
             ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES)])
         self._stub = pageserver_pb2_grpc.PageServerStub(self._channel)
@@ -57,7 +60,6 @@ class PageSource:
         self._lsn = common_pb2.RequestLsn(lsn=lsn)
         self._checksums = checksums
         self._retry_seconds = retry_seconds
-        self._metadata = tuple(metadata)
         self._ids = itertools.count(1)
         self.pages_fetched = 0
         self.calls = 0
@@ -69,7 +71,7 @@ class PageSource:
         """Every relation fork at the LSN with its size."""
         def call() -> pageserver_pb2.ListRelationsResponse:
             return self._stub.ListRelations(pageserver_pb2.ListRelationsRequest(
-                tenant=self._tenant, timeline=self._timeline, lsn=self._lsn), timeout=120, metadata=self._metadata)
+                tenant=self._tenant, timeline=self._timeline, lsn=self._lsn), timeout=120)
 
         resp = self._retrying("ListRelations", call)
         return [RelationSize(RemoteFork(r.rel.spc_oid, r.rel.db_oid, r.rel.rel_number, r.rel.fork), r.nblocks)
@@ -87,7 +89,7 @@ class PageSource:
 
         def call() -> dict[int, bytes]:
             out: dict[int, bytes] = {}
-            for resp in self._stub.GetPages(iter([request]), timeout=120, metadata=self._metadata):
+            for resp in self._stub.GetPages(iter([request]), timeout=120):
                 for item in resp.pages:
                     blk = ids[item.request_id]
                     if item.WhichOneof("result") == "error":
